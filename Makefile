@@ -1,0 +1,40 @@
+# The README's commands. Each bootstraps .venv by itself on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp-base
+ENGINE_STAMP := $(VENV)/.stamp-engine
+
+.PHONY: demo test test-fast bench system-deps engine-deps clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+# Debian packages the tests use (a real Prometheus server and promtool).
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+# llama.cpp (built from source by pip, cached afterwards) for the `engine` test tier.
+$(ENGINE_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,engine]'
+	@touch $@
+
+engine-deps: $(ENGINE_STAMP)
+
+demo: $(STAMP)
+	$(PY) -m harness demo
+
+test: $(STAMP) system-deps engine-deps
+	$(PY) -m pytest -q
+
+# Everything but the engine tier and Prometheus, for a quick edit loop.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not engine and not prometheus"
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Enforcement proxy: the OpenAI API for Case, pinned to the admitted local model."""
