@@ -1,0 +1,572 @@
+"""The aiohttp application: applies the policy functions, forwards, records.
+
+Layering: the policy modules decide (pure), ``Upstream`` talks to the backend, and this
+module only wires them together. Every request, refused or forwarded, ends in exactly
+one evidence record and one metrics update, written by ``guard`` in a ``finally``. A
+request is forwarded only after the evidence log has proven it can still record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .admission import Admission
+from .errors import error_body, error_status
+from .evidence import EvidenceLog, EvidenceRecord, Usage, utc_now_rfc3339
+from .hashchain import ChainError
+from .metrics import ProxyMetrics
+from .model_policy import Family, classify_family, decide_model
+from .readiness import Readiness
+from .redact import Redactor
+from .request_policy import (
+    FORWARDED,
+    Endpoint,
+    Refusal,
+    bearer_token,
+    external_endpoint,
+    forwardable_request_headers,
+    forwardable_response_headers,
+    provider_header,
+    routing_override,
+)
+from .served_model import SSESplitter, UsageTotals, check_json_body, check_served, scan_model, usage_from_event
+from .settings import ProxySettings
+from .upstream import Upstream, upstream_error_kind
+from .upstream_policy import UpstreamTarget, is_known_provider_host, normalize_host
+
+log = logging.getLogger("case_proxy")
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Events a stream may hold back before one of them names its model.
+_MAX_UNVERIFIED_EVENTS = 64
+_MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Draft:
+    """What one request did, filled in as it goes; turned into the evidence record."""
+
+    request_id: str
+    started: float
+    method: str
+    path: str
+    endpoint: Endpoint = Endpoint.OTHER
+    requested_model: str | None = None
+    effective_model: str | None = None
+    alias_rewritten: bool = False
+    decision: str = "rejected"
+    reason: str = "unhandled"
+    family: str | None = None
+    target_host: str | None = None
+    served_model: str | None = None
+    status: int = 0
+    stream: bool = False
+    usage: UsageTotals = field(default_factory=UsageTotals)
+    ttft_s: float | None = None
+    client_disconnected: bool = False
+    outcome: str = "rejected"
+    upstream_error: str | None = None
+    fallback_reason: str | None = None
+    forwarded: bool = False
+
+
+@dataclass(slots=True)
+class ProxyState:
+    settings: ProxySettings
+    admission: Admission
+    target: UpstreamTarget
+    redactor: Redactor
+    evidence: EvidenceLog | None
+    metrics: ProxyMetrics
+    upstream: Upstream
+    readiness: Readiness
+    token: bytes
+    in_flight: int = 0
+    draining: bool = False
+
+
+STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
+DRAFT = "case_proxy_draft"
+
+
+def _error(state: ProxyState, draft: Draft, code: str, message: str, *, param: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    draft.status = error_status(code)
+    draft.reason = code
+    return web.Response(
+        status=draft.status, body=error_body(code, state.redactor.redact(message), param),
+        content_type="application/json", headers={"X-Request-Id": draft.request_id, **(headers or {})},
+    )
+
+
+def _refuse(state: ProxyState, draft: Draft, refusal: Refusal) -> web.Response:
+    """A fallback attempt: refused, counted, recorded."""
+    draft.decision, draft.outcome = "refused", "refused"
+    draft.family = refusal.family.value
+    draft.fallback_reason = refusal.code
+    return _error(state, draft, refusal.code, refusal.message, param=refusal.param)
+
+
+def _forward_proxy_target(request: web.Request) -> str | None:
+    """The host a client tried to reach by using us as a forward proxy (CONNECT or an
+    absolute-form request target), or None for an ordinary request."""
+    raw = request.raw_path
+    if request.method == "CONNECT":
+        return raw.rsplit(":", 1)[0].strip("[]") or "unknown"
+    if not raw.startswith("/"):
+        rest = raw.split("://", 1)[-1]
+        host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        return host.rsplit(":", 1)[0].strip("[]") if host else "unknown"
+    return None
+
+
+@web.middleware
+async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    state = request.app[STATE]
+    rid = request.headers.get("X-Request-Id", "")
+    rid = rid if 0 < len(rid) <= 64 and rid.replace("-", "").isalnum() else uuid.uuid4().hex
+    draft = Draft(rid, time.perf_counter(), request.method, request.path[:200])
+    request[DRAFT] = draft
+    response: web.StreamResponse | None = None
+    try:
+        target_host = _forward_proxy_target(request)
+        if target_host is not None:
+            host = normalize_host(target_host)[:255]
+            draft.target_host = host
+            family = classify_family(host) if is_known_provider_host(host) else Family.OTHER
+            response = _refuse(state, draft, Refusal(
+                "forward_proxy_refused", family,
+                "this server is not a forward proxy; outbound traffic from Case is refused and recorded"))
+            return response
+        if request.path in PUBLIC_PATHS:
+            draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
+            response = await handler(request)
+            draft.status = response.status
+            return response
+        ext = external_endpoint(request.path)
+        if ext is not None:
+            response = _refuse(state, draft, ext)
+            return response
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            response = _error(state, draft, "missing_token",
+                              "missing bearer token: send 'Authorization: Bearer <CASE_PROXY_TOKEN>'",
+                              headers={"WWW-Authenticate": "Bearer"})
+            return response
+        if not hmac.compare_digest(token.encode(), state.token):
+            response = _error(state, draft, "invalid_token", "invalid bearer token",
+                              headers={"WWW-Authenticate": "Bearer"})
+            return response
+        hdr = provider_header(request.headers.keys())
+        if hdr is not None:
+            response = _refuse(state, draft, hdr)
+            return response
+        response = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "invalid_body")
+        msg = {"unknown_url": f"unknown endpoint {request.method} {request.path[:200]}",
+               "method_not_allowed": f"method {request.method} is not allowed on {request.path[:200]}",
+               "request_too_large": "request body exceeds the configured limit"}.get(code, exc.reason)
+        draft.outcome = "rejected"
+        response = _error(state, draft, code, msg)
+        return response
+    except asyncio.CancelledError:
+        draft.client_disconnected = True
+        raise
+    finally:
+        if response is not None and not draft.status:
+            draft.status = response.status
+        if not _finish(state, draft) and response is not None and not response.prepared:
+            # The record could not be written: withhold the answer (fail closed).
+            response = _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
+            draft.outcome = "unavailable"
+
+
+def _finish(state: ProxyState, draft: Draft) -> bool:
+    """Metrics and the evidence record for one request. False if recording failed."""
+    elapsed = time.perf_counter() - draft.started
+    ok = True
+    if state.evidence is not None and draft.path not in PUBLIC_PATHS:
+        usage = draft.usage
+        try:
+            state.evidence.write(EvidenceRecord(
+                request_id=draft.request_id, time=utc_now_rfc3339(), method=draft.method,
+                endpoint=draft.endpoint.value, path=draft.path, requested_model=draft.requested_model,
+                effective_model=draft.effective_model, alias_rewritten=draft.alias_rewritten,
+                decision=draft.decision, reason=draft.reason, family=draft.family,
+                target_host=draft.target_host, served_model=draft.served_model, status=draft.status,
+                stream=draft.stream,
+                usage=Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                            total_tokens=usage.total_tokens) if usage.present else None,
+                duration_ms=round(elapsed * 1000, 3),
+                ttft_ms=round(draft.ttft_s * 1000, 3) if draft.ttft_s is not None else None,
+                upstream_class=state.target.upstream_class.value if draft.forwarded else None,
+                upstream_fingerprint=state.target.fingerprint if draft.forwarded else None,
+                client_disconnected=draft.client_disconnected,
+            ))
+        except (ChainError, OSError, ValueError):
+            log.error("evidence record could not be written; the proxy refuses traffic until restarted")
+            ok = False
+            if state.settings.metrics_enabled:
+                state.metrics.evidence_write_failures.inc()
+    if state.settings.metrics_enabled and draft.path not in PUBLIC_PATHS:
+        m = state.metrics
+        m.requests.labels(draft.endpoint.value, draft.outcome if ok else "unavailable").inc()
+        if draft.fallback_reason:
+            m.fallback_rejections.labels(draft.fallback_reason, draft.family or "other").inc()
+        if draft.reason == "served_model_mismatch":
+            m.served_model_mismatches.labels(draft.endpoint.value).inc()
+        if draft.upstream_error:
+            m.upstream_errors.labels(draft.upstream_error).inc()
+        if draft.forwarded:
+            m.duration.labels(draft.endpoint.value).observe(elapsed)
+            if draft.ttft_s is not None:
+                m.ttft.labels(draft.endpoint.value).observe(draft.ttft_s)
+            if draft.usage.prompt_tokens:
+                m.tokens.labels("prompt").inc(draft.usage.prompt_tokens)
+            if draft.usage.completion_tokens:
+                m.tokens.labels("completion").inc(draft.usage.completion_tokens)
+    if draft.decision == "refused" or draft.outcome in ("upstream_error", "unavailable"):
+        log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, draft.path, draft.status, draft.reason)
+    return ok
+
+
+# ---------------------------------------------------------------- public endpoints
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    problems = []
+    if not state.readiness.state.ready:
+        problems.append(state.readiness.state.reason)
+    if state.evidence is not None and not state.evidence.healthy:
+        problems.append("evidence log cannot record")
+    if state.draining:
+        problems.append("shutting down")
+    body = {"status": "not_ready" if problems else "ready", "model": state.admission.model,
+            "reasons": problems}
+    return web.json_response(body, status=503 if problems else 200)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.settings.metrics_enabled:
+        raise web.HTTPNotFound()
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+# ---------------------------------------------------------------- models, from the admission
+
+def _model_object(admission: Admission) -> dict[str, object]:
+    return {"id": admission.model, "object": "model", "created": 0, "owned_by": admission.provider}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    draft: Draft = request[DRAFT]
+    draft.endpoint, draft.decision, draft.outcome, draft.reason = Endpoint.MODELS, "admitted", "ok", "ok"
+    return web.json_response({"object": "list", "data": [_model_object(state.admission)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    draft: Draft = request[DRAFT]
+    draft.endpoint = Endpoint.MODEL
+    model_id = request.match_info["model_id"]
+    draft.requested_model = model_id[:200]
+    if model_id == state.admission.model or model_id in state.admission.aliases:
+        draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
+        return web.json_response(_model_object(state.admission))
+    return _error(state, draft, "model_not_found",
+                  f"no such model on this route; the only admitted model is '{state.admission.model}'", param="model")
+
+
+async def websocket_refused(request: web.Request) -> web.Response:
+    """Codex first tries a WebSocket on GET /v1/responses; a plain refusal makes it fall
+    back to HTTP POST."""
+    state = request.app[STATE]
+    draft: Draft = request[DRAFT]
+    draft.endpoint = Endpoint.RESPONSES
+    return _error(state, draft, "method_not_allowed",
+                  "WebSocket transport is not offered; use POST /v1/responses", headers={"Allow": "POST"})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    draft: Draft = request[DRAFT]
+    return _error(state, draft, "unknown_url", f"unknown endpoint {request.method} {request.path[:200]}")
+
+
+# ---------------------------------------------------------------- forwarded endpoints
+
+async def _read_body(request: web.Request, state: ProxySettings, draft: Draft) -> bytes | str:
+    limit = state.limits.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return "request_too_large"
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return "request_too_large"
+    return body
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    draft: Draft = request[DRAFT]
+    endpoint = FORWARDED[request.path]
+    draft.endpoint = endpoint
+    ctype = request.headers.get("Content-Type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "application/json":
+        return _error(state, draft, "unsupported_content_type", "Content-Type must be application/json")
+    body = await _read_body(request, state.settings, draft)
+    if isinstance(body, str):
+        return _error(state, draft, body,
+                      f"request body exceeds the limit of {state.settings.limits.max_body_bytes} bytes")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _error(state, draft, "invalid_json", "request body is not valid JSON")
+    if not isinstance(obj, dict):
+        return _error(state, draft, "invalid_body", "request body must be a JSON object")
+    requested = obj.get("model")
+    draft.requested_model = requested[:200] if isinstance(requested, str) else None
+    draft.stream = obj.get("stream") is True
+    routing = routing_override(obj)
+    if routing is not None:
+        return _refuse(state, draft, routing)
+    decision = decide_model(requested, state.admission)
+    if not decision.admitted:
+        if decision.code == "model_missing":
+            return _error(state, draft, "model_missing", decision.message, param="model")
+        assert decision.family is not None
+        return _refuse(state, draft, Refusal("model_not_admitted", decision.family, decision.message, param="model"))
+    draft.effective_model, draft.alias_rewritten = decision.effective_model, decision.alias_rewritten
+    if decision.alias_rewritten:
+        obj["model"] = decision.effective_model
+        body = orjson.dumps(obj)
+    # Fail closed: never forward what could not be recorded, or to a backend not proven.
+    if state.draining:
+        draft.outcome = "unavailable"
+        return _error(state, draft, "shutting_down", "the proxy is shutting down")
+    if state.evidence is not None:
+        try:
+            state.evidence.check()
+        except ChainError:
+            draft.outcome = "unavailable"
+            if state.settings.metrics_enabled:
+                state.metrics.evidence_write_failures.inc()
+            return _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
+    if not state.readiness.state.ready:
+        draft.outcome = "unavailable"
+        return _error(state, draft, "backend_not_ready",
+                      "the backend does not serve the admitted model (yet); see /readyz")
+    if state.in_flight >= state.settings.limits.max_concurrency:
+        draft.outcome = "rejected"
+        return _error(state, draft, "too_many_requests", "too many concurrent requests; retry shortly",
+                      headers={"Retry-After": "1"})
+    draft.decision = "admitted"
+    state.in_flight += 1
+    if state.settings.metrics_enabled:
+        state.metrics.in_flight.inc()
+    try:
+        return await _proxy(request, state, draft, body, request.path)
+    finally:
+        state.in_flight -= 1
+        if state.settings.metrics_enabled:
+            state.metrics.in_flight.dec()
+
+
+def _upstream_failure(state: ProxyState, draft: Draft, exc: BaseException) -> web.Response:
+    kind, code = upstream_error_kind(exc)
+    draft.upstream_error, draft.outcome, draft.decision = kind, "upstream_error", "error"
+    messages = {
+        "backend_address_refused": "the backend name resolved to an address outside the upstream pin",
+        "backend_timeout": "the backend did not answer in time",
+        "backend_unreachable": "cannot connect to the backend",
+        "backend_protocol_error": "the backend connection failed mid-response",
+    }
+    return _error(state, draft, code, messages[code])
+
+
+async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: bytes, path: str) -> web.StreamResponse:
+    limits = state.settings.limits
+    headers = forwardable_request_headers(request.headers.items())
+    headers["Content-Type"] = "application/json"
+    headers["X-Request-Id"] = draft.request_id
+    draft.forwarded = True
+    try:
+        async with asyncio.timeout(limits.first_byte_timeout_s):
+            resp = await state.upstream.post(path, body, headers)
+    except (OSError, aiohttp.ClientError) as exc:
+        return _upstream_failure(state, draft, exc)
+    completed = False
+    try:
+        if 300 <= resp.status < 400:
+            draft.upstream_error, draft.outcome, draft.decision = "redirect", "upstream_error", "error"
+            return _error(state, draft, "backend_redirect_refused",
+                          "the backend answered with a redirect; redirects are never followed")
+        ctype = resp.headers.get("Content-Type", "")
+        if resp.status >= 400:
+            data = await _read_limited(resp, limits.idle_timeout_s, 4 * 1024 * 1024)
+            draft.upstream_error = "status_4xx" if resp.status < 500 else "status_5xx"
+            draft.outcome, draft.reason = "upstream_error", f"backend_status_{resp.status}"
+            draft.status = resp.status
+            completed = True
+            return web.Response(status=resp.status, body=state.redactor.redact_bytes(data),
+                                headers={**forwardable_response_headers(resp.headers.items()),
+                                         "X-Request-Id": draft.request_id})
+        if ctype.startswith("text/event-stream"):
+            out = await _relay_stream(request, state, draft, resp)
+            completed = draft.outcome == "ok"
+            return out
+        data = await _read_limited(resp, limits.idle_timeout_s, max(limits.max_body_bytes, 64 * 1024 * 1024))
+        check = check_json_body(data, state.admission.model, draft.usage)
+        draft.served_model = check.served_model[:200] if check.served_model else None
+        completed = True
+        if not check.ok:
+            draft.outcome, draft.decision = "upstream_error", "error"
+            return _error(state, draft, "served_model_mismatch", check.message)
+        draft.outcome, draft.reason, draft.status = "ok", "ok", resp.status
+        return web.Response(status=resp.status, body=data,
+                            headers={**forwardable_response_headers(resp.headers.items()),
+                                     "X-Request-Id": draft.request_id})
+    except _ClientGone as gone:
+        draft.reason = "client_disconnected"
+        return gone.out
+    except (OSError, ValueError, aiohttp.ClientError) as exc:
+        return _upstream_failure(state, draft, exc)
+    finally:
+        if completed:
+            resp.release()
+        else:
+            # Cancelled or failed mid-way: close the connection so the backend stops generating.
+            resp.close()
+
+
+async def _read_limited(resp, idle_s: float, limit: int) -> bytes:  # type: ignore[no-untyped-def]
+    chunks: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(idle_s) as cm:
+        async for data in resp.content.iter_any():
+            size += len(data)
+            if size > limit:
+                raise ValueError("backend response exceeds the size limit")
+            chunks.append(data)
+            cm.reschedule(asyncio.get_running_loop().time() + idle_s)
+    return b"".join(chunks)
+
+
+def _stream_error_event(code: str, message: str) -> bytes:
+    err = {"message": message, "type": "api_error", "param": None, "code": code}
+    return b"data: " + orjson.dumps({"type": "error", "error": err, "code": code, "message": message}) + b"\n\n"
+
+
+class _ClientGone(Exception):
+    """The client went away mid-stream; the upstream request must be cancelled."""
+
+    def __init__(self, out: web.StreamResponse) -> None:
+        super().__init__("client disconnected")
+        self.out = out
+
+
+async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft, resp) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+    """Forward SSE events as received, checking each event's model. Events are held back
+    until one of them has named the admitted model, so nothing from an unverified
+    backend reaches the client. Raises _ClientGone if the client disconnects."""
+    admitted = state.admission.model
+    idle_s = state.settings.limits.idle_timeout_s
+    loop = asyncio.get_running_loop()
+    out = web.StreamResponse(status=resp.status, headers={
+        **forwardable_response_headers(resp.headers.items()), "X-Request-Id": draft.request_id})
+    splitter = SSESplitter(_MAX_SSE_EVENT_BYTES)
+    held: list[bytes] = []
+    verified = False
+    draft.stream = True
+
+    async def write(data: bytes) -> None:
+        try:
+            if not out.prepared:
+                await out.prepare(request)
+                draft.ttft_s = time.perf_counter() - draft.started
+            await out.write(data)
+        except ConnectionResetError as exc:
+            draft.client_disconnected = True
+            raise _ClientGone(out) from exc
+
+    async def fail(code: str, message: str, kind: str | None = None) -> web.StreamResponse:
+        draft.outcome, draft.decision, draft.reason = "upstream_error", "error", code
+        draft.upstream_error = kind
+        draft.status = draft.status or resp.status
+        await write(_stream_error_event(code, state.redactor.redact(message)))
+        await out.write_eof()
+        return out
+
+    try:
+        async with asyncio.timeout(idle_s) as cm:
+            async for data in resp.content.iter_any():
+                cm.reschedule(loop.time() + idle_s)
+                send: list[bytes] = []
+                for ev in splitter.feed(data):
+                    model = scan_model(ev)
+                    if model is not None:
+                        draft.served_model = model[:200]
+                        if model != admitted:
+                            return await fail("served_model_mismatch", check_served(model, admitted).message)
+                        verified = True
+                    usage_from_event(ev, draft.usage)
+                    if verified:
+                        if held:
+                            send.extend(held)
+                            held.clear()
+                        send.append(ev)
+                    elif len(held) >= _MAX_UNVERIFIED_EVENTS:
+                        return await fail("served_model_mismatch",
+                                          "the backend stream does not name the model that serves it")
+                    else:
+                        held.append(ev)
+                if send:
+                    await write(b"".join(send))
+    except TimeoutError:
+        return await fail("backend_timeout", "the backend stopped sending in the middle of the stream", "timeout")
+    except ValueError as exc:
+        return await fail("backend_protocol_error", str(exc), "protocol")
+    except (aiohttp.ClientError, OSError):
+        return await fail("backend_protocol_error", "the backend connection broke in the middle of the stream",
+                          "protocol")
+    if splitter.rest():
+        return await fail("backend_protocol_error", "the backend stream ended in the middle of an event", "protocol")
+    if held or not verified:
+        return await fail("served_model_mismatch", "the backend stream does not name the model that serves it")
+    await write(b"")
+    await out.write_eof()
+    draft.outcome, draft.reason, draft.status = "ok", "ok", resp.status
+    return out
+
+
+def create_app(state: ProxyState) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=state.settings.limits.max_body_bytes)
+    app[STATE] = state
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics_handler)
+    r.add_get("/v1/models", list_models)
+    r.add_get("/v1/models/{model_id:.+}", get_model)
+    r.add_get("/v1/responses", websocket_refused)
+    for path in FORWARDED:
+        r.add_post(path, forward)
+    r.add_route("*", "/{tail:.*}", not_found)
+    return app

@@ -1,0 +1,69 @@
+"""`case-proxy`: serve, check-config, verify-evidence.
+
+Exit codes: 0 ok; 1 evidence chain broken; 2 usage or configuration error (check-config
+also for a failed gate); 3 serve refused to start because a gate blocks (decision record,
+admission, upstream pin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .evidence import verify_evidence
+from .server import EXIT_CONFIG, check_static, run
+from .settings import ConfigError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="case-proxy", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the enforcement proxy")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8787; 0 picks a free one)")
+    serve.add_argument("--config", type=Path, default=None, help="TOML config file (see config/proxy.example.toml)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    check = sub.add_parser("check-config", help="validate configuration, artifacts and gates; exit 0 or 2/3")
+    check.add_argument("--config", type=Path, default=None)
+    verify = sub.add_parser("verify-evidence", help="verify an evidence log's hash chain and schema")
+    verify.add_argument("file", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "verify-evidence":
+        if not args.file.is_file():
+            print(f"case-proxy: evidence file {args.file} does not exist", file=sys.stderr)
+            return EXIT_CONFIG
+        verdict = verify_evidence(args.file)
+        if verdict.ok:
+            print(f"ok: {verdict.records} records, chain intact, last sha256 {verdict.last_sha256}")
+            return 0
+        for problem in verdict.problems:
+            print(f"broken: {problem}")
+        return 1
+    try:
+        settings = load_settings(config_file=args.config,
+                                 host=getattr(args, "host", None), port=getattr(args, "port", None))
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"case-proxy: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        problems, gates = check_static(settings)
+        for line in problems + gates:
+            print(f"case-proxy: {line}", file=sys.stderr)
+        if problems or gates:
+            return EXIT_CONFIG
+        print("ok: configuration valid and every gate holds")
+        return 0
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(settings)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

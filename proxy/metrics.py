@@ -1,0 +1,53 @@
+"""Prometheus metrics: conventional names, bounded labels, one registry per proxy app
+(so several apps can live in one test process without clashing)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .admission import Admission
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class ProxyMetrics:
+    def __init__(self, admission: Admission) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("case_proxy_requests", "Requests by endpoint and outcome.",
+                                ["endpoint", "outcome"], registry=r)
+        self.fallback_rejections = Counter(
+            "case_proxy_fallback_rejections",
+            "Requests refused because they tried to reach another model, provider or upstream.",
+            ["reason", "family"], registry=r)
+        self.served_model_mismatches = Counter(
+            "case_proxy_served_model_mismatches", "Backend responses that named a model other than the admitted one.",
+            ["endpoint"], registry=r)
+        self.upstream_errors = Counter("case_proxy_upstream_errors", "Failures talking to the backend.",
+                                       ["kind"], registry=r)
+        self.evidence_write_failures = Counter(
+            "case_proxy_evidence_write_failures", "Evidence records that could not be written (requests refused).",
+            registry=r)
+        self.duration = Histogram("case_proxy_request_duration_seconds", "Time from request to last byte.",
+                                  ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("case_proxy_time_to_first_token_seconds",
+                              "Time from request to the first streamed event sent to the client.",
+                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("case_proxy_tokens", "Tokens reported by the backend's usage objects.",
+                              ["kind"], registry=r)
+        self.in_flight = Gauge("case_proxy_in_flight_requests", "Requests being proxied now.", registry=r)
+        self.backend_ready = Gauge("case_proxy_backend_ready",
+                                   "1 when the backend lists the admitted model, else 0.", registry=r)
+        self.admission_info = Gauge("case_proxy_admission_info", "The admission this proxy enforces.",
+                                    ["provider", "model", "admission_status", "provider_class"], registry=r)
+        self.admission_info.labels(admission.provider, admission.model, admission.admission_status.value,
+                                   admission.provider_class).set(1)
+        # Pre-create the label sets alerts and dashboards look for, so they read 0, not absent.
+        for reason in ("model_not_admitted", "routing_override_refused", "external_provider_endpoint",
+                       "external_provider_header", "forward_proxy_refused"):
+            for family in ("anthropic", "openai", "google", "other"):
+                self.fallback_rejections.labels(reason, family)
+        for kind in ("prompt", "completion"):
+            self.tokens.labels(kind)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

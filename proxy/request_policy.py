@@ -1,0 +1,168 @@
+"""Request-level rules besides the model pin, as pure functions: which paths exist,
+which are fallback attempts, which body fields and headers could steer routing, and
+which headers may travel upstream.
+
+Only a fixed set of canonical paths is ever forwarded; the proxy sends the canonical
+path, never the client's spelling, so encoding tricks cannot reach another backend route.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+import orjson
+
+from .model_policy import Family, classify_family
+
+
+class Endpoint(StrEnum):
+    CHAT = "chat_completions"
+    COMPLETIONS = "completions"
+    RESPONSES = "responses"
+    EMBEDDINGS = "embeddings"
+    MODELS = "models"
+    MODEL = "model"
+    OTHER = "other"
+
+
+# Forwarded POST routes: client path -> canonical upstream path.
+FORWARDED: dict[str, Endpoint] = {
+    "/v1/chat/completions": Endpoint.CHAT,
+    "/v1/completions": Endpoint.COMPLETIONS,
+    "/v1/responses": Endpoint.RESPONSES,
+    "/v1/embeddings": Endpoint.EMBEDDINGS,
+}
+
+_ANTHROPIC_PATH = re.compile(r"(^|/)v1/(messages|complete)(/|$)|(^|/)anthropic(/|$)", re.IGNORECASE)
+_GOOGLE_PATH = re.compile(r":(stream)?generatecontent$|(^|/)v1beta(\d)?/models(/|$)|:embedcontent$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A fallback attempt refused by policy: the error code, its metric reason and
+    family, and a message that never echoes client-supplied values."""
+
+    code: str
+    family: Family
+    message: str
+    param: str | None = None
+
+
+def external_endpoint(path: str) -> Refusal | None:
+    """Anthropic- or Gemini-format endpoints are fallback attempts, also under prefixes."""
+    p = re.sub(r"/{2,}", "/", path).rstrip("/")
+    if _ANTHROPIC_PATH.search(p):
+        return Refusal("external_provider_endpoint", Family.ANTHROPIC,
+                       "Anthropic-format endpoints are not served: this route runs only the admitted local model "
+                       "through the OpenAI API")
+    if _GOOGLE_PATH.search(p):
+        return Refusal("external_provider_endpoint", Family.GOOGLE,
+                       "Gemini-format endpoints are not served: this route runs only the admitted local model "
+                       "through the OpenAI API")
+    return None
+
+
+# Body fields that pick a provider, upstream or fallback list in other gateways
+# (LiteLLM, OpenRouter, Portkey, Azure-style clients). Checked on the top level, where
+# SDKs put `extra_body` fields.
+ROUTING_FIELDS: frozenset[str] = frozenset({
+    "base_url", "api_base", "api_key", "api_version", "api_type", "azure_endpoint",
+    "provider", "providers", "custom_llm_provider", "litellm_params", "model_list",
+    "fallbacks", "fallback", "fallback_models", "context_window_fallbacks", "models",
+    "route", "routing", "router", "upstream", "endpoint", "target_url", "proxy",
+    "deployment_id", "engine", "api_endpoint", "vertex_project", "vertex_location",
+    "aws_region_name", "region",
+})
+
+
+def routing_override(body: Mapping[str, object]) -> Refusal | None:
+    """First routing-steering field in the body, if any; the family is read from its
+    value so an `anthropic` fallback list is counted as such."""
+    for key in body:
+        if key in ROUTING_FIELDS:
+            try:
+                value_text = orjson.dumps(body[key]).decode()
+            except TypeError:
+                value_text = ""
+            return Refusal(
+                "routing_override_refused", classify_family(value_text) if value_text else Family.OTHER,
+                f"request field '{key}' steers routing to another provider or upstream; "
+                "this route pins every request to the admitted local model",
+                param=key,
+            )
+    return None
+
+
+# Headers that exist only to talk to another provider: refused and counted.
+_PROVIDER_HEADER_FAMILY: dict[str, Family] = {
+    "anthropic-version": Family.ANTHROPIC,
+    "anthropic-beta": Family.ANTHROPIC,
+    "anthropic-dangerous-direct-browser-access": Family.ANTHROPIC,
+    "x-goog-api-key": Family.GOOGLE,
+    "x-goog-user-project": Family.GOOGLE,
+}
+
+
+def provider_header(headers: Iterable[str]) -> Refusal | None:
+    for name in headers:
+        low = name.lower()
+        family = _PROVIDER_HEADER_FAMILY.get(low)
+        if family is None and low.startswith("anthropic-"):
+            family = Family.ANTHROPIC
+        if family is not None:
+            return Refusal("external_provider_header", family,
+                           f"header '{low}' is for another provider's API; it is not accepted on this route")
+    return None
+
+
+# Never forwarded: hop-by-hop headers (RFC 9110 section 7.6.1), client credentials
+# (the client's token must never reach the backend; the backend key is added from
+# configuration), headers that could steer an upstream, and content encodings the
+# served-model check would have to undo.
+_DROP_EXACT: frozenset[str] = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+    "authorization", "x-api-key", "api-key", "cookie", "set-cookie",
+    "openai-organization", "openai-project",
+    "x-forwarded-host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-port",
+    "x-forwarded-server", "forwarded", "x-real-ip", "x-original-url", "x-rewrite-url",
+    "x-host", "x-http-host-override", "x-original-host", "x-http-method-override",
+    "accept-encoding", "content-encoding",
+})
+_DROP_PREFIXES: tuple[str, ...] = ("anthropic-", "x-goog-", "x-amz-", "x-litellm-", "x-portkey-", "cf-", "sec-websocket-")
+
+
+def forwardable_request_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The client headers that may travel upstream (harmless ones such as
+    ``x-stainless-*``, ``x-codex-*``, ``user-agent``, ``accept``)."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        low = name.lower()
+        if low in _DROP_EXACT or low.startswith(_DROP_PREFIXES):
+            continue
+        out[name] = value
+    return out
+
+
+_RESPONSE_DROP: frozenset[str] = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade",
+    "content-length", "content-encoding", "set-cookie", "server", "date", "location",
+})
+
+
+def forwardable_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Backend headers that may travel back to the client."""
+    return {n: v for n, v in headers if n.lower() not in _RESPONSE_DROP}
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None

@@ -1,0 +1,142 @@
+"""The served-model check and usage accounting on backend responses.
+
+Streams are checked with a byte scan per SSE event rather than a JSON parse per chunk:
+the ``"model"`` key cannot occur unescaped inside a JSON string, so a regex on the raw
+event bytes finds the top-level (or ``response.model``) field. Events are forwarded
+exactly as received, so what the client reads is byte-identical to what the backend
+sent, unless the check terminates the stream.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import orjson
+
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){0,400})"')
+_USAGE_MARK = re.compile(rb'"usage"\s*:\s*\{')
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def _decode_json_string(raw: bytes) -> str:
+    try:
+        value = orjson.loads(b'"' + raw + b'"')
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
+
+
+def scan_model(event: bytes) -> str | None:
+    """The model an SSE event (or JSON body) names, or None if it names none."""
+    m = _MODEL_RE.search(event)
+    return _decode_json_string(m.group(1)) if m else None
+
+
+@dataclass(slots=True)
+class UsageTotals:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+    def take(self, usage: object) -> None:
+        """Read an OpenAI ``usage`` object (chat/completions names or Responses names)."""
+        if not isinstance(usage, dict):
+            return
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        total = usage.get("total_tokens")
+        if isinstance(prompt, int):
+            self.prompt_tokens = prompt
+        if isinstance(completion, int):
+            self.completion_tokens = completion
+        if isinstance(total, int):
+            self.total_tokens = total
+
+    @property
+    def present(self) -> bool:
+        return self.prompt_tokens is not None or self.completion_tokens is not None
+
+
+def _find_usage(obj: object) -> object:
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("usage"), dict):
+        return obj["usage"]
+    response = obj.get("response")
+    if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+        return response["usage"]
+    return None
+
+
+def usage_from_event(event: bytes, totals: UsageTotals) -> None:
+    """Parse an event only when its bytes carry a usage object (normally the last one)."""
+    if not _USAGE_MARK.search(event):
+        return
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            try:
+                totals.take(_find_usage(orjson.loads(line[5:])))
+            except orjson.JSONDecodeError:
+                return
+
+
+@dataclass(slots=True)
+class SSESplitter:
+    """Cuts an upstream byte stream into whole SSE events (delimiter included), so the
+    check sees complete events and a termination never splits one."""
+
+    max_event_bytes: int
+    _buf: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        events: list[bytes] = []
+        start = 0
+        while True:
+            m = _EVENT_END.search(self._buf, start)
+            if m is None:
+                break
+            events.append(bytes(self._buf[start:m.end()]))
+            start = m.end()
+        if start:
+            del self._buf[:start]
+        if len(self._buf) > self.max_event_bytes:
+            raise ValueError("backend sent an SSE event larger than the limit")
+        return events
+
+    def rest(self) -> bytes:
+        """Bytes after the last complete event (a stream that ended mid-event)."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ServedCheck:
+    ok: bool
+    served_model: str | None
+    message: str = ""
+
+
+def check_served(served: str | None, admitted: str) -> ServedCheck:
+    if served is None:
+        return ServedCheck(False, None, "the backend response does not name the model that served it")
+    if served != admitted:
+        return ServedCheck(False, served, "the backend reports a model other than the admitted one; response withheld")
+    return ServedCheck(True, served)
+
+
+def check_json_body(body: bytes, admitted: str, totals: UsageTotals) -> ServedCheck:
+    """Non-streaming bodies: parse once (usage is needed anyway) and compare ``model``."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ServedCheck(False, None, "the backend returned a body that is not JSON")
+    if not isinstance(obj, dict):
+        return ServedCheck(False, None, "the backend returned a JSON body that is not an object")
+    totals.take(_find_usage(obj))
+    model = obj.get("model")
+    if model is None and isinstance(obj.get("response"), dict):
+        model = obj["response"].get("model")
+    return check_served(model if isinstance(model, str) else None, admitted)

@@ -1,0 +1,182 @@
+"""Start-up and shut-down: every gate is checked before the socket opens.
+
+The proxy refuses to start unless the decision record and admission pass their gates,
+the backend URL passes the upstream pin and the evidence log can record. On SIGTERM it
+stops accepting, lets open streams finish up to the drain deadline, writes a
+``proxy_stop`` record and closes the evidence log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .admission import ArtifactError, evaluate_admission_gates, load_admission, load_decision
+from .app import ProxyState, create_app
+from .evidence import EvidenceLog, EvidenceRecord, utc_now_rfc3339
+from .hashchain import ChainError
+from .metrics import ProxyMetrics
+from .readiness import Readiness
+from .redact import Redactor, install_log_redaction
+from .settings import ProxySettings
+from .upstream import Upstream
+from .upstream_policy import UpstreamRefusal, classify_upstream
+
+log = logging.getLogger("case_proxy")
+
+EXIT_CONFIG = 2
+EXIT_BLOCKED = 3
+
+
+class StartupError(Exception):
+    """Why the proxy will not start: one line per problem and the exit code to use."""
+
+    def __init__(self, problems: list[str], exit_code: int) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+        self.exit_code = exit_code
+
+
+def check_static(settings: ProxySettings) -> tuple[list[str], list[str]]:
+    """(config problems, gate failures) without touching the network; used by
+    ``check-config`` and by start-up."""
+    problems: list[str] = []
+    gates: list[str] = []
+    decision = admission = None
+    try:
+        decision = load_decision(settings.decision_file)
+    except ArtifactError as exc:
+        problems.extend(f"CTO_HARNESS_CASE_DECISION_FILE: {p}" for p in exc.problems)
+    try:
+        admission = load_admission(settings.admission_file)
+    except ArtifactError as exc:
+        problems.extend(f"CTO_HARNESS_CASE_MODEL_ADMISSION_FILE: {p}" for p in exc.problems)
+    if decision is not None and admission is not None:
+        gates.extend(f"{f.code}: {f.message}" for f in evaluate_admission_gates(decision, admission))
+    target = classify_upstream(settings.base_url.get_secret_value(), set(settings.allow_hosts))
+    if isinstance(target, UpstreamRefusal):
+        line = f"CTO_HARNESS_CASE_LOCAL_BASE_URL: {target.code}: {target.message}"
+        (problems if target.code in ("base_url_missing", "base_url_invalid", "base_url_has_credentials") else gates).append(line)
+    parent = settings.evidence_file.parent
+    if not parent.is_dir():
+        problems.append(f"CASE_PROXY_EVIDENCE_FILE: directory {parent} does not exist")
+    elif not os.access(parent, os.W_OK):
+        problems.append(f"CASE_PROXY_EVIDENCE_FILE: directory {parent} is not writable")
+    return problems, gates
+
+
+@dataclass
+class RunningProxy:
+    state: ProxyState
+    runner: web.AppRunner
+    port: int
+    host: str
+    _stopped: bool = field(default=False)
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.state.draining = True
+        await self.runner.cleanup()
+
+
+async def start_proxy(settings: ProxySettings) -> RunningProxy:
+    """Check every gate, open the evidence log, start the server. Raises StartupError."""
+    problems, gates = check_static(settings)
+    if problems or gates:
+        raise StartupError(problems + gates, EXIT_CONFIG if problems else EXIT_BLOCKED)
+    admission = load_admission(settings.admission_file)
+    target = classify_upstream(settings.base_url.get_secret_value(), set(settings.allow_hosts))
+    assert not isinstance(target, UpstreamRefusal)
+    redactor = Redactor(settings.secret_values())
+    install_log_redaction(redactor)
+    evidence: EvidenceLog | None = None
+    if settings.evidence_enabled:
+        evidence = EvidenceLog(settings.evidence_file, redactor)
+        try:
+            evidence.open()
+            evidence.write(EvidenceRecord(
+                kind="proxy_start", time=utc_now_rfc3339(), admission_provider=admission.provider,
+                admission_model=admission.model, admission_status=admission.admission_status.value,
+                provider_class=admission.provider_class, upstream_class=target.upstream_class.value,
+                upstream_fingerprint=target.fingerprint, pid=os.getpid()))
+        except (ChainError, OSError) as exc:
+            raise StartupError([f"CASE_PROXY_EVIDENCE_FILE: cannot record evidence: {redactor.redact(str(exc))}"],
+                               EXIT_CONFIG) from None
+    else:
+        log.warning("evidence recording is OFF (benchmark setting): this proxy proves nothing")
+    metrics = ProxyMetrics(admission)
+    upstream = Upstream(target, settings)
+    await upstream.start()
+    limits = settings.limits
+    readiness = Readiness(upstream, admission.model, limits.readiness_interval_s, limits.connect_timeout_s + 5)
+    readiness.on_change.append(lambda ready: metrics.backend_ready.set(1 if ready else 0))
+    state = ProxyState(settings=settings, admission=admission, target=target, redactor=redactor,
+                       evidence=evidence, metrics=metrics, upstream=upstream, readiness=readiness,
+                       token=settings.proxy_token.get_secret_value().encode())
+    app = create_app(state)
+
+    async def on_cleanup(_: web.Application) -> None:
+        await readiness.stop()
+        await upstream.close()
+        if evidence is not None and evidence.healthy:
+            try:
+                evidence.write(EvidenceRecord(kind="proxy_stop", time=utc_now_rfc3339(), pid=os.getpid()))
+            except ChainError:
+                log.error("could not write the proxy_stop evidence record")
+        if evidence is not None:
+            evidence.close()
+
+    app.on_cleanup.append(on_cleanup)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=limits.drain_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=limits.drain_timeout_s)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError([f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"], EXIT_CONFIG) from None
+    readiness.start()
+    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    port = sockets[0].getsockname()[1] if sockets else settings.port
+    return RunningProxy(state=state, runner=runner, port=port, host=settings.host)
+
+
+async def serve_forever(settings: ProxySettings) -> int:
+    try:
+        proxy = await start_proxy(settings)
+    except StartupError as exc:
+        for line in exc.problems:
+            print(f"case-proxy: {line}", file=sys.stderr)
+        return exc.exit_code
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"CASE_PROXY_LISTENING {proxy.base_url}", flush=True)
+    log.info("listening on %s, admitted model %s", proxy.base_url, proxy.state.admission.model)
+    await stop.wait()
+    log.info("stopping: draining open requests for up to %.0fs", settings.limits.drain_timeout_s)
+    await proxy.stop()
+    return 0
+
+
+def run(settings: ProxySettings) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.run(serve_forever(settings))
+    return uvloop.run(serve_forever(settings))
