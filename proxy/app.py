@@ -95,7 +95,7 @@ class ProxyState:
 
 
 STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
-DRAFT = "case_proxy_draft"
+DRAFT: web.RequestKey[Draft] = web.RequestKey("case_proxy_draft", Draft)
 
 
 def _error(state: ProxyState, draft: Draft, code: str, message: str, *, param: str | None = None,

@@ -143,7 +143,7 @@ async def start_proxy(settings: ProxySettings) -> RunningProxy:
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
                            shutdown_timeout=limits.drain_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=limits.drain_timeout_s)
+    site = web.TCPSite(runner, settings.host, settings.port)
     try:
         await site.start()
     except OSError as exc:

@@ -1,0 +1,142 @@
+"""The proxy's per-request evidence record and log (a hash chain of EvidenceRecords).
+
+Records never hold the backend URL or request/response bodies; every string passes the
+redactor before it is written.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .hashchain import ChainVerdict, HashChainWriter, read_chain
+from .redact import Redactor
+
+FALLBACK_REASONS = frozenset({
+    "model_not_admitted", "routing_override_refused", "external_provider_endpoint",
+    "external_provider_header", "forward_proxy_refused",
+})
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class EvidenceRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["request", "proxy_start", "proxy_stop"] = "request"
+    request_id: str | None = None
+    time: str
+    method: str | None = None
+    endpoint: str | None = None
+    path: str | None = None
+    requested_model: str | None = None
+    effective_model: str | None = None
+    alias_rewritten: bool = False
+    decision: Literal["admitted", "refused", "rejected", "error"] | None = None
+    reason: str | None = None
+    family: str | None = None
+    target_host: str | None = None
+    served_model: str | None = None
+    status: int | None = None
+    stream: bool = False
+    usage: Usage | None = None
+    duration_ms: float | None = None
+    ttft_ms: float | None = None
+    upstream_class: str | None = None
+    upstream_fingerprint: str | None = None
+    client_disconnected: bool = False
+    admission_provider: str | None = None
+    admission_model: str | None = None
+    admission_status: str | None = None
+    provider_class: str | None = None
+    pid: int | None = None
+
+
+def utc_now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class EvidenceLog:
+    def __init__(self, path: Path, redactor: Redactor) -> None:
+        self._chain = HashChainWriter(path)
+        self._redactor = redactor
+
+    def open(self) -> None:
+        self._chain.open()
+
+    def check(self) -> None:
+        self._chain.check()
+
+    @property
+    def healthy(self) -> bool:
+        return self._chain.healthy
+
+    def write(self, record: EvidenceRecord) -> str:
+        return self._chain.append(self._redactor.redact_obj(record.model_dump(exclude_none=True)))
+
+    def close(self) -> None:
+        self._chain.close()
+
+
+def _records(path: Path) -> tuple[ChainVerdict, list[EvidenceRecord]]:
+    verdict, raw = read_chain(path)
+    records: list[EvidenceRecord] = []
+    problems = list(verdict.problems)
+    for n, obj in enumerate(raw, start=1):
+        body = {k: v for k, v in obj.items() if k not in ("seq", "prev_sha256")}
+        try:
+            records.append(EvidenceRecord.model_validate(body))
+        except ValidationError as exc:
+            fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+            problems.append(f"record {n}: not a valid evidence record ({fields})")
+    return verdict.model_copy(update={"ok": not problems, "problems": problems}), records
+
+
+def verify_evidence(path: Path) -> ChainVerdict:
+    try:
+        return _records(path)[0]
+    except OSError as exc:
+        return ChainVerdict(ok=False, records=0, last_sha256="", problems=[f"cannot read {path}: {exc.strerror}"])
+
+
+class EvidenceSummary(BaseModel):
+    records: int
+    requests: int
+    admitted: int
+    refused_by_reason: dict[str, int]
+    fallback_attempts: int
+    fallback_by_family: dict[str, int]
+    served_model_mismatches: int
+    served_models: dict[str, int]
+    target_hosts: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def summarize_evidence(path: Path) -> EvidenceSummary:
+    _, records = _records(path)
+    reqs = [r for r in records if r.kind == "request"]
+    refused = [r for r in reqs if r.decision == "refused"]
+    fallbacks = [r for r in refused if r.reason in FALLBACK_REASONS]
+    return EvidenceSummary(
+        records=len(records),
+        requests=len(reqs),
+        admitted=sum(1 for r in reqs if r.decision == "admitted" and r.endpoint not in ("models", "model", "other")),
+        refused_by_reason=dict(Counter(r.reason or "" for r in refused)),
+        fallback_attempts=len(fallbacks),
+        fallback_by_family=dict(Counter(r.family or "other" for r in fallbacks)),
+        served_model_mismatches=sum(1 for r in reqs if r.reason == "served_model_mismatch"),
+        served_models=dict(Counter(r.served_model for r in reqs if r.served_model)),
+        target_hosts=dict(Counter(r.target_host for r in reqs if r.target_host)),
+        prompt_tokens=sum(r.usage.prompt_tokens or 0 for r in reqs if r.usage),
+        completion_tokens=sum(r.usage.completion_tokens or 0 for r in reqs if r.usage),
+    )

@@ -1,0 +1,157 @@
+"""Append-only, hash-chained JSONL: the proxy's evidence and the harness's events.
+
+Each line carries ``seq`` and ``prev_sha256`` (the SHA-256 of the previous line's bytes),
+so an edited, reordered, truncated or deleted line breaks the chain. Each record is one
+``os.write`` on an O_APPEND descriptor: flushed to the OS as written, never half-buffered
+in the process. After any failed write the writer refuses every later append (fail
+closed): a gap in the evidence must never be papered over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+GENESIS = "0" * 64
+
+
+class ChainError(Exception):
+    """The chain cannot be extended or read."""
+
+
+def line_sha256(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+class ChainVerdict(BaseModel):
+    ok: bool
+    records: int
+    last_sha256: str
+    problems: list[str]
+
+
+def _walk(data: bytes) -> tuple[ChainVerdict, list[dict[str, Any]]]:
+    problems: list[str] = []
+    records: list[dict[str, Any]] = []
+    prev = GENESIS
+    if data and not data.endswith(b"\n"):
+        lines_before = data.count(b"\n")
+        problems.append(f"line {lines_before + 1}: partial last line (no newline): truncated or still being written")
+        data = data[: data.rfind(b"\n") + 1]
+    for n, line in enumerate(data.splitlines(), start=1):
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            problems.append(f"line {n}: not valid JSON")
+            prev = line_sha256(line)
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"line {n}: not a JSON object")
+        else:
+            if obj.get("seq") != n - 1:
+                problems.append(f"line {n}: seq is {obj.get('seq')!r}, expected {n - 1} (a line was deleted, added or moved)")
+            if obj.get("prev_sha256") != prev:
+                problems.append(f"line {n}: prev_sha256 does not match the previous line (edited, deleted or reordered)")
+            records.append(obj)
+        prev = line_sha256(line)
+    return ChainVerdict(ok=not problems, records=len(records), last_sha256=prev, problems=problems), records
+
+
+def verify_chain(path: Path) -> ChainVerdict:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return ChainVerdict(ok=False, records=0, last_sha256=GENESIS, problems=[f"cannot read {path}: {exc.strerror}"])
+    return _walk(data)[0]
+
+
+def read_chain(path: Path) -> tuple[ChainVerdict, list[dict[str, Any]]]:
+    """The verdict plus the parsed records (for callers that also need the content)."""
+    return _walk(Path(path).read_bytes())
+
+
+class HashChainWriter:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._prev = GENESIS
+        self._seq = 0
+        self._failed = False
+        self._closed = False
+        self._ident: tuple[int, int] | None = None
+
+    def open(self) -> None:
+        if self.path.exists():
+            verdict = verify_chain(self.path)
+            if not verdict.ok:
+                raise ChainError(f"{self.path} is not an intact chain; refusing to extend it: {verdict.problems[0]}")
+            self._prev, self._seq = verdict.last_sha256, verdict.records
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            st = os.fstat(self._fd)
+        except OSError as exc:
+            raise ChainError(f"cannot open {self.path}: {exc.strerror}") from None
+        self._ident = (st.st_dev, st.st_ino)
+
+    @property
+    def healthy(self) -> bool:
+        return self._fd is not None and not self._failed and not self._closed
+
+    @property
+    def last_sha256(self) -> str:
+        return self._prev
+
+    @property
+    def count(self) -> int:
+        return self._seq
+
+    def check(self) -> None:
+        """Raise ChainError unless the next append can land in the file we opened."""
+        if not self.healthy or self._fd is None:
+            raise ChainError("evidence writer is not open or a previous write failed")
+        try:
+            st = os.fstat(self._fd)
+            on_disk = os.stat(self.path)
+        except OSError as exc:
+            self._failed = True
+            raise ChainError(f"evidence file unavailable: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != self._ident or (on_disk.st_dev, on_disk.st_ino) != self._ident or st.st_nlink == 0:
+            self._failed = True
+            raise ChainError("evidence file was removed or replaced since it was opened")
+
+    def append(self, record: Mapping[str, Any]) -> str:
+        if not self.healthy or self._fd is None:
+            raise ChainError("evidence writer is not open or a previous write failed")
+        body = dict(record)
+        body["seq"] = self._seq
+        body["prev_sha256"] = self._prev
+        line = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        data = line + b"\n"
+        try:
+            written = os.write(self._fd, data)
+        except OSError as exc:
+            self._failed = True
+            raise ChainError(f"write failed: {exc.strerror}") from None
+        if written != len(data):
+            self._failed = True
+            raise ChainError("short write: the chain is now broken")
+        sha = line_sha256(line)
+        self._prev, self._seq = sha, self._seq + 1
+        return sha
+
+    def close(self) -> None:
+        if self._fd is None or self._closed:
+            return
+        self._closed = True
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)

@@ -1,0 +1,140 @@
+"""One redaction module for logs, evidence, error messages and the harness secret scan.
+
+It removes registered secret values (with their base64 and URL-encoded forms, so an
+encoded header or a basic-auth string is caught too) and common token shapes. ``find``
+reports where and what kind, never the value, so a scan result can be shown safely.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+REDACTED = "[REDACTED]"
+# Shorter values would redact ordinary words; real tokens and keys are far longer.
+MIN_SECRET_LEN = 8
+
+_SHAPES: list[tuple[str, str]] = [
+    ("pem_private_key", r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z0-9 ]*PRIVATE KEY-----"),
+    ("anthropic_key", r"\bsk-ant-[A-Za-z0-9_\-]{16,}"),
+    ("openai_key", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}"),
+    ("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{40,})"),
+    ("slack_token", r"\bxox[abprs]-[A-Za-z0-9\-]{10,}"),
+    ("aws_access_key", r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+    ("aws_secret_key", r"(?i:aws_secret_access_key)\s*[=:]\s*[A-Za-z0-9/+]{40}"),
+    ("jwt", r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"),
+    ("bearer", r"(?<=[Bb]earer )[A-Za-z0-9._~+/\-]{12,}=*"),
+    ("url_credentials", r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: str
+    start: int
+    end: int
+
+
+def encoded_forms(value: str) -> set[str]:
+    """The value as it may appear when encoded on the way: base64 (standard and
+    URL-safe, with and without padding) and URL-encoding."""
+    raw = value.encode()
+    forms = {value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)}
+    for enc in (base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()):
+        forms.add(enc)
+        forms.add(enc.rstrip("="))
+    return {f for f in forms if len(f) >= MIN_SECRET_LEN}
+
+
+class Redactor:
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        for s in secrets:
+            self.add_secret(s)
+        if self._pattern is None:
+            self._build()
+
+    @property
+    def registered_count(self) -> int:
+        return len(self._secrets)
+
+    def add_secret(self, value: str) -> None:
+        value = (value or "").strip()
+        if len(value) < MIN_SECRET_LEN or value in self._secrets:
+            return
+        self._secrets.add(value)
+        self._build()
+
+    def _build(self) -> None:
+        forms = set()
+        for s in self._secrets:
+            forms |= encoded_forms(s)
+        parts = []
+        if forms:
+            # Longest first so a value is not half-replaced by a shorter form of itself.
+            alts = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+            parts.append(f"(?P<registered_secret>{alts})")
+        parts.extend(f"(?P<{name}>{rx})" for name, rx in _SHAPES)
+        self._pattern = re.compile("|".join(parts))
+
+    def find(self, text: str) -> list[Finding]:
+        assert self._pattern is not None
+        return [Finding(m.lastgroup or "secret", m.start(), m.end()) for m in self._pattern.finditer(text)]
+
+    def redact(self, text: str) -> str:
+        assert self._pattern is not None
+        return self._pattern.sub(REDACTED, text)
+
+    def redact_bytes(self, data: bytes) -> bytes:
+        return self.redact(data.decode("utf-8", "replace")).encode()
+
+    def redact_obj(self, obj: Any) -> Any:
+        if isinstance(obj, str):
+            return self.redact(obj)
+        if isinstance(obj, dict):
+            return {self.redact(k) if isinstance(k, str) else k: self.redact_obj(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.redact_obj(v) for v in obj]
+        return obj
+
+
+class RedactingFilter(logging.Filter):
+    """Every record passing it leaves with its message and traceback redacted, so no
+    handler can format the raw values later."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken format string must still be logged, redacted
+            message = str(record.msg)
+        record.msg, record.args = self.redactor.redact(message), None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = self.redactor.redact(text)
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = self.redactor.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redactor.redact(record.stack_info)
+        return True
+
+
+def install_log_redaction(redactor: Redactor, logger: logging.Logger | None = None) -> RedactingFilter:
+    """Attach the filter to the logger and to each of its handlers (handler filters also
+    see records propagated from child loggers, which logger filters do not)."""
+    target = logger or logging.getLogger()
+    filt = RedactingFilter(redactor)
+    target.addFilter(filt)
+    for handler in target.handlers:
+        handler.addFilter(filt)
+    return filt

@@ -1,0 +1,138 @@
+"""Test support: a real proxy on 127.0.0.1 in front of the scripted backend.
+
+The scripted backend (harness.scripted_backend) is a TEST FIXTURE standing in for an
+OpenAI-compatible engine because no GPU exists here; nothing it says is evidence about
+a real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.server import RunningProxy, start_proxy
+from proxy.settings import load_settings
+
+ADMITTED = "qwen3.6-35b-a3b"
+
+DECISION = {
+    "work_item": "CTO-WORK-020",
+    "decision_status": "local_provider_required",
+    "provider_class": "local_case_compatible",
+    "decided_at": "2026-06-01T02:00:00Z",
+}
+ADMISSION = {
+    "schema_version": 1,
+    "work_item": "CTO-WORK-020",
+    "provider": "qwen-local",
+    "provider_class": "local_case_compatible",
+    "model": ADMITTED,
+    "admission_status": "candidate",
+    "aliases": [],
+    "scope": ["stage2-artificial-fixture"],
+}
+
+
+def write_artifacts(directory: Path, decision: dict[str, Any] | None = None,
+                    admission: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    d, a = directory / "decision.json", directory / "admission.json"
+    d.write_text(json.dumps({**DECISION, **(decision or {})}))
+    a.write_text(json.dumps({**ADMISSION, **(admission or {})}))
+    return d, a
+
+
+@dataclass
+class ProxyUnderTest:
+    running: RunningProxy
+    token: str
+    evidence_path: Path
+    backend: Any  # harness.scripted_backend.ScriptedBackend
+
+    @property
+    def base_url(self) -> str:
+        return self.running.base_url
+
+    @property
+    def root_url(self) -> str:
+        return self.running.base_url.removesuffix("/v1")
+
+    def client(self, token: str | None = None, **kw: Any) -> openai.AsyncOpenAI:
+        """The official SDK, retries off so every refusal is seen exactly once."""
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=token or self.token, max_retries=0, **kw)
+
+    def evidence(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.evidence_path.read_text().splitlines() if line]
+
+    def requests_evidence(self) -> list[dict[str, Any]]:
+        return [r for r in self.evidence() if r.get("kind", "request") == "request"]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of one sample from the proxy's own registry."""
+        text = self.running.state.metrics.render().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+    async def wait_ready(self, timeout_s: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self.running.state.readiness.state.ready:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"proxy not ready: {self.running.state.readiness.state.reason}")
+            await asyncio.sleep(0.02)
+
+
+MakeProxy = Callable[..., Awaitable[ProxyUnderTest]]
+
+
+@pytest.fixture
+async def make_proxy(scripted_backend: Any, tmp_path: Path) -> AsyncIterator[MakeProxy]:
+    """Factory: start a proxy with optional admission/decision overrides, limits, env."""
+    started: list[RunningProxy] = []
+
+    async def factory(*, admission: dict[str, Any] | None = None, decision: dict[str, Any] | None = None,
+                      limits: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                      base_url: str | None = None, wait_ready: bool = True, backend: Any = None) -> ProxyUnderTest:
+        backend = backend or scripted_backend
+        n = len(started)
+        d, a = write_artifacts(tmp_path, decision, admission)
+        token = "cpt-" + secrets.token_hex(16)
+        evidence = tmp_path / f"evidence-{n}.jsonl"
+        environ = {
+            "CTO_HARNESS_CASE_DECISION_FILE": str(d),
+            "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE": str(a),
+            "CTO_HARNESS_CASE_LOCAL_BASE_URL": base_url or backend.base_url,
+            "CASE_PROXY_TOKEN": token,
+            "CASE_PROXY_EVIDENCE_FILE": str(evidence),
+            **(env or {}),
+        }
+        config = None
+        if limits:
+            config = tmp_path / f"proxy-{n}.toml"
+            config.write_text("[limits]\n" + "".join(f"{k} = {v!r}\n" for k, v in limits.items()))
+        settings = load_settings(env=environ, config_file=config, host="127.0.0.1", port=0)
+        running = await start_proxy(settings)
+        started.append(running)
+        put = ProxyUnderTest(running=running, token=token, evidence_path=evidence, backend=backend)
+        if wait_ready:
+            await put.wait_ready()
+        return put
+
+    yield factory
+    for running in started:
+        await running.stop()
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy) -> ProxyUnderTest:
+    return await make_proxy()

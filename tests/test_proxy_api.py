@@ -1,0 +1,246 @@
+"""The OpenAI surface through the proxy, driven by the official SDK.
+
+The backend is the scripted test fixture (harness.scripted_backend), not a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from tests.proxy_support import ADMITTED, ProxyUnderTest, make_proxy, proxy  # noqa: F401
+
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "write_file",
+        "description": "Write a file",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+                       "required": ["path", "content"]},
+    },
+}]
+
+
+async def test_models_list_and_retrieve_come_from_the_admission(proxy: ProxyUnderTest) -> None:
+    client = proxy.client()
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [ADMITTED]
+    assert (await client.models.retrieve(ADMITTED)).id == ADMITTED
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("claude-sonnet-4-6")
+    assert proxy.backend.requests == [] or all(r.path == "/v1/models" for r in proxy.backend.requests)
+
+
+async def test_chat_completion_passes_through_with_vendor_extras(proxy: ProxyUnderTest) -> None:
+    client = proxy.client()
+    before = len(proxy.backend.requests)
+    resp = await client.chat.completions.create(
+        model=ADMITTED, messages=[{"role": "user", "content": "hi"}], max_tokens=16,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}, "top_k": 20},
+    )
+    assert resp.model == ADMITTED
+    assert resp.choices[0].message.content
+    sent = [r for r in proxy.backend.requests[before:] if r.path == "/v1/chat/completions"]
+    assert len(sent) == 1
+    assert sent[0].body["chat_template_kwargs"] == {"enable_thinking": True}
+    assert sent[0].body["top_k"] == 20
+    assert sent[0].body["model"] == ADMITTED
+    # The official SDK's harmless headers pass; the client's credential does not.
+    headers = {k.lower(): v for k, v in sent[0].headers.items()}
+    assert any(k.startswith("x-stainless-") for k in headers)
+    assert proxy.token not in json.dumps(headers)
+    rec = proxy.requests_evidence()[-1]
+    assert rec["decision"] == "admitted" and rec["served_model"] == ADMITTED and rec["status"] == 200
+    assert rec["upstream_class"] == "loopback" and rec["upstream_fingerprint"].startswith("sha256:")
+    assert proxy.metric("case_proxy_requests_total", endpoint="chat_completions", outcome="ok") == 1
+
+
+async def test_streamed_tool_call_reassembles_through_the_sdk(proxy: ProxyUnderTest) -> None:
+    client = proxy.client()
+    stream = await client.chat.completions.create(
+        model=ADMITTED, messages=[{"role": "user", "content": "write a file"}], tools=TOOLS, stream=True,
+        stream_options={"include_usage": True},
+    )
+    names, args, usage, reasoning = [], "", None, ""
+    async for chunk in stream:
+        assert chunk.model == ADMITTED
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            for tc in choice.delta.tool_calls or []:
+                if tc.function and tc.function.name:
+                    names.append(tc.function.name)
+                if tc.function and tc.function.arguments:
+                    args += tc.function.arguments
+    assert names == ["write_file"]
+    json.loads(args)  # arguments split across chunks reassemble into valid JSON
+    assert reasoning
+    assert usage is not None and usage.completion_tokens > 0
+    rec = proxy.requests_evidence()[-1]
+    assert rec["stream"] is True and rec["usage"]["completion_tokens"] == usage.completion_tokens
+    assert rec["ttft_ms"] is not None
+    assert proxy.metric("case_proxy_tokens_total", kind="completion") == usage.completion_tokens
+
+
+async def test_completions_embeddings_and_responses(proxy: ProxyUnderTest) -> None:
+    client = proxy.client()
+    comp = await client.completions.create(model=ADMITTED, prompt="def f():", max_tokens=8)
+    assert comp.model == ADMITTED and comp.choices[0].text
+    emb = await client.embeddings.create(model=ADMITTED, input=["a", "b"])
+    assert len(emb.data) == 2 and emb.data[0].embedding
+    resp = await client.responses.create(model=ADMITTED, input="hello", store=False)
+    assert resp.model == ADMITTED and resp.output_text
+    events = []
+    stream = await client.responses.create(model=ADMITTED, input="hello", stream=True, store=False,
+                                           include=["reasoning.encrypted_content"])
+    async for event in stream:
+        events.append(event.type)
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    endpoints = [r["endpoint"] for r in proxy.requests_evidence()]
+    assert endpoints == ["completions", "embeddings", "responses", "responses"]
+
+
+async def test_alias_is_rewritten_to_the_admitted_id_and_recorded(make_proxy) -> None:  # noqa: F811
+    proxy = await make_proxy(admission={"aliases": ["qwen-local-default"]})
+    before = len(proxy.backend.requests)
+    resp = await proxy.client().chat.completions.create(
+        model="qwen-local-default", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert resp.model == ADMITTED
+    sent = [r for r in proxy.backend.requests[before:] if r.path == "/v1/chat/completions"]
+    assert sent[0].body["model"] == ADMITTED
+    rec = proxy.requests_evidence()[-1]
+    assert rec["alias_rewritten"] is True and rec["requested_model"] == "qwen-local-default"
+    assert rec["effective_model"] == ADMITTED
+    # The alias is not advertised: /v1/models lists exactly the admitted model.
+    assert [m.id for m in (await proxy.client().models.list()).data] == [ADMITTED]
+
+
+async def test_raw_stream_bytes_are_relayed_unchanged(proxy: ProxyUnderTest) -> None:
+    """Byte-faithful: what the client reads equals what the backend wrote, event for event."""
+    body = {"model": ADMITTED, "messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.base_url + "/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {proxy.token}"}) as r:
+            assert r.status == 200
+            via_proxy = await r.read()
+    sent_bytes = proxy.backend.last_stream_bytes
+    assert via_proxy == sent_bytes
+    assert via_proxy.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_websocket_upgrade_on_responses_is_refused_cleanly(proxy: ProxyUnderTest) -> None:
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await s.ws_connect(proxy.base_url + "/responses", headers={"Authorization": f"Bearer {proxy.token}"})
+    assert info.value.status == 405
+    assert not [r for r in proxy.backend.requests if r.path == "/v1/responses"]
+
+
+@pytest.mark.parametrize("path", ["/api/tags", "/v1/props", "/props", "/version", "/api/v1/models",
+                                  "/v1/files", "/v1/chat/completions/extra"])
+async def test_side_door_paths_are_plain_404s(proxy: ProxyUnderTest, path: str) -> None:
+    before = len(proxy.backend.requests)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.root_url + path, headers={"Authorization": f"Bearer {proxy.token}"}) as r:
+            assert r.status == 404
+            err = (await r.json())["error"]
+    assert err["code"] == "unknown_url" and set(err) == {"message", "type", "param", "code"}
+    assert len(proxy.backend.requests) == before
+    assert proxy.metric("case_proxy_fallback_rejections_total", reason="external_provider_endpoint",
+                        family="anthropic") == 0
+
+
+async def test_post_to_unknown_path_never_reaches_backend(proxy: ProxyUnderTest) -> None:
+    before = len(proxy.backend.requests)
+    with pytest.raises(openai.NotFoundError):
+        await proxy.client().post("/chat/completion", cast_to=object, body={"model": ADMITTED})
+    assert len(proxy.backend.requests) == before
+
+
+async def test_backend_errors_pass_through_with_their_status(proxy: ProxyUnderTest) -> None:
+    client = proxy.client()
+    proxy.backend.fail_status = 400
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}])
+    proxy.backend.fail_status = 500
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 500
+    assert proxy.metric("case_proxy_upstream_errors_total", kind="status_4xx") == 1
+    assert proxy.metric("case_proxy_upstream_errors_total", kind="status_5xx") == 1
+
+
+async def test_backend_redirect_is_never_followed(proxy: ProxyUnderTest) -> None:
+    proxy.backend.redirect_to = "http://127.0.0.1:9/elsewhere"
+    with pytest.raises(openai.InternalServerError) as info:
+        await proxy.client().chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and info.value.code == "backend_redirect_refused"
+    assert proxy.metric("case_proxy_upstream_errors_total", kind="redirect") == 1
+
+
+async def test_unreachable_backend_is_a_clear_502(make_proxy) -> None:  # noqa: F811
+    proxy = await make_proxy()
+    await proxy.backend.stop()
+    proxy.running.state.readiness.state.ready = True  # pretend it was ready a moment ago
+    with pytest.raises(openai.InternalServerError) as info:
+        await proxy.client().chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and info.value.code == "backend_unreachable"
+    assert proxy.metric("case_proxy_upstream_errors_total", kind="connect") == 1
+
+
+async def test_first_byte_timeout_is_504(make_proxy) -> None:  # noqa: F811
+    proxy = await make_proxy(limits={"first_byte_timeout_s": 0.3})
+    proxy.backend.first_byte_delay_s = 2.0
+    with pytest.raises(openai.InternalServerError) as info:
+        await proxy.client().chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 504 and info.value.code == "backend_timeout"
+
+
+async def test_idle_stream_is_terminated_with_an_error_event(make_proxy) -> None:  # noqa: F811
+    proxy = await make_proxy(limits={"idle_timeout_s": 0.3})
+    proxy.backend.chunk_delay_s = 1.0
+    stream = await proxy.client().chat.completions.create(
+        model=ADMITTED, messages=[{"role": "user", "content": "x"}], stream=True)
+    with pytest.raises(openai.APIError) as info:
+        async for _ in stream:
+            pass
+    assert "stopped sending" in info.value.message
+    assert proxy.requests_evidence()[-1]["reason"] == "backend_timeout"
+
+
+async def test_engine_killed_mid_stream_ends_the_stream_with_an_error(proxy: ProxyUnderTest) -> None:
+    proxy.backend.drop_after_chunks = 2
+    stream = await proxy.client().chat.completions.create(
+        model=ADMITTED, messages=[{"role": "user", "content": "x"}], stream=True)
+    with pytest.raises(openai.APIError):
+        async for _ in stream:
+            pass
+    rec = proxy.requests_evidence()[-1]
+    assert rec["decision"] == "error" and rec["reason"] == "backend_protocol_error"
+
+
+async def test_client_disconnect_mid_stream_cancels_the_upstream_request(proxy: ProxyUnderTest) -> None:
+    proxy.backend.chunk_delay_s = 0.2
+    proxy.backend.chunks = 50
+    body = {"model": ADMITTED, "messages": [{"role": "user", "content": "x"}], "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.base_url + "/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {proxy.token}"}) as r:
+            await r.content.readany()
+    # The proxy notices, records the disconnect and closes its upstream connection.
+    for _ in range(100):
+        recs = proxy.requests_evidence()
+        if recs and recs[-1]["client_disconnected"]:
+            break
+        await asyncio.sleep(0.05)
+    assert recs[-1]["client_disconnected"] is True
+    for _ in range(100):
+        if proxy.backend.cancelled_streams:
+            break
+        await asyncio.sleep(0.05)
+    assert proxy.backend.cancelled_streams == 1

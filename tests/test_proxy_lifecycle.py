@@ -1,0 +1,217 @@
+"""The proxy as operators run it: `case-proxy` subprocesses, exit codes, SIGTERM drain,
+and the canary test (no secret reaches logs, evidence, metrics or error bodies).
+
+The backend is the scripted test fixture (harness.scripted_backend), in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from tests.proxy_support import ADMITTED, write_artifacts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def proxy_env(tmp_path: Path, base_url: str, **extra: str) -> dict[str, str]:
+    d, a = write_artifacts(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTO_HARNESS_", "CASE_PROXY_"))}
+    env.update({
+        "CTO_HARNESS_CASE_DECISION_FILE": str(d),
+        "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE": str(a),
+        "CTO_HARNESS_CASE_LOCAL_BASE_URL": base_url,
+        "CASE_PROXY_TOKEN": "cpt-" + secrets.token_hex(16),
+        "CASE_PROXY_EVIDENCE_FILE": str(tmp_path / "evidence.jsonl"),
+    })
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+class ProxyProcess:
+    """`python -m proxy serve` on a free port; stderr goes to a file we can scan."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env, self.log_path = env, log_path
+        self.proc: subprocess.Popen[str] | None = None
+        self.base_url = ""
+
+    async def start(self) -> None:
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0"],
+            env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)
+        assert line.startswith("CASE_PROXY_LISTENING "), f"unexpected: {line!r}; log: {self.log_path.read_text()}"
+        self.base_url = line.split()[1]
+        async with aiohttp.ClientSession() as s:
+            for _ in range(200):
+                async with s.get(self.base_url.removesuffix("/v1") + "/readyz") as r:
+                    if r.status == 200:
+                        return
+                await asyncio.sleep(0.05)
+        raise AssertionError("proxy never became ready")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def test_check_config_ok_and_problems_named(tmp_path: Path) -> None:
+    env = proxy_env(tmp_path, "http://127.0.0.1:8000/v1")
+    ok = cli("check-config", env=env)
+    assert ok.returncode == 0, ok.stderr
+    bad = dict(env)
+    del bad["CASE_PROXY_TOKEN"]
+    bad["CTO_HARNESS_CASE_LOCAL_BASE_URL"] = ""
+    out = cli("check-config", env=bad)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert any("CASE_PROXY_TOKEN" in line for line in lines)
+    assert any("CTO_HARNESS_CASE_LOCAL_BASE_URL" in line for line in lines)
+
+
+def test_check_config_names_gate_failures_without_echoing_the_url(tmp_path: Path) -> None:
+    env = proxy_env(tmp_path, "https://api.anthropic.com/v1")
+    Path(env["CTO_HARNESS_CASE_MODEL_ADMISSION_FILE"]).write_text(json.dumps({
+        "schema_version": 1, "work_item": "CTO-WORK-020", "provider": "qwen-local",
+        "provider_class": "local_case_compatible", "model": ADMITTED, "admission_status": "revoked"}))
+    out = cli("check-config", env=env)
+    assert out.returncode == 2
+    assert "admission_status_blocks" in out.stderr and "external_provider_host" in out.stderr
+    assert "api.anthropic.com" not in out.stderr + out.stdout
+
+
+def test_serve_refuses_to_start_when_a_gate_blocks(tmp_path: Path) -> None:
+    env = proxy_env(tmp_path, "http://127.0.0.1:8000/v1")
+    Path(env["CTO_HARNESS_CASE_DECISION_FILE"]).write_text(json.dumps({
+        "work_item": "CTO-WORK-020", "decision_status": "external_provider_allowed",
+        "provider_class": "local_case_compatible", "decided_at": "2026-06-01T00:00:00Z"}))
+    out = subprocess.run([sys.executable, "-m", "proxy", "serve", "--port", "0"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3
+    assert "decision_not_local_provider_required" in out.stderr
+    assert "CASE_PROXY_LISTENING" not in out.stdout
+
+
+def test_verify_evidence_cli(tmp_path: Path) -> None:
+    from proxy.hashchain import HashChainWriter
+
+    path = tmp_path / "ev.jsonl"
+    w = HashChainWriter(path)
+    w.open()
+    for i in range(3):
+        w.append({"kind": "request", "time": "2026-11-24T00:00:00.000Z", "request_id": f"r{i}", "status": 200})
+    w.close()
+    env = dict(os.environ)
+    assert cli("verify-evidence", str(path), env=env).returncode == 0
+    lines = path.read_text().splitlines()
+    del lines[1]
+    path.write_text("\n".join(lines) + "\n")
+    broken = cli("verify-evidence", str(path), env=env)
+    assert broken.returncode == 1 and "broken" in broken.stdout
+    assert cli("verify-evidence", str(tmp_path / "nope.jsonl"), env=env).returncode == 2
+
+
+async def test_sigterm_lets_open_streams_finish_and_closes_the_log(scripted_backend, tmp_path: Path) -> None:
+    scripted_backend.chunk_delay_s = 0.1
+    scripted_backend.chunks = 15
+    env = proxy_env(tmp_path, scripted_backend.base_url)
+    proc = ProxyProcess(env, tmp_path / "proxy.log")
+    await proc.start()
+    client = openai.AsyncOpenAI(base_url=proc.base_url, api_key=env["CASE_PROXY_TOKEN"], max_retries=0)
+    stream = await client.chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}],
+                                                  stream=True)
+    chunks = 0
+    async for _ in stream:
+        chunks += 1
+        if chunks == 2:
+            assert proc.proc is not None
+            proc.proc.send_signal(signal.SIGTERM)
+    assert chunks >= 15  # the open stream finished after SIGTERM
+    assert await asyncio.to_thread(proc.stop) == 0
+    records = [json.loads(x) for x in (tmp_path / "evidence.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "proxy_start" and records[-1]["kind"] == "proxy_stop"
+    assert any(r.get("stream") and r.get("status") == 200 for r in records)
+    assert cli("verify-evidence", str(tmp_path / "evidence.jsonl"), env=dict(os.environ)).returncode == 0
+
+
+def _forms(secret: str) -> list[str]:
+    raw = secret.encode()
+    return [secret, base64.b64encode(raw).decode().rstrip("="), base64.urlsafe_b64encode(raw).decode().rstrip("="),
+            urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)]
+
+
+async def test_canary_secrets_appear_nowhere(scripted_backend, tmp_path: Path) -> None:
+    """A full session with streaming, refusals, errors and a backend that echoes headers;
+    afterwards no canary (raw, base64 or URL-encoded) is in any log line, evidence record,
+    metric or error body."""
+    token = "cpt-canary-" + secrets.token_hex(12)
+    backend_key = "sk-canarybackend" + secrets.token_hex(12)
+    env = proxy_env(tmp_path, scripted_backend.base_url, CASE_PROXY_TOKEN=token,
+                    CTO_HARNESS_CASE_LOCAL_API_KEY=backend_key)
+    scripted_backend.echo_headers = True
+    proc = ProxyProcess(env, tmp_path / "proxy.log")
+    await proc.start()
+    seen: list[str] = []
+    try:
+        client = openai.AsyncOpenAI(base_url=proc.base_url, api_key=token, max_retries=0)
+        msg = [{"role": "user", "content": f"my key is {backend_key} and token {token}"}]
+        await client.chat.completions.create(model=ADMITTED, messages=msg)
+        async for _ in await client.chat.completions.create(model=ADMITTED, messages=msg, stream=True):
+            pass
+        refusals = [
+            dict(model=f"claude-{token}", messages=msg),
+            dict(model=ADMITTED, messages=msg, extra_body={"api_key": backend_key}),
+            dict(model=ADMITTED, messages=msg, extra_headers={"anthropic-version": token}),
+        ]
+        for kw in refusals:
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.chat.completions.create(**kw)
+            seen.append(info.value.response.text)
+        with pytest.raises(openai.AuthenticationError) as auth:
+            await openai.AsyncOpenAI(base_url=proc.base_url, api_key=backend_key, max_retries=0
+                                     ).chat.completions.create(model=ADMITTED, messages=msg)
+        seen.append(auth.value.response.text)
+        scripted_backend.fail_status = 500  # the error body echoes the headers it received
+        with pytest.raises(openai.InternalServerError) as err:
+            await client.chat.completions.create(model=ADMITTED, messages=msg)
+        seen.append(err.value.response.text)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(proc.base_url.removesuffix("/v1") + "/metrics") as r:
+                seen.append(await r.text())
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0
+    seen.append((tmp_path / "proxy.log").read_text())
+    seen.append((tmp_path / "evidence.jsonl").read_text())
+    assert "model_not_admitted" in seen[0]  # the places we scan really hold the session
+    haystack = "\n".join(seen)
+    for secret in (token, backend_key, scripted_backend.base_url):
+        for form in _forms(secret):
+            assert form not in haystack, f"a form of a canary leaked: {form[:6]}..."
