@@ -131,65 +131,68 @@ def _forward_proxy_target(request: web.Request) -> str | None:
 
 @web.middleware
 async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Every request ends here in one evidence record and one metrics update. A response
+    whose record could not be written is withheld (fail closed) unless it already
+    started streaming."""
     state = request.app[STATE]
     rid = request.headers.get("X-Request-Id", "")
     rid = rid if 0 < len(rid) <= 64 and rid.replace("-", "").isalnum() else uuid.uuid4().hex
     draft = Draft(rid, time.perf_counter(), request.method, request.path[:200])
     request[DRAFT] = draft
-    response: web.StreamResponse | None = None
     try:
-        target_host = _forward_proxy_target(request)
-        if target_host is not None:
-            host = normalize_host(target_host)[:255]
-            draft.target_host = host
-            family = classify_family(host) if is_known_provider_host(host) else Family.OTHER
-            response = _refuse(state, draft, Refusal(
-                "forward_proxy_refused", family,
-                "this server is not a forward proxy; outbound traffic from Case is refused and recorded"))
-            return response
-        if request.path in PUBLIC_PATHS:
-            draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
-            response = await handler(request)
-            draft.status = response.status
-            return response
-        ext = external_endpoint(request.path)
-        if ext is not None:
-            response = _refuse(state, draft, ext)
-            return response
-        token = bearer_token(request.headers.get("Authorization"))
-        if token is None:
-            response = _error(state, draft, "missing_token",
-                              "missing bearer token: send 'Authorization: Bearer <CASE_PROXY_TOKEN>'",
-                              headers={"WWW-Authenticate": "Bearer"})
-            return response
-        if not hmac.compare_digest(token.encode(), state.token):
-            response = _error(state, draft, "invalid_token", "invalid bearer token",
-                              headers={"WWW-Authenticate": "Bearer"})
-            return response
-        hdr = provider_header(request.headers.keys())
-        if hdr is not None:
-            response = _refuse(state, draft, hdr)
-            return response
-        response = await handler(request)
-        return response
+        response = await _dispatch(request, state, draft, handler)
+    except asyncio.CancelledError:
+        draft.client_disconnected = True
+        _finish(state, draft)
+        raise
+    except Exception:
+        log.exception("internal error handling request %s", draft.request_id)
+        draft.outcome, draft.decision = "unavailable", "error"
+        response = _error(state, draft, "internal_error", "internal error in the proxy; request not completed")
+    if not draft.status:
+        draft.status = response.status
+    if not _finish(state, draft) and not response.prepared:
+        draft.outcome = "unavailable"
+        response = _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
+    return response
+
+
+async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+    """The order of checks: forward-proxy use, public endpoints, other providers'
+    endpoints, the token, other providers' headers, then the route's own handler."""
+    target_host = _forward_proxy_target(request)
+    if target_host is not None:
+        host = normalize_host(target_host)[:255]
+        draft.target_host = host
+        family = classify_family(host) if is_known_provider_host(host) else Family.OTHER
+        return _refuse(state, draft, Refusal(
+            "forward_proxy_refused", family,
+            "this server is not a forward proxy; outbound traffic from Case is refused and recorded"))
+    if request.path in PUBLIC_PATHS:
+        draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
+        return await handler(request)
+    ext = external_endpoint(request.path)
+    if ext is not None:
+        return _refuse(state, draft, ext)
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None:
+        return _error(state, draft, "missing_token",
+                      "missing bearer token: send 'Authorization: Bearer <CASE_PROXY_TOKEN>'",
+                      headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token.encode(), state.token):
+        return _error(state, draft, "invalid_token", "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+    hdr = provider_header(request.headers.keys())
+    if hdr is not None:
+        return _refuse(state, draft, hdr)
+    try:
+        return await handler(request)
     except web.HTTPException as exc:
         code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "invalid_body")
         msg = {"unknown_url": f"unknown endpoint {request.method} {request.path[:200]}",
                "method_not_allowed": f"method {request.method} is not allowed on {request.path[:200]}",
                "request_too_large": "request body exceeds the configured limit"}.get(code, exc.reason)
         draft.outcome = "rejected"
-        response = _error(state, draft, code, msg)
-        return response
-    except asyncio.CancelledError:
-        draft.client_disconnected = True
-        raise
-    finally:
-        if response is not None and not draft.status:
-            draft.status = response.status
-        if not _finish(state, draft) and response is not None and not response.prepared:
-            # The record could not be written: withhold the answer (fail closed).
-            response = _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
-            draft.outcome = "unavailable"
+        return _error(state, draft, code, msg)
 
 
 def _finish(state: ProxyState, draft: Draft) -> bool:

@@ -29,7 +29,6 @@ ERRORS: dict[str, ErrorSpec] = {
     "unknown_url": ErrorSpec(404, "invalid_request_error"),
     "model_not_found": ErrorSpec(404, "invalid_request_error"),
     "method_not_allowed": ErrorSpec(405, "invalid_request_error"),
-    "websocket_not_supported": ErrorSpec(426, "invalid_request_error"),
     # access
     "missing_token": ErrorSpec(401, "authentication_error"),
     "invalid_token": ErrorSpec(401, "authentication_error"),
@@ -51,6 +50,7 @@ ERRORS: dict[str, ErrorSpec] = {
     "backend_not_ready": ErrorSpec(503, "api_error"),
     "evidence_unavailable": ErrorSpec(503, "api_error"),
     "shutting_down": ErrorSpec(503, "api_error"),
+    "internal_error": ErrorSpec(500, "api_error"),
 }
 
 

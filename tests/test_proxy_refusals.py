@@ -252,3 +252,27 @@ async def test_evidence_failure_fails_closed(proxy: ProxyUnderTest) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(proxy.root_url + "/readyz") as r:
             assert r.status == 503
+
+
+async def test_response_is_withheld_when_its_record_cannot_be_written(proxy: ProxyUnderTest,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-check passes, the backend answers, then the record fails: the client gets
+    503, never the unrecorded answer."""
+    import errno
+
+    import proxy.hashchain as hashchain
+
+    writer = proxy.running.state.evidence._chain  # type: ignore[union-attr]
+    real_write = os.write
+
+    def failing_write(fd: int, data: bytes) -> int:
+        if fd == writer._fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(hashchain.os, "write", failing_write)
+    with pytest.raises(openai.InternalServerError) as info:
+        await proxy.client().chat.completions.create(model=ADMITTED, messages=MSG)
+    assert info.value.status_code == 503 and info.value.code == "evidence_unavailable"
+    assert "Hello" not in info.value.response.text
+    assert len(generation_requests(proxy)) == 1  # it was forwarded, but its answer was withheld
