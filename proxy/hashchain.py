@@ -76,6 +76,11 @@ def read_chain(path: Path) -> tuple[ChainVerdict, list[dict[str, Any]]]:
     return _walk(Path(path).read_bytes())
 
 
+def read_chain_bytes(data: bytes) -> tuple[ChainVerdict, list[dict[str, Any]]]:
+    """The same for bytes already read (e.g. a log without its trailing summary line)."""
+    return _walk(data)
+
+
 class HashChainWriter:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

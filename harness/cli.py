@@ -1,0 +1,208 @@
+"""`case-harness`: preflight, run, verify, report, demo.
+
+Exit codes: 0 pass (preflight: every gate holds; verify: the report recomputes and both
+chains hold); 1 fail (verify: problems found); 2 usage or configuration error; 3 blocked
+(preflight: a gate blocks; run: the run ended ``blocked``, Case never started).
+
+Inputs come from the environment (``CTO_HARNESS_*``) and a TOML run profile:
+``--profile FILE``, else the file named by ``CASE_HARNESS_PROFILE``, else the packaged
+reference-agent profile. Secrets are never taken from argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .profile import DEFAULT_FIXTURE, REFERENCE_PROFILE_PATH, ProfileError, RunProfile, load_run_profile
+
+if TYPE_CHECKING:
+    from .report import Report
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_BLOCKED = 3
+
+ENV_PROFILE = "CASE_HARNESS_PROFILE"
+DEFAULT_RUNS_DIR = Path("harness-runs")
+
+
+class UsageError(Exception):
+    """A problem with the command line or the files it names (exit 2)."""
+
+
+def default_profile_path(env: Mapping[str, str] | None = None) -> Path:
+    """``CASE_HARNESS_PROFILE`` if set, else the packaged reference-agent profile."""
+    env = os.environ if env is None else env
+    named = (env.get(ENV_PROFILE) or "").strip()
+    return Path(named) if named else REFERENCE_PROFILE_PATH
+
+
+def load_profile(path: Path | None, fixture: str | None, env: Mapping[str, str] | None = None) -> RunProfile:
+    """Load the run profile (``UsageError`` naming the file on any problem) and apply a
+    ``--fixture`` override."""
+    path = path or default_profile_path(env)
+    if not path.is_file():
+        raise UsageError(f"profile {path} does not exist")
+    try:
+        profile = load_run_profile(path)
+    except ProfileError as exc:
+        raise UsageError("\n".join(exc.problems)) from None
+    if fixture:
+        from .fixture_catalog import list_fixtures
+
+        if fixture not in list_fixtures():
+            raise UsageError(f"unknown fixture {fixture!r}; known fixtures: {', '.join(list_fixtures())}")
+        profile = with_fixture(profile, fixture)
+    return profile
+
+
+def with_fixture(profile: RunProfile, fixture: str) -> RunProfile:
+    """A copy of the profile that runs ``fixture``."""
+    return profile.model_copy(update={"fixture": fixture})
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="case-harness", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def profile_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--profile", type=Path, default=None,
+                        help=f"run profile TOML (default: ${ENV_PROFILE}, else the packaged reference-agent profile)")
+        sp.add_argument("--fixture", default=None, help=f"fixture id (default: the profile's, else {DEFAULT_FIXTURE})")
+
+    pre = sub.add_parser("preflight", help="check every gate; exit 0 if all hold, 3 if any blocks")
+    profile_args(pre)
+    run = sub.add_parser("run", help="one run: gates, proxy, Case, acceptance tests, secret scan, report")
+    profile_args(run)
+    run.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where runs go (default ./harness-runs)")
+    run.add_argument("--backend", choices=["external", "scripted"], default="external",
+                     help="external: CTO_HARNESS_CASE_LOCAL_BASE_URL; scripted: the built-in test backend (demo grade)")
+    ver = sub.add_parser("verify", help="recompute a run's report from its evidence; exit 0 ok, 1 problems")
+    ver.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    ver.add_argument("--decision-file", type=Path, default=None,
+                     help="decision record (default: $CTO_HARNESS_CASE_DECISION_FILE)")
+    ver.add_argument("--admission-file", type=Path, default=None,
+                     help="admission JSON (default: $CTO_HARNESS_CASE_MODEL_ADMISSION_FILE)")
+    rep = sub.add_parser("report", help="print a run's report summary; --html writes a page")
+    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rep.add_argument("--html", type=Path, default=None, metavar="OUT", help="also write an HTML page to OUT")
+    demo = sub.add_parser("demo", help="the whole route on this machine with the scripted backend, then every "
+                                       "negative gate blocking")
+    demo.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where runs go (default ./harness-runs)")
+    return p
+
+
+def _progress(message: str) -> None:
+    print(f"case-harness: {message}", file=sys.stderr, flush=True)
+
+
+def cmd_preflight(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .run import preflight
+
+    profile = load_profile(args.profile, args.fixture, env)
+    result = preflight(env, profile)
+    if result.ok:
+        print(f"ok: every gate holds ({len(result.checked)} checked: {', '.join(result.checked)})")
+        return EXIT_OK
+    for failure in result.failures:
+        print(f"blocked: {failure.code}: {failure.message}")
+    return EXIT_BLOCKED
+
+
+def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .run import RunConfigError, run_once
+
+    profile = load_profile(args.profile, args.fixture, env)
+    try:
+        outcome = run_once(profile, env, args.runs_dir, backend=args.backend, progress=_progress)
+    except RunConfigError as exc:
+        raise UsageError(str(exc)) from None
+    txt = outcome.run_dir / "report.txt"
+    if txt.is_file():
+        print(txt.read_text(encoding="utf-8").rstrip())
+    print(f"status: {outcome.status}")
+    print(f"report: {outcome.run_dir / 'report.json'}")
+    return outcome.exit_code
+
+
+def _artifact(flag: Path | None, env: Mapping[str, str], name: str) -> Path | None:
+    if flag is not None:
+        return flag
+    value = (env.get(name) or "").strip()
+    return Path(value) if value else None
+
+
+def cmd_verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from proxy.settings import ENV_ADMISSION_FILE, ENV_DECISION_FILE
+
+    from .verify import verify_run
+
+    if not args.run_dir.is_dir():
+        raise UsageError(f"run directory {args.run_dir} does not exist")
+    result = verify_run(args.run_dir,
+                        decision_path=_artifact(args.decision_file, env, ENV_DECISION_FILE),
+                        admission_path=_artifact(args.admission_file, env, ENV_ADMISSION_FILE))
+    if result.ok:
+        print(f"ok: {args.run_dir}: the report recomputes from the evidence and both hash chains hold")
+        return EXIT_OK
+    for problem in result.problems:
+        print(f"problem: {problem}")
+    return EXIT_FAIL
+
+
+def load_report(run_dir: Path) -> Report:
+    """The stored report of a run, validated against the report schema."""
+    from .report import load_report as load
+
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist (not a run directory, or the run did not finish)")
+    try:
+        return load(path)
+    except ValueError as exc:
+        raise UsageError(f"{path}: not a valid report: {exc}") from None
+
+
+def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .report import render_html, render_text
+
+    report = load_report(args.run_dir)
+    print(render_text(report).rstrip())
+    if args.html is not None:
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        args.html.write_text(render_html(report), encoding="utf-8")
+        print(f"html: {args.html}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.runs_dir)
+
+
+COMMANDS = {"preflight": cmd_preflight, "run": cmd_run, "verify": cmd_verify, "report": cmd_report,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ) if env is None else env
+    try:
+        return COMMANDS[args.command](args, env)
+    except UsageError as exc:
+        print(f"case-harness: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("case-harness: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

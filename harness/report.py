@@ -1,0 +1,525 @@
+"""The Harness Evidence Interface: ``report.json``, computed only from a run directory.
+
+``collect_inputs`` reads the run's files (events, proxy evidence, metrics, secret scan);
+``compute_report`` is a pure function of them. Nothing can set a status: a pass is the
+absence of every failure reason below, and ``case-harness verify`` recomputes the report
+from the same files and compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proxy.evidence import FALLBACK_REASONS, EvidenceRecord, verify_evidence
+from proxy.hashchain import ChainVerdict, read_chain, read_chain_bytes
+from proxy.upstream_policy import is_known_provider_host
+
+from . import events as ev
+from .secret_scan import ScanResult
+
+REPORT_SCHEMA_VERSION = 1
+BRIDGE_PROVIDER = "openai"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "report.schema.json"
+
+Status = Literal["pass", "fail", "blocked"]
+
+
+class Reason(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    code: str
+    message: str
+
+
+class ExternalFallback(BaseModel):
+    used: bool = Field(description="true if any attempt to reach another model, provider or upstream was seen")
+    attempts: int
+    by_reason: dict[str, int]
+    by_family: dict[str, int]
+    attempted_models: list[str]
+    metrics_fallback_rejections: float | None = Field(
+        description="sum of case_proxy_fallback_rejections_total in the last /metrics scrape (null: no scrape)")
+
+
+class Egress(BaseModel):
+    attempts: int = Field(description="forward-proxy attempts (CONNECT / absolute-form), all refused by the proxy")
+    hosts: dict[str, int] = Field(description="attempts by target host")
+    provider_hosts: list[str] = Field(description="target hosts that belong to a model provider (fallback attempts)")
+
+
+class TestsResult(BaseModel):
+    ran: bool
+    passed: bool
+    total: int = 0
+    failed: int = 0
+    errors: int = 0
+    committed: bool = False
+    commit: str | None = None
+
+
+class CaseProcess(BaseModel):
+    started: bool
+    exit_code: int | None = None
+    duration_s: float | None = None
+    timed_out: bool = False
+
+
+class RequiredEvents(BaseModel):
+    passed: bool
+    missing: list[str]
+    problems: list[str]
+
+
+class SecretScanSummary(BaseModel):
+    ran: bool
+    clean: bool
+    secrets_known: int = 0
+    places_scanned: list[str] = []
+    findings: list[dict[str, str]] = Field(default=[], description="place, kind, location; never the value")
+
+
+class Digests(BaseModel):
+    events_sha256: str | None = Field(description="events.jsonl up to (not including) report_written")
+    evidence_sha256: str | None
+    decision_sha256_before: str | None
+    decision_sha256_after: str | None
+    admission_sha256_before: str | None
+    admission_sha256_after: str | None
+    profile_sha256: str | None
+
+
+class Chains(BaseModel):
+    events_ok: bool
+    evidence_ok: bool | None = Field(description="null when the run never started the proxy")
+    problems: list[str]
+
+
+class Endpoint(BaseModel):
+    upstream_class: str | None = Field(description="loopback | private | allowlisted; never the URL")
+    fingerprint: str | None
+
+
+class Timings(BaseModel):
+    started_at: str | None
+    finished_at: str | None
+    case_duration_s: float | None
+
+
+class Report(BaseModel):
+    """Schema version 1 of the Harness Evidence Interface (documented in
+    ``config/report.schema.json`` and the README)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = REPORT_SCHEMA_VERSION
+    status: Status
+    reasons: list[Reason]
+    run_id: str | None
+    stage: str | None
+    fixture: str | None
+    evidence_grade: Literal["real", "demo", "none"] = Field(
+        description="real: a backend the harness did not script served the run; demo: the built-in scripted "
+        "test backend (never evidence about a real model); none: no backend served it")
+    case_model_provider: str | None
+    case_model: str | None
+    case_model_admission_status: str | None
+    case_runtime_bridge_provider: str = BRIDGE_PROVIDER
+    decision_status: str | None
+    provider_class: str | None
+    admitted_requests: int
+    external_fallback: ExternalFallback
+    egress: Egress
+    served_model_mismatches: int
+    tests_passed: bool
+    tests: TestsResult
+    case_process: CaseProcess
+    required_events_passed: bool
+    required_events: RequiredEvents
+    secret_scan: SecretScanSummary
+    digests: Digests
+    chains: Chains
+    endpoint: Endpoint
+    timings: Timings
+
+
+class ReportInputs(BaseModel):
+    """What the report is computed from (all read from the run directory)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    events_verdict: ChainVerdict
+    events: list[dict[str, Any]]
+    events_sha256: str | None
+    evidence_present: bool
+    evidence_verdict: ChainVerdict | None
+    evidence: list[EvidenceRecord]
+    evidence_sha256: str | None
+    metrics_text: str | None
+    scan: ScanResult | None
+    scan_problem: str | None = None
+    decision_sha256_after: str | None
+    admission_sha256_after: str | None
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def events_bytes_before_report(data: bytes) -> bytes:
+    """The event log without a trailing ``report_written`` line (what the report covers)."""
+    lines = data.splitlines(keepends=True)
+    if lines:
+        try:
+            last = json.loads(lines[-1])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return data
+        if isinstance(last, dict) and last.get("event") == ev.REPORT_WRITTEN:
+            return b"".join(lines[:-1])
+    return data
+
+
+def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
+                   admission_sha256_after: str | None) -> ReportInputs:
+    run_dir = Path(run_dir)
+    events_path = run_dir / "events.jsonl"
+    try:
+        raw_events = events_bytes_before_report(events_path.read_bytes())
+    except OSError:
+        raw_events = None
+    if raw_events is None:
+        verdict = ChainVerdict(ok=False, records=0, last_sha256="", problems=["events.jsonl is missing or unreadable"])
+        events: list[dict[str, Any]] = []
+    else:
+        verdict, raw = read_chain_bytes(raw_events)
+        events = [{k: v for k, v in r.items() if k not in ("seq", "prev_sha256")} for r in raw]
+    evidence_path = run_dir / "proxy" / "evidence.jsonl"
+    evidence: list[EvidenceRecord] = []
+    evidence_verdict = None
+    evidence_sha = None
+    if evidence_path.exists():
+        evidence_verdict = verify_evidence(evidence_path)
+        try:
+            data = evidence_path.read_bytes()
+            evidence_sha = _sha(data)
+            _, raw = read_chain(evidence_path)
+            for obj in raw:
+                body = {k: v for k, v in obj.items() if k not in ("seq", "prev_sha256")}
+                try:
+                    evidence.append(EvidenceRecord.model_validate(body))
+                except ValueError:
+                    continue  # already a problem in evidence_verdict
+        except OSError:
+            pass
+    metrics_path = run_dir / "proxy" / "metrics.prom"
+    metrics_text = metrics_path.read_text(encoding="utf-8", errors="replace") if metrics_path.is_file() else None
+    scan = None
+    scan_problem = None
+    scan_path = run_dir / "secret_scan.json"
+    if scan_path.is_file():
+        try:
+            scan = ScanResult.model_validate_json(scan_path.read_bytes())
+        except ValueError:
+            scan_problem = "secret_scan.json is not a valid scan result"
+    return ReportInputs(events_verdict=verdict, events=events,
+                        events_sha256=_sha(raw_events) if raw_events is not None else None,
+                        evidence_present=evidence_path.exists(), evidence_verdict=evidence_verdict,
+                        evidence=evidence, evidence_sha256=evidence_sha, metrics_text=metrics_text, scan=scan,
+                        scan_problem=scan_problem, decision_sha256_after=decision_sha256_after,
+                        admission_sha256_after=admission_sha256_after)
+
+
+def metric_sum(text: str | None, name: str) -> float | None:
+    """Sum of every sample of ``name`` (any labels) in Prometheus text format."""
+    if text is None:
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        rest = line[len(name):]
+        if rest and rest[0] not in "{ ":
+            continue
+        try:
+            total += float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+    return total
+
+
+def _first(events: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((e for e in events if e.get("event") == name), None)
+
+
+def _is_fallback(rec: EvidenceRecord) -> bool:
+    """A refusal that was an attempt to reach another model, provider or upstream. A
+    forward-proxy attempt counts only when its target is a model provider's host (other
+    egress is listed separately)."""
+    if rec.kind != "request" or rec.decision != "refused" or rec.reason not in FALLBACK_REASONS:
+        return False
+    if rec.reason == "forward_proxy_refused":
+        return bool(rec.target_host) and is_known_provider_host(rec.target_host or "")
+    return True
+
+
+_BLOCK_BREAKERS = frozenset({"artifact_changed", "secret_found", "secret_scan_changed", "events_chain_broken",
+                             "case_started_after_block"})
+
+
+def compute_report(inp: ReportInputs) -> Report:
+    """The report, from its inputs alone."""
+    events = inp.events
+    names = [e.get("event", "") for e in events]
+    started = _first(events, ev.RUN_STARTED) or {}
+    blocked = _first(events, ev.GATE_BLOCKED)
+    preflight = _first(events, ev.PREFLIGHT_PASSED) or blocked or {}
+    identity = _first(events, ev.IDENTITY_VERIFIED) or {}
+    case_started = _first(events, ev.CASE_PROCESS_STARTED)
+    case_exited = _first(events, ev.CASE_PROCESS_EXITED) or {}
+    tests_ev = _first(events, ev.FIXTURE_TESTS_RUN)
+    stopped = _first(events, ev.PROXY_STOPPED) or {}
+    scan_ev = _first(events, ev.SECRET_SCAN_DONE)
+    reasons: list[Reason] = []
+
+    def fail(code: str, message: str) -> None:
+        reasons.append(Reason(code=code, message=message))
+
+    # Chains.
+    chain_problems = [f"events: {p}" for p in inp.events_verdict.problems]
+    evidence_ok: bool | None = None
+    if inp.evidence_verdict is not None:
+        evidence_ok = inp.evidence_verdict.ok
+        chain_problems += [f"evidence: {p}" for p in inp.evidence_verdict.problems]
+    if not inp.events_verdict.ok:
+        fail("events_chain_broken", "events.jsonl does not verify: " + "; ".join(inp.events_verdict.problems[:3]))
+
+    # Evidence.
+    reqs = [r for r in inp.evidence if r.kind == "request"]
+    admitted = [r for r in reqs if r.decision == "admitted" and r.endpoint not in (None, "models", "model", "other")]
+    fallbacks = [r for r in reqs if _is_fallback(r)]
+    egress = [r for r in reqs if r.reason == "forward_proxy_refused"]
+    mismatches = sum(1 for r in reqs if r.reason == "served_model_mismatch")
+    served = Counter(r.served_model for r in admitted if r.served_model)
+    # The proxy states what it enforced in its start record; one identity per run.
+    starts = [r for r in inp.evidence if r.kind == "proxy_start"]
+    identities = {(r.admission_provider, r.admission_model, r.admission_status) for r in starts}
+    proxy_identity = next(iter(identities)) if len(identities) == 1 else (None, None, None)
+    upstreams = {r.upstream_fingerprint for r in starts} | {r.upstream_fingerprint for r in admitted}
+    metrics_fallbacks = metric_sum(inp.metrics_text, "case_proxy_fallback_rejections_total")
+    all_fallback_refusals = sum(1 for r in reqs if r.decision == "refused" and r.reason in FALLBACK_REASONS)
+
+    grade: Literal["real", "demo", "none"] = identity.get("evidence_grade") if identity.get(
+        "evidence_grade") in ("real", "demo") else "none"
+    admitted_model = identity.get("admitted_model") or preflight.get("admission_model")
+
+    if blocked is not None:
+        for r in blocked.get("reasons", []):
+            reasons.append(Reason(code=str(r.get("code", "gate")), message=str(r.get("message", ""))))
+        if case_started is not None:
+            fail("case_started_after_block", "case_process_started appears after gate_blocked")
+    else:
+        for aborted in (e for e in events if e.get("event") == ev.RUN_ABORTED):
+            fail("run_aborted", f"{aborted.get('phase', '?')}: {aborted.get('reason', '')}")
+        if not inp.evidence_present:
+            fail("evidence_missing", "the proxy's evidence log (proxy/evidence.jsonl) is missing")
+        elif not evidence_ok:
+            fail("evidence_chain_broken", "proxy/evidence.jsonl does not verify: "
+                 + "; ".join((inp.evidence_verdict.problems if inp.evidence_verdict else [])[:3]))
+        if inp.evidence_present and stopped.get("evidence_sha256") not in (None, inp.evidence_sha256):
+            fail("evidence_changed", "proxy/evidence.jsonl differs from the digest recorded when the proxy stopped")
+        if not admitted:
+            fail("no_admitted_requests", "the proxy recorded no admitted model request")
+        if fallbacks:
+            by = Counter(r.reason or "" for r in fallbacks)
+            fail("external_fallback_attempted",
+                 f"{len(fallbacks)} attempt(s) to reach another model, provider or upstream: "
+                 + ", ".join(f"{k}={v}" for k, v in sorted(by.items())))
+        if inp.metrics_text is None:
+            fail("metrics_missing", "no /metrics scrape of the proxy (proxy/metrics.prom)")
+        elif metrics_fallbacks != all_fallback_refusals:
+            fail("metrics_evidence_disagree",
+                 f"/metrics counts {metrics_fallbacks:g} fallback rejections, the evidence {all_fallback_refusals}")
+        if inp.evidence_present and len(identities) != 1:
+            fail("proxy_identity_unclear", f"the evidence holds {len(identities)} different proxy admissions")
+        elif inp.evidence_present and proxy_identity[1] != admitted_model:
+            fail("proxy_identity_mismatch", "the proxy enforced a different model than the preflight admitted")
+        if inp.evidence_present and upstreams - {preflight.get("upstream_fingerprint")}:
+            fail("upstream_mismatch", "the proxy forwarded to a backend other than the one the preflight checked")
+        if mismatches:
+            fail("served_model_mismatch", f"{mismatches} response(s) named a model other than the admitted one")
+        if admitted_model and set(served) - {admitted_model}:
+            fail("served_model_mismatch", "the backend reported serving: " + ", ".join(sorted(served)))
+        if case_started is None:
+            fail("case_not_started", "Case was never started")
+        elif case_exited.get("timed_out"):
+            fail("case_timed_out", "Case hit its time limit and was killed")
+        elif case_exited.get("exit_code") != 0:
+            fail("case_exit_nonzero", f"Case exited with {case_exited.get('exit_code')}")
+        if tests_ev is not None and not tests_ev.get("committed"):
+            fail("case_made_no_commit", "Case did not commit; acceptance tests need a committed tree")
+        elif tests_ev is not None and not tests_ev.get("passed"):
+            fail("acceptance_tests_failed",
+                 f"acceptance tests on Case's commit: {tests_ev.get('failed', 0)} failed, "
+                 f"{tests_ev.get('errors', 0)} errors of {tests_ev.get('total', 0)}")
+        elif tests_ev is None:
+            fail("acceptance_tests_not_run", "the acceptance tests were not run")
+        missing, order_problems = ev.check_required_order(names)
+        if missing or order_problems:
+            fail("required_events_missing", "; ".join(
+                ([f"missing: {', '.join(missing)}"] if missing else []) + order_problems))
+
+    # Secret scan (also for blocked runs, when one ran).
+    scan = inp.scan
+    if scan is None:
+        if blocked is None:
+            fail("secret_scan_missing", inp.scan_problem or "no secret scan result (secret_scan.json)")
+    else:
+        if scan_ev is not None and scan_ev.get("findings_count") != len(scan.findings):
+            fail("secret_scan_changed", "secret_scan.json does not match the secret_scan_done event")
+        if not scan.clean:
+            kinds = Counter(f.place for f in scan.findings)
+            fail("secret_found", "secret found in: " + ", ".join(f"{p} ({n})" for p, n in sorted(kinds.items())))
+    for label, before, after in (
+            ("decision record", started.get("decision_sha256"), inp.decision_sha256_after),
+            ("admission JSON", started.get("admission_sha256"), inp.admission_sha256_after)):
+        if before is not None and after is not None and before != after:
+            fail("artifact_changed", f"the {label} changed during the run (SHA-256 before != after)")
+    status: Status
+    if blocked is None:
+        status = "fail" if reasons else "pass"
+    else:  # blocked stays blocked unless the block itself was not honoured or not recorded honestly
+        status = "fail" if any(r.code in _BLOCK_BREAKERS for r in reasons) else "blocked"
+
+    missing, order_problems = ev.check_required_order(names)
+    case_model = next(iter(served)) if len(served) == 1 else None
+    provider, proxy_model, admission_status = proxy_identity
+    if case_model is None or case_model != proxy_model:
+        provider = admission_status = None
+    tests = TestsResult(ran=tests_ev is not None, passed=bool(tests_ev and tests_ev.get("passed")),
+                        total=(tests_ev or {}).get("total", 0), failed=(tests_ev or {}).get("failed", 0),
+                        errors=(tests_ev or {}).get("errors", 0), committed=bool((tests_ev or {}).get("committed")),
+                        commit=(tests_ev or {}).get("commit"))
+    egress_hosts = Counter(r.target_host or "?" for r in egress)
+    return Report(
+        status=status,
+        reasons=reasons,
+        run_id=started.get("run_id"),
+        stage=started.get("stage"),
+        fixture=started.get("fixture"),
+        evidence_grade=grade,
+        case_model_provider=provider,
+        case_model=case_model,
+        case_model_admission_status=admission_status,
+        decision_status=preflight.get("decision_status"),
+        provider_class=preflight.get("provider_class"),
+        admitted_requests=len(admitted),
+        external_fallback=ExternalFallback(
+            used=bool(fallbacks), attempts=len(fallbacks),
+            by_reason=dict(Counter(r.reason or "" for r in fallbacks)),
+            by_family=dict(Counter(r.family or "other" for r in fallbacks)),
+            attempted_models=sorted({r.requested_model for r in fallbacks if r.requested_model}),
+            metrics_fallback_rejections=metrics_fallbacks),
+        egress=Egress(attempts=len(egress), hosts=dict(egress_hosts),
+                      provider_hosts=sorted(h for h in egress_hosts if is_known_provider_host(h))),
+        served_model_mismatches=mismatches,
+        tests_passed=tests.passed and tests.committed,
+        tests=tests,
+        case_process=CaseProcess(started=case_started is not None, exit_code=case_exited.get("exit_code"),
+                                 duration_s=case_exited.get("duration_s"),
+                                 timed_out=bool(case_exited.get("timed_out"))),
+        required_events_passed=not missing and not order_problems,
+        required_events=RequiredEvents(passed=not missing and not order_problems, missing=missing,
+                                       problems=order_problems),
+        secret_scan=SecretScanSummary(
+            ran=scan is not None, clean=bool(scan and scan.clean), secrets_known=scan.secrets_known if scan else 0,
+            places_scanned=list(scan.places_scanned) if scan else [],
+            findings=[f.model_dump() for f in scan.findings] if scan else []),
+        digests=Digests(
+            events_sha256=inp.events_sha256, evidence_sha256=inp.evidence_sha256,
+            decision_sha256_before=started.get("decision_sha256"), decision_sha256_after=inp.decision_sha256_after,
+            admission_sha256_before=started.get("admission_sha256"),
+            admission_sha256_after=inp.admission_sha256_after, profile_sha256=started.get("profile_sha256")),
+        chains=Chains(events_ok=inp.events_verdict.ok, evidence_ok=evidence_ok, problems=chain_problems),
+        endpoint=Endpoint(upstream_class=preflight.get("upstream_class"),
+                          fingerprint=preflight.get("upstream_fingerprint")),
+        timings=Timings(started_at=started.get("time"), finished_at=events[-1].get("time") if events else None,
+                        case_duration_s=case_exited.get("duration_s")),
+    )
+
+
+def report_json(report: Report) -> str:
+    return report.model_dump_json(indent=2) + "\n"
+
+
+def load_report(path: Path) -> Report:
+    return Report.model_validate_json(Path(path).read_bytes())
+
+
+def report_schema() -> dict[str, Any]:
+    return Report.model_json_schema()
+
+
+def render_text(report: Report) -> str:
+    """The short human summary (``report.txt`` and ``case-harness report``)."""
+    r = report
+    lines = [f"status: {r.status.upper()}   run {r.run_id}   fixture {r.fixture}   stage {r.stage}"]
+    if r.evidence_grade == "demo":
+        lines.append("evidence grade: DEMO (the built-in scripted test backend served this run; "
+                     "it is not evidence about a real model)")
+    else:
+        lines.append(f"evidence grade: {r.evidence_grade}")
+    for reason in r.reasons:
+        lines.append(f"  - {reason.code}: {reason.message}")
+    lines += [
+        f"case model: {r.case_model_provider} / {r.case_model} (admission status {r.case_model_admission_status}, "
+        f"bridge {r.case_runtime_bridge_provider})",
+        f"decision: {r.decision_status}, provider class {r.provider_class}",
+        f"admitted model requests: {r.admitted_requests}; served-model mismatches: {r.served_model_mismatches}",
+        f"external fallback used: {str(r.external_fallback.used).lower()} ({r.external_fallback.attempts} attempts"
+        + (f": {', '.join(f'{k}={v}' for k, v in sorted(r.external_fallback.by_reason.items()))}"
+           if r.external_fallback.by_reason else "") + ")",
+        f"egress attempts: {r.egress.attempts}"
+        + (f" ({', '.join(f'{h}={n}' for h, n in sorted(r.egress.hosts.items()))})" if r.egress.hosts else ""),
+        f"tests passed: {str(r.tests_passed).lower()} ({r.tests.total} acceptance tests, {r.tests.failed} failed, "
+        f"{r.tests.errors} errors; committed: {str(r.tests.committed).lower()})",
+        f"case process: exit {r.case_process.exit_code}, {r.case_process.duration_s}s"
+        + (" (timed out)" if r.case_process.timed_out else ""),
+        f"required events passed: {str(r.required_events_passed).lower()}"
+        + (f" (missing: {', '.join(r.required_events.missing)})" if r.required_events.missing else ""),
+        f"secret scan: {'clean' if r.secret_scan.clean else 'FINDINGS' if r.secret_scan.ran else 'not run'}"
+        f" ({len(r.secret_scan.places_scanned)} places, {r.secret_scan.secrets_known} known secrets)",
+    ]
+    lines += [f"  finding: {f['place']}: {f['kind']} at {f['location']}" for f in r.secret_scan.findings]
+    lines += [
+        f"chains: events {'ok' if r.chains.events_ok else 'BROKEN'}, evidence "
+        f"{'ok' if r.chains.evidence_ok else 'n/a' if r.chains.evidence_ok is None else 'BROKEN'}",
+        f"endpoint: {r.endpoint.upstream_class} {r.endpoint.fingerprint} (the URL is never recorded)",
+        f"decision sha256 before/after: {_short(r.digests.decision_sha256_before)} / "
+        f"{_short(r.digests.decision_sha256_after)}; admission: {_short(r.digests.admission_sha256_before)} / "
+        f"{_short(r.digests.admission_sha256_after)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "-"
+
+
+def render_html(report: Report) -> str:
+    """A single self-contained page (no scripts, no external resources)."""
+    colour = {"pass": "#1a7f37", "fail": "#cf222e", "blocked": "#9a6700"}[report.status]
+    body = html.escape(render_text(report))
+    data = html.escape(report_json(report))
+    return (
+        "<!doctype html><html lang=en><meta charset=utf-8>"
+        f"<title>case-harness report {html.escape(report.run_id or '')}</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+        "pre{background:#f6f8fa;padding:1rem;overflow:auto}</style>"
+        f"<h1 style='color:{colour}'>{report.status.upper()}</h1>"
+        f"<pre>{body}</pre><details><summary>report.json</summary><pre>{data}</pre></details></html>\n"
+    )
