@@ -523,3 +523,16 @@ def render_html(report: Report) -> str:
         f"<h1 style='color:{colour}'>{report.status.upper()}</h1>"
         f"<pre>{body}</pre><details><summary>report.json</summary><pre>{data}</pre></details></html>\n"
     )
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> None:
+    path.write_text(json.dumps(report_schema(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":  # `python -m harness.report --schema` regenerates config/report.schema.json
+    import sys
+
+    if sys.argv[1:] != ["--schema"]:
+        sys.exit("usage: python -m harness.report --schema")
+    write_schema()
+    print(f"wrote {SCHEMA_PATH}")

@@ -1,0 +1,83 @@
+"""Helpers for harness tests: artifacts, environments, profiles and runs.
+
+Runs use the built-in scripted backend (a TEST FIXTURE: no GPU here), the real proxy as a
+subprocess, and a real git repository; everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.events import read_events
+from harness.profile import REFERENCE_PROFILE_PATH, RunProfile, load_run_profile
+from harness.report import Report, load_report
+from harness.run import RunOutcome, run_once
+from proxy.settings import ENV_ADMISSION_FILE, ENV_DECISION_FILE
+
+ROGUE = Path(__file__).resolve().parent / "harness_cases" / "rogue_case.py"
+ADMITTED_MODEL = "qwen3.6-35b-a3b"
+DECISION: dict[str, Any] = {"work_item": "CTO-WORK-020", "decision_status": "local_provider_required",
+                            "provider_class": "local_case_compatible", "decided_at": "2026-06-01T02:00:00Z"}
+ADMISSION: dict[str, Any] = {"schema_version": 1, "work_item": "CTO-WORK-020", "provider": "qwen-local",
+                             "provider_class": "local_case_compatible", "model": ADMITTED_MODEL,
+                             "admission_status": "candidate", "aliases": [], "scope": ["stage2-artificial-fixture"]}
+
+
+@dataclass
+class Artifacts:
+    decision: Path
+    admission: Path
+
+    def snapshot(self) -> tuple[bytes, bytes]:
+        return self.decision.read_bytes(), self.admission.read_bytes()
+
+
+def write_artifacts(directory: Path, decision: dict[str, Any] | None = None,
+                    admission: dict[str, Any] | None = None) -> Artifacts:
+    directory.mkdir(parents=True, exist_ok=True)
+    d, a = directory / "decision.json", directory / "admission.json"
+    d.write_text(json.dumps(decision or DECISION))
+    a.write_text(json.dumps(admission or ADMISSION))
+    return Artifacts(d, a)
+
+
+def base_env(artifacts: Artifacts) -> dict[str, str]:
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    env[ENV_DECISION_FILE] = str(artifacts.decision)
+    env[ENV_ADMISSION_FILE] = str(artifacts.admission)
+    return env
+
+
+def reference_profile(**case_changes: Any) -> RunProfile:
+    profile = load_run_profile(REFERENCE_PROFILE_PATH)
+    if case_changes:
+        profile = profile.model_copy(update={"case": profile.case.model_copy(update=case_changes)})
+    return profile
+
+
+def rogue_profile(mode: str, *extra: str, **case_changes: Any) -> RunProfile:
+    command = [sys.executable, str(ROGUE), mode, "{workdir}", *extra]
+    return reference_profile(command=command, timeout_s=60, **case_changes)
+
+
+def run(profile: RunProfile, env: dict[str, str], runs_dir: Path, backend: str = "scripted") -> RunOutcome:
+    return run_once(profile, env, runs_dir, backend=backend)  # type: ignore[arg-type]
+
+
+def events_of(run_dir: Path) -> list[str]:
+    verdict, events = read_events(run_dir / "events.jsonl")
+    assert verdict.ok, verdict.problems
+    return [e["event"] for e in events]
+
+
+def report_of(run_dir: Path) -> Report:
+    return load_report(run_dir / "report.json")
+
+
+def reason_codes(report: Report) -> set[str]:
+    return {r.code for r in report.reasons}
