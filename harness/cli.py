@@ -116,6 +116,8 @@ def cmd_preflight(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from proxy.hashchain import ChainError
+
     from .run import RunConfigError, run_once
 
     profile = load_profile(args.profile, args.fixture, env)
@@ -123,6 +125,8 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         outcome = run_once(profile, env, args.runs_dir, backend=args.backend, progress=_progress)
     except RunConfigError as exc:
         raise UsageError(str(exc)) from None
+    except (OSError, ChainError) as exc:  # e.g. an unwritable --runs-dir: nothing can be recorded
+        raise UsageError(f"cannot record the run under {args.runs_dir}: {exc}") from None
     txt = outcome.run_dir / "report.txt"
     if txt.is_file():
         print(txt.read_text(encoding="utf-8").rstrip())

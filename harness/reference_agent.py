@@ -297,16 +297,18 @@ class Turn:
     completion_tokens: int = 0
 
 
-def stream_turn(client: Any, model: str, messages: list[dict[str, Any]]) -> Turn:
+def stream_turn(client: Any, model: str, messages: list[dict[str, Any]], max_tokens: int | None = None) -> Turn:
     """One streamed chat completion, with tool-call deltas reassembled by index."""
     turn = Turn()
     calls: dict[int, ToolCall] = {}
+    extra: dict[str, Any] = {"max_tokens": max_tokens} if max_tokens else {}
     stream = client.chat.completions.create(
         model=model,
         messages=messages,
         tools=TOOLS,
         stream=True,
         stream_options={"include_usage": True},
+        **extra,
     )
     with stream:
         for chunk in stream:
@@ -350,6 +352,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-command", default=DEFAULT_TEST_COMMAND, help="visible test command, run in the workdir")
     parser.add_argument("--test-timeout", type=float, default=300.0, help="seconds allowed for one test run")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds allowed for one model request")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="completion tokens per turn (default: the backend's; some engines then fill the context)")
     args = parser.parse_args(argv)
     if args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
@@ -403,7 +407,7 @@ def run(argv: list[str] | None = None) -> int:
 
     for step in range(1, args.max_steps + 1):
         try:
-            turn = stream_turn(client, model, messages)
+            turn = stream_turn(client, model, messages, args.max_tokens)
         except openai.OpenAIError as exc:
             _log(f"step {step}/{args.max_steps} api error: {type(exc).__name__}: {redact(str(exc))}")
             return EXIT_API

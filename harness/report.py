@@ -476,9 +476,9 @@ def render_text(report: Report) -> str:
     for reason in r.reasons:
         lines.append(f"  - {reason.code}: {reason.message}")
     lines += [
-        f"case model: {r.case_model_provider} / {r.case_model} (admission status {r.case_model_admission_status}, "
-        f"bridge {r.case_runtime_bridge_provider})",
-        f"decision: {r.decision_status}, provider class {r.provider_class}",
+        f"case model: {r.case_model_provider or '-'} / {r.case_model or '-'} (admission status "
+        f"{r.case_model_admission_status or '-'}, bridge {r.case_runtime_bridge_provider})",
+        f"decision: {r.decision_status or '-'}, provider class {r.provider_class or '-'}",
         f"admitted model requests: {r.admitted_requests}; served-model mismatches: {r.served_model_mismatches}",
         f"external fallback used: {str(r.external_fallback.used).lower()} ({r.external_fallback.attempts} attempts"
         + (f": {', '.join(f'{k}={v}' for k, v in sorted(r.external_fallback.by_reason.items()))}"
@@ -487,8 +487,9 @@ def render_text(report: Report) -> str:
         + (f" ({', '.join(f'{h}={n}' for h, n in sorted(r.egress.hosts.items()))})" if r.egress.hosts else ""),
         f"tests passed: {str(r.tests_passed).lower()} ({r.tests.total} acceptance tests, {r.tests.failed} failed, "
         f"{r.tests.errors} errors; committed: {str(r.tests.committed).lower()})",
-        f"case process: exit {r.case_process.exit_code}, {r.case_process.duration_s}s"
-        + (" (timed out)" if r.case_process.timed_out else ""),
+        (f"case process: exit {r.case_process.exit_code}, {r.case_process.duration_s}s"
+         + (" (timed out)" if r.case_process.timed_out else "")) if r.case_process.started
+        else "case process: never started",
         f"required events passed: {str(r.required_events_passed).lower()}"
         + (f" (missing: {', '.join(r.required_events.missing)})" if r.required_events.missing else ""),
         f"secret scan: {'clean' if r.secret_scan.clean else 'FINDINGS' if r.secret_scan.ran else 'not run'}"
@@ -498,7 +499,7 @@ def render_text(report: Report) -> str:
     lines += [
         f"chains: events {'ok' if r.chains.events_ok else 'BROKEN'}, evidence "
         f"{'ok' if r.chains.evidence_ok else 'n/a' if r.chains.evidence_ok is None else 'BROKEN'}",
-        f"endpoint: {r.endpoint.upstream_class} {r.endpoint.fingerprint} (the URL is never recorded)",
+        f"endpoint: {r.endpoint.upstream_class or '-'} {r.endpoint.fingerprint or '-'} (the URL is never recorded)",
         f"decision sha256 before/after: {_short(r.digests.decision_sha256_before)} / "
         f"{_short(r.digests.decision_sha256_after)}; admission: {_short(r.digests.admission_sha256_before)} / "
         f"{_short(r.digests.admission_sha256_after)}",

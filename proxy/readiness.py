@@ -52,7 +52,7 @@ class Readiness:
         was = self.state.ready
         try:
             status, payload = await self._upstream.get_json("/v1/models", self._timeout)
-        except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure means not ready
+        except (TimeoutError, OSError, Exception) as exc:  # noqa: BLE001 - any failure means not ready
             self._set(False, f"backend /v1/models unreachable ({type(exc).__name__})", (), None)
         else:
             if status != 200:

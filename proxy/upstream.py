@@ -30,7 +30,7 @@ class PinnedResolver(AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         if host != self._target.host:
-            raise AddressRefused(f"connection to a host other than the configured backend refused")
+            raise AddressRefused("connection to a host other than the configured backend refused")
         results = await self._inner.resolve(host, port, family)
         allowed = [r for r in results if check_resolved_address(self._target, r["host"])]
         if not allowed:
