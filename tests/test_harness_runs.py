@@ -233,9 +233,10 @@ def test_demo_passes_with_demo_grade_and_verifies(tmp_path: Path) -> None:
     assert report.required_events_passed and report.chains.events_ok and report.chains.evidence_ok
 
 
-def test_report_recomputes_identically_from_the_run_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fixture", ["r1-string-slugify", "r2-bugfix-pagination", "r3-multifile-unitconv"])
+def test_each_fixture_passes_and_its_report_recomputes(tmp_path: Path, fixture: str) -> None:
     arts = write_artifacts(tmp_path / "in")
-    outcome = run(reference_profile(), base_env(arts), tmp_path / "runs")
+    outcome = run(reference_profile().model_copy(update={"fixture": fixture}), base_env(arts), tmp_path / "runs")
     assert outcome.status == "pass", report_of(outcome.run_dir).reasons
     stored = report_of(outcome.run_dir)
     fresh = compute_report(collect_inputs(outcome.run_dir,
