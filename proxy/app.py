@@ -143,6 +143,8 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         response = await _dispatch(request, state, draft, handler)
     except asyncio.CancelledError:
         draft.client_disconnected = True
+        if draft.reason == "unhandled":
+            draft.reason = "client_disconnected"
         _finish(state, draft)
         raise
     except Exception:

@@ -2,13 +2,17 @@
 
 Until it does, /readyz answers 503 and requests are refused with ``backend_not_ready``.
 The check repeats for the life of the proxy, so a backend that swaps its model (or goes
-away) stops receiving traffic instead of silently serving something else.
+away) stops receiving traffic instead of silently serving something else. It pauses
+while requests are in flight: single-slot engines (llama-cpp-python's server by default)
+abort a running stream when any other request arrives, so a probe would cut the very
+traffic it vouches for; meanwhile every response's own model is checked anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .upstream import Upstream
@@ -39,8 +43,10 @@ def listed_models(payload: object) -> tuple[list[str], dict[str, str]]:
 
 
 class Readiness:
-    def __init__(self, upstream: Upstream, admitted_model: str, interval_s: float, timeout_s: float) -> None:
+    def __init__(self, upstream: Upstream, admitted_model: str, interval_s: float, timeout_s: float,
+                 busy: Callable[[], bool] = lambda: False) -> None:
         self.state = ReadinessState()
+        self._busy = busy
         self._upstream = upstream
         self._model = admitted_model
         self._interval = interval_s
@@ -76,7 +82,8 @@ class Readiness:
 
     async def _loop(self) -> None:
         while True:
-            await self.check_once()
+            if not (self.state.ready and self._busy()):
+                await self.check_once()
             await asyncio.sleep(self._interval)
 
     def start(self) -> None:

@@ -121,7 +121,9 @@ async def start_proxy(settings: ProxySettings) -> RunningProxy:
     upstream = Upstream(target, settings)
     await upstream.start()
     limits = settings.limits
-    readiness = Readiness(upstream, admission.model, limits.readiness_interval_s, limits.connect_timeout_s + 5)
+    state: ProxyState | None = None
+    readiness = Readiness(upstream, admission.model, limits.readiness_interval_s, limits.connect_timeout_s + 5,
+                          busy=lambda: state is not None and state.in_flight > 0)
     readiness.on_change.append(lambda ready: metrics.backend_ready.set(1 if ready else 0))
     state = ProxyState(settings=settings, admission=admission, target=target, redactor=redactor,
                        evidence=evidence, metrics=metrics, upstream=upstream, readiness=readiness,

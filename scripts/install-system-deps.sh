@@ -4,6 +4,9 @@ set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v git >/dev/null 2>&1 || need+=(git)
+# pip builds llama.cpp from source for the engine tier (cmake comes from PyPI).
+command -v c++ >/dev/null 2>&1 || need+=(g++ make)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
@@ -12,6 +15,6 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-# policy-rc.d keeps the package from starting a system-wide Prometheus service.
 $SUDO apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
-command -v promtool >/dev/null && command -v prometheus >/dev/null
+command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v git >/dev/null \
+  && command -v c++ >/dev/null

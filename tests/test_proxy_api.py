@@ -239,6 +239,7 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream_request(proxy: 
             break
         await asyncio.sleep(0.05)
     assert recs[-1]["client_disconnected"] is True
+    assert recs[-1]["reason"] == "client_disconnected"
     for _ in range(100):
         if proxy.backend.cancelled_streams:
             break

@@ -215,3 +215,41 @@ async def test_canary_secrets_appear_nowhere(scripted_backend, tmp_path: Path) -
     for secret in (token, backend_key, scripted_backend.base_url):
         for form in _forms(secret):
             assert form not in haystack, f"a form of a canary leaked: {form[:6]}..."
+
+
+class _CountingUpstream:
+    """Stands in for the backend client: lists the admitted model and counts probes."""
+
+    def __init__(self) -> None:
+        self.probes = 0
+
+    async def get_json(self, path: str, timeout_s: float) -> tuple[int, object]:
+        self.probes += 1
+        return 200, {"object": "list", "data": [{"id": ADMITTED, "object": "model"}]}
+
+
+async def test_readiness_probes_pause_while_requests_are_in_flight() -> None:
+    """Single-slot engines abort a running stream when another request arrives, so the
+    periodic probe must not fire while the proxy is relaying one."""
+    from proxy.readiness import Readiness
+
+    upstream, busy = _CountingUpstream(), [False]
+    readiness = Readiness(upstream, ADMITTED, interval_s=0.01, timeout_s=1,  # type: ignore[arg-type]
+                          busy=lambda: busy[0])
+    readiness.start()
+    try:
+        for _ in range(200):
+            if upstream.probes >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert readiness.state.ready and upstream.probes >= 3
+        busy[0] = True
+        await asyncio.sleep(0.05)
+        paused_at = upstream.probes
+        await asyncio.sleep(0.2)
+        assert upstream.probes == paused_at
+        busy[0] = False
+        await asyncio.sleep(0.1)
+        assert upstream.probes > paused_at
+    finally:
+        await readiness.stop()
