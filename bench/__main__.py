@@ -1,0 +1,98 @@
+"""`python -m bench [--quick]`: run the benchmark scenarios and write bench/results/latest.{md,json}.
+
+Everything it starts listens on 127.0.0.1 and is stopped by pid when it ends, also on
+Ctrl-C. Exit codes: 0 written, 1 a scenario failed (nothing written), 2 usage or a
+missing tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .procs import ROOT, machine_info
+from .report import evaluate_targets, write_results
+from .scenarios import Bench, BenchSettings
+
+SCENARIOS = {"1": "nonstreaming", "2": "streaming", "3": "large_bodies", "4": "proof_cost", "5": "cores"}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer points and shorter rounds (a few minutes)")
+    p.add_argument("--rounds", type=int, help="rounds per point (default 3; quick 2)")
+    p.add_argument("--duration", type=float, help="seconds per wrk run (default 5; quick 2)")
+    p.add_argument("--scenarios", default="1,2,3,4,5", help="comma-separated scenario numbers (default all)")
+    p.add_argument("--skip-litellm", action="store_true", help="do not start LiteLLM (reported as not measured)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where latest.{md,json} go")
+    args = p.parse_args(argv)
+    wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    bad = [s for s in wanted if s not in SCENARIOS]
+    if bad or not wanted:
+        p.error(f"--scenarios: unknown scenario {', '.join(bad) or '(none given)'}; choose from 1-5")
+    if args.rounds is not None and not 1 <= args.rounds <= 20:
+        p.error("--rounds must be between 1 and 20")
+    if args.duration is not None and not 1 <= args.duration <= 60:
+        p.error("--duration must be between 1 and 60 seconds")
+    args.wanted = wanted
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    missing = [tool for tool in ("wrk",) if shutil.which(tool) is None]
+    if missing:
+        print(f"bench: missing {', '.join(missing)}: run scripts/install-bench-deps.sh (or make bench)",
+              file=sys.stderr)
+        return 2
+    settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
+    if args.rounds:
+        settings.rounds = args.rounds
+    if args.duration:
+        settings.duration_s = args.duration
+    settings.litellm = not args.skip_litellm
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    results: dict[str, Any] = {"schema_version": 1, "settings": vars(settings).copy()}
+    try:
+        results["machine"] = machine_info()
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="case-bench-") as tmp:
+        bench = Bench(Path(tmp), settings, log)
+        try:
+            for num in args.wanted:
+                log(f"scenario {num}: {SCENARIOS[num].replace('_', ' ')}")
+                results[f"scenario{num}"] = getattr(bench, SCENARIOS[num])()
+        except KeyboardInterrupt:
+            print("bench: interrupted; nothing written", file=sys.stderr)
+            return 1
+        except Exception as exc:  # noqa: BLE001 - report any scenario failure, then stop everything
+            traceback.print_exc()
+            print(f"bench: a scenario failed ({exc}); nothing written", file=sys.stderr)
+            return 1
+        finally:
+            bench.close()
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["targets"] = evaluate_targets(results)
+    js, md = write_results(args.out, results)
+    log(f"wrote {md.relative_to(ROOT) if md.is_relative_to(ROOT) else md} and {js.name} "
+        f"in {results['elapsed_s']:.0f} s")
+    for t in results["targets"]:
+        mark = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        log(f"  [{mark}] {t['target']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

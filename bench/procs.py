@@ -1,0 +1,442 @@
+"""The processes the bench starts (all on 127.0.0.1), and what it reads about them.
+
+nginx (the canned-JSON backend), the proxy (``python -m proxy serve``), LiteLLM's proxy
+(in its own venv, .cache/litellm-venv) and the scripted streaming backend (a test
+fixture). Every process writes its output to files in the bench's temporary directory,
+is stopped by its own pid, and is killed if it does not stop in time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .stats import proc_cpu_seconds, proc_status_kb
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "qwen3.6-35b-a3b"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LITELLM_VENV = ROOT / ".cache" / "litellm-venv"
+
+# The fast backend's canned answers. The proxy's readiness check needs the model listed.
+MODELS_JSON = json.dumps({"object": "list", "data": [
+    {"id": MODEL, "object": "model", "created": 0, "owned_by": "bench-nginx"}]}, separators=(",", ":"))
+CHAT_JSON = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1767225600, "model": MODEL,
+    "system_fingerprint": "bench-nginx-canned",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the canned bench backend."},
+                 "logprobs": None, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}}, separators=(",", ":"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {deadline_s:.0f}s")
+
+
+def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    assert url.startswith("http://127.0.0.1:"), url
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_post_json(url: str, body: bytes, token: str | None, timeout: float = 10.0) -> tuple[int, bytes]:
+    assert url.startswith("http://127.0.0.1:"), url
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of one process."""
+    return proc_cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), CLK_TCK)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+            out.extend(int(x) for x in text.split())
+    except OSError:
+        pass
+    return out
+
+
+def tree_pids(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo.extend(_children(p))
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (nginx workers, uvicorn)."""
+    total = 0.0
+    for p in tree_pids(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            pass
+    return total
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    kb = proc_status_kb(Path(f"/proc/{pid}/status").read_text(), "VmHWM")
+    return None if kb is None else kb / 1024
+
+
+def rss_mb(pid: int) -> float | None:
+    kb = proc_status_kb(Path(f"/proc/{pid}/status").read_text(), "VmRSS")
+    return None if kb is None else kb / 1024
+
+
+@dataclass
+class Proc:
+    """A started process with its log files; ``stop()`` ends it by its own pid."""
+
+    name: str
+    popen: subprocess.Popen
+    workdir: Path
+    port: int = 0
+    url: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu(self) -> float:
+        return tree_cpu_seconds(self.pid)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        try:
+            # Each process leads its own group (start_new_session), so this reaches its
+            # workers and nothing else.
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(5)
+
+    def log_tail(self, n: int = 20) -> str:
+        out = []
+        for f in sorted(self.workdir.glob(f"{self.name}.*.log")):
+            lines = f.read_text(errors="replace").splitlines()[-n:]
+            out.append(f"--- {f.name}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+
+def _raise_nofile() -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.Popen:
+    out = open(workdir / f"{name}.stdout.log", "wb")
+    err = open(workdir / f"{name}.stderr.log", "wb")
+    try:
+        return subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                cwd=str(cwd or ROOT), start_new_session=True, preexec_fn=_raise_nofile)
+    finally:
+        out.close()
+        err.close()
+
+
+def _wait_line(path: Path, prefix: str, deadline_s: float, proc: subprocess.Popen) -> str:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith(prefix):
+                    return line[len(prefix):].strip()
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{path.name}: process exited with {proc.returncode} before printing {prefix}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{path.name}: no {prefix} line after {deadline_s:.0f}s")
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if not found:
+        raise RuntimeError("nginx not found: run scripts/install-bench-deps.sh")
+    return found
+
+
+def start_nginx(tmp: Path) -> Proc:
+    """nginx with two servers: the fast canned backend and the body-reading one."""
+    d = tmp / "nginx"
+    d.mkdir()
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / sub).mkdir()
+    port, body_port = free_port(), free_port()
+    template = (Path(__file__).parent / "nginx.conf.template").read_text()
+    # As root, nginx would switch its worker to 'nobody', who cannot use our 0700 temp dir.
+    user_line = "user root;" if os.geteuid() == 0 else ""
+    conf = (template.replace("@@DIR@@", str(d)).replace("@@PORT@@", str(port))
+            .replace("@@BODY_PORT@@", str(body_port)).replace("@@USER_LINE@@", user_line)
+            .replace("@@MODELS_JSON@@", MODELS_JSON).replace("@@CHAT_JSON@@", CHAT_JSON))
+    (d / "nginx.conf").write_text(conf)
+    popen = _spawn("nginx", [nginx_binary(), "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
+                   tmp)
+    p = Proc("nginx", popen, tmp, port=port, url=f"http://127.0.0.1:{port}/v1")
+    p.extra["body_port"] = body_port
+    p.extra["body_url"] = f"http://127.0.0.1:{body_port}/v1"
+    wait_port(port, 15, popen)
+    wait_port(body_port, 15, popen)
+    status, body = http_get(f"{p.url}/models")
+    if status != 200 or MODEL.encode() not in body:
+        raise RuntimeError(f"nginx /v1/models answered {status}")
+    return p
+
+
+def start_proxy(tmp: Path, name: str, backend_url: str, token: str, *, metrics: bool = True,
+                evidence: bool = True, max_concurrency: int = 4096) -> Proc:
+    """``python -m proxy serve`` with its own config and its own evidence file."""
+    d = tmp / name
+    d.mkdir()
+    cfg = d / "proxy.toml"
+    cfg.write_text(
+        "# written by the bench\n"
+        "[limits]\n"
+        f"max_concurrency = {max_concurrency}\n"
+        "[proof]\n"
+        f"metrics_enabled = {'true' if metrics else 'false'}\n"
+        f"evidence_enabled = {'true' if evidence else 'false'}\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CASE_PROXY_", "CTO_HARNESS_CASE_"))}
+    env.update({
+        "CTO_HARNESS_CASE_DECISION_FILE": str(ROOT / "config" / "decision.example.json"),
+        "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE": str(ROOT / "config" / "admission.example.json"),
+        "CTO_HARNESS_CASE_LOCAL_BASE_URL": backend_url,
+        "CASE_PROXY_TOKEN": token,
+        "CASE_PROXY_EVIDENCE_FILE": str(d / "evidence.jsonl"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    })
+    popen = _spawn(name, [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0",
+                          "--config", str(cfg), "--log-level", "WARNING"], tmp, env=env)
+    url = _wait_line(tmp / f"{name}.stdout.log", "CASE_PROXY_LISTENING", 30, popen)
+    p = Proc(name, popen, tmp, port=int(url.rsplit(":", 1)[1].split("/")[0]), url=url)
+    p.extra["evidence_file"] = str(d / "evidence.jsonl")
+    root = url[: -len("/v1")]
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        status, _ = http_get(f"{root}/readyz")
+        if status == 200:
+            return p
+        time.sleep(0.1)
+    p.stop()
+    raise RuntimeError(f"{name}: /readyz not 200 after 30s\n{p.log_tail()}")
+
+
+def litellm_available() -> bool:
+    return (LITELLM_VENV / "bin" / "litellm").exists()
+
+
+def litellm_env() -> dict[str, str]:
+    """Environment for LiteLLM: no network beyond 127.0.0.1 (no remote price map, no
+    telemetry), quiet logging."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LITELLM_", "DATABASE_"))}
+    env.update({
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_TELEMETRY": "False",
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_MODE": "PRODUCTION",
+        "DISABLE_ADMIN_UI": "True",
+        "NO_DOCS": "True",
+        "NO_REDOC": "True",
+        "DISABLE_SCHEMA_UPDATE": "True",
+        "LITELLM_DONT_SHOW_FEEDBACK_BOX": "True",
+        "USE_DDTRACE": "False",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    })
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(var, None)
+    return env
+
+
+def start_litellm(tmp: Path, backend_url: str, master_key: str) -> Proc:
+    """LiteLLM's proxy: the same single model on the same backend, one worker, logging
+    and callbacks off. Its key comes from the environment, not the config file."""
+    d = tmp / "litellm"
+    d.mkdir()
+    cfg = d / "config.yaml"
+    cfg.write_text(f"""# written by the bench: one model, the same backend as the proxy
+model_list:
+  - model_name: {MODEL}
+    litellm_params:
+      model: openai/{MODEL}
+      api_base: {backend_url}
+      api_key: bench-not-a-secret
+litellm_settings:
+  telemetry: false
+  set_verbose: false
+  json_logs: false
+  callbacks: []
+  success_callback: []
+  failure_callback: []
+  service_callback: []
+  turn_off_message_logging: true
+  drop_params: true
+  request_timeout: 60
+general_settings:
+  master_key: os.environ/LITELLM_MASTER_KEY
+  disable_spend_logs: true
+  disable_error_logs: true
+  disable_adding_master_key_hash_to_db: true
+  background_health_checks: false
+""")
+    port = free_port()
+    popen = _spawn("litellm", [str(LITELLM_VENV / "bin" / "litellm"), "--config", str(cfg), "--host", "127.0.0.1",
+                               "--port", str(port), "--num_workers", "1"], tmp,
+                   env={**litellm_env(), "LITELLM_MASTER_KEY": master_key}, cwd=d)
+    p = Proc("litellm", popen, tmp, port=port, url=f"http://127.0.0.1:{port}/v1")
+    try:
+        wait_port(port, 120, popen)
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            status, _ = http_get(f"http://127.0.0.1:{port}/health/liveliness")
+            if status == 200:
+                break
+            time.sleep(0.2)
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        status, data = http_post_json(f"{p.url}/chat/completions", body, master_key, timeout=30)
+        if status != 200:
+            raise RuntimeError(f"LiteLLM chat answered {status}: {data[:300]!r}")
+    except Exception:
+        tail = p.log_tail()
+        p.stop()
+        raise RuntimeError(f"LiteLLM did not start\n{tail}") from None
+    return p
+
+
+def start_scripted_backend(tmp: Path, chunks: int, delay_ms: float) -> Proc:
+    """The scripted OpenAI-compatible backend (a TEST FIXTURE) replaying one answer of
+    ``chunks`` content chunks spaced ``delay_ms``."""
+    d = tmp / "scripted"
+    d.mkdir(exist_ok=True)
+    script = d / f"session-{chunks}.json"
+    # Two characters per chunk: the fixture cuts the content into `chunks` pieces.
+    text = ("ab" * chunks)[: 2 * chunks]
+    script.write_text(json.dumps({"description": "bench: one answer of fixed length",
+                                  "steps": [{"content": text}]}))
+    name = f"scripted-{chunks}x{delay_ms:g}ms"
+    popen = _spawn(name, [sys.executable, "-m", "harness.scripted_backend", "--host", "127.0.0.1", "--port", "0",
+                          "--chunk-delay-ms", str(delay_ms), "--chunks", str(chunks), "--script", str(script)], tmp)
+    url = _wait_line(tmp / f"{name}.stdout.log", "SCRIPTED_BACKEND_READY", 30, popen)
+    return Proc(name, popen, tmp, port=int(url.rsplit(":", 1)[1].split("/")[0]), url=url)
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return text[0] if text else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def machine_info() -> dict[str, object]:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        kb = proc_status_kb(Path("/proc/meminfo").read_text(), "MemTotal")
+        mem_gb = round(kb / 1024 / 1024, 1) if kb else None
+    except OSError:
+        pass
+    import aiohttp
+    info: dict[str, object] = {
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "memory_gb": mem_gb,
+        "kernel": platform.release(),
+        "os": _os_release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "nginx": _version([nginx_binary(), "-v"]),
+        "wrk": _version(["wrk", "-v"]).split(" Copyright")[0],
+    }
+    try:
+        import uvloop
+        info["uvloop"] = uvloop.__version__
+    except ImportError:
+        info["uvloop"] = None
+    if litellm_available():
+        info["litellm"] = _version([str(LITELLM_VENV / "bin" / "python"), "-c",
+                                    "import importlib.metadata as m; print(m.version('litellm'))"])
+    return info
+
+
+def _os_release() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.platform()

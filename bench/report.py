@@ -1,0 +1,202 @@
+"""The bench's outputs: the targets checked against this run's figures, latest.json for
+machines and latest.md for people. Pure functions over the results dict."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .stats import fmt_num, fmt_us
+
+
+def _median(d: dict[str, Any] | None) -> float:
+    if not d or d.get("median") is None:
+        return math.nan
+    return float(d["median"])
+
+
+def _target(name: str, value: float, limit: float, higher_is_better: bool, fmt: str, why_missing: str) -> dict[str, Any]:
+    if math.isnan(value):
+        return {"target": name, "value": None, "limit": limit, "met": None, "note": why_missing}
+    met = value >= limit if higher_is_better else value <= limit
+    return {"target": name, "value": round(value, 3), "limit": limit, "met": met, "unit": fmt}
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each judged on figures from this run only (None: not measured)."""
+    s1 = results.get("scenario1", {}).get("by_concurrency", {})
+    s2 = results.get("scenario2", {}).get("by_streams", {})
+    s3 = results.get("scenario3", {}).get("by_size", {})
+    s4 = results.get("scenario4", {})
+    c1, c64 = s1.get("1", {}), s1.get("64", {})
+    st = s2.get("1000", {})
+    mb = s3.get(str(1024 * 1024), {})
+    proxy64 = c64.get("summary", {}).get("proxy", {})
+    return [
+        _target("non-streaming, 1 connection: added latency p50 <= 0.3 ms", _median(c1.get("proxy_added_p50_us")),
+                300, False, "us", "scenario 1 at concurrency 1 not run"),
+        _target("non-streaming, 1 connection: added latency p99 <= 1.5 ms", _median(c1.get("proxy_added_p99_us")),
+                1500, False, "us", "scenario 1 at concurrency 1 not run"),
+        _target("non-streaming, 64 connections: throughput >= 40x LiteLLM's",
+                _median(c64.get("proxy_rps_over_litellm")), 40, True, "x",
+                "LiteLLM or concurrency 64 not measured in this run"),
+        _target("non-streaming, 64 connections: >= 4,000 requests/s with one worker",
+                _median(proxy64.get("rps")), 4000, True, "rps", "scenario 1 at concurrency 64 not run"),
+        _target("1,000 concurrent streams: added inter-chunk delay p99 <= 1 ms", _median(st.get("added_gap_us_p99")),
+                1000, False, "us", "1,000 streams not run (--quick runs 100)"),
+        _target("1,000 concurrent streams: proxy peak RSS <= 150 MB", st.get("proxy_peak_rss_mb") or math.nan,
+                150, False, "MB", "1,000 streams not run (--quick runs 100)"),
+        _target("1 MB request: added latency p50 <= 5 ms", _median(mb.get("proxy_added_p50_us")), 5000, False, "us",
+                "1 MB bodies not run"),
+        _target("evidence and metrics <= 10% of proxy CPU", _median(s4.get("proof_share_of_proxy_cpu")) * 100, 10,
+                False, "%", "scenario 4 not run"),
+    ]
+
+
+def _fmt_value(t: dict[str, Any]) -> str:
+    v = t["value"]
+    if v is None:
+        return "not measured"
+    unit = t.get("unit")
+    if unit == "us":
+        return fmt_us(v)
+    if unit == "x":
+        return f"{v:,.1f}x"
+    if unit == "%":
+        return f"{v:.1f} %"
+    if unit == "MB":
+        return f"{v:,.0f} MB"
+    return fmt_num(v)
+
+
+def _cell(d: dict[str, Any] | None, kind: str = "us") -> str:
+    if not d or d.get("median") is None:
+        return "n/a"
+    f = fmt_us if kind == "us" else (lambda v: f"{v:,.0f}") if kind == "n" else _fmt_ratio
+    lo, hi = d.get("min"), d.get("max")
+    if d.get("rounds", 1) > 1 and lo is not None and hi is not None and lo != hi:
+        return f"{f(d['median'])} ({f(lo)} to {f(hi)})"
+    return f(d["median"])
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    st = results["settings"]
+    out = [
+        "# Benchmark results",
+        "",
+        f"Measured {m['date_utc']} on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}, "
+        f"Linux {m['kernel']}; Python {m['python']}, aiohttp {m['aiohttp']}, uvloop {m.get('uvloop')}, "
+        f"{m['nginx']}, {m['wrk']}" + (f", LiteLLM {m['litellm']}" if m.get("litellm") else "") + ".",
+        f"Mode: {'quick' if st['quick'] else 'full'}; {st['rounds']} rounds of {st['duration_s']:g} s per point, "
+        "rounds interleaved across the things compared. Figures are medians over rounds with the spread "
+        "(min to max) in brackets; every comparison is computed per round within this run.",
+        "Everything ran on 127.0.0.1 on the same machine: the load generator, the proxy and the backend share its "
+        "cores, so absolute figures are pessimistic and noisy; the ratios are the point.",
+        "",
+        "## Targets",
+        "",
+        "| target | this run | met |",
+        "|---|---|---|",
+    ]
+    for t in results["targets"]:
+        met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        note = f" ({t['note']})" if t.get("note") else ""
+        out.append(f"| {t['target']} | {_fmt_value(t)}{note} | {met} |")
+    s1 = results.get("scenario1")
+    if s1:
+        out += ["", "## 1. Non-streaming chat completions (nginx answering canned JSON)", ""]
+        out += [f"- {n}" for n in s1.get("notes", [])]
+        out += ["", "| connections | target | requests/s | p50 | p90 | p99 | CPU per request | errors |",
+                "|---|---|---|---|---|---|---|---|"]
+        for conc, entry in s1["by_concurrency"].items():
+            for name, s in entry["summary"].items():
+                out.append(f"| {conc} | {name} | {_cell(s['rps'], 'n')} | {_cell(s['p50_us'])} | "
+                           f"{_cell(s['p90_us'])} | {_cell(s['p99_us'])} | {_cell(s['cpu_us_per_request'])} | "
+                           f"{s['errors']} |")
+        out += ["", "| connections | proxy added p50 | proxy added p99 | proxy / direct throughput | "
+                "proxy / LiteLLM throughput | LiteLLM added p50 |", "|---|---|---|---|---|---|"]
+        for conc, e in s1["by_concurrency"].items():
+            out.append(f"| {conc} | {_cell(e['proxy_added_p50_us'])} | {_cell(e['proxy_added_p99_us'])} | "
+                       f"{_cell(e['proxy_rps_over_direct'], 'x')} | {_cell(e.get('proxy_rps_over_litellm'), 'x')} | "
+                       f"{_cell(e.get('litellm_added_p50_us'))} |")
+    s2 = results.get("scenario2")
+    if s2:
+        out += ["", f"## 2. Streaming ({s2['chunks_per_stream']} chunks per stream, {s2['chunk_delay_ms']:g} ms apart)",
+                "", f"Backend: {s2['backend']}. It shares the cores with the proxy and the client, so at high stream "
+                "counts it is itself late; the added figures compare proxy and direct runs against the same backend.",
+                "", "| streams | TTFT p50 direct / proxy | added TTFT p50 | gap p50 direct / proxy | gap p99 direct / "
+                "proxy | added gap p99 | proxy CPU s per 10k chunks | proxy peak RSS | completed direct / proxy |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for n, e in s2["by_streams"].items():
+            rss = e.get("proxy_peak_rss_mb")
+            out.append(
+                f"| {n} | {_cell(e['direct_ttft_us_p50'])} / {_cell(e['proxy_ttft_us_p50'])} | "
+                f"{_cell(e['added_ttft_us_p50'])} | {_cell(e['direct_gap_us_p50'])} / {_cell(e['proxy_gap_us_p50'])} | "
+                f"{_cell(e['direct_gap_us_p99'])} / {_cell(e['proxy_gap_us_p99'])} | {_cell(e['added_gap_us_p99'])} | "
+                f"{_secs(e)} | "
+                f"{'n/a' if rss is None else f'{rss:,.0f} MB'} | "
+                f"{e['completed']['direct']} / {e['completed']['proxy']} |")
+    s3 = results.get("scenario3")
+    if s3:
+        out += ["", f"## 3. Large request bodies (one connection; backend: {s3['backend']})", "",
+                "| body | direct p50 | proxy p50 | added p50 | added p99 |", "|---|---|---|---|---|"]
+        for size, e in s3["by_size"].items():
+            out.append(f"| {int(size) // 1024:,} KiB | {_cell(e['summary']['direct']['p50_us'])} | "
+                       f"{_cell(e['summary']['proxy']['p50_us'])} | {_cell(e['proxy_added_p50_us'])} | "
+                       f"{_cell(e['proxy_added_p99_us'])} |")
+    s4 = results.get("scenario4")
+    if s4:
+        on, off = s4["summary"]["proof_on"], s4["summary"]["proof_off"]
+        share = _median(s4["proof_share_of_proxy_cpu"])
+        out += ["", f"## 4. Proof cost (evidence log and metrics on against off, {s4['connections']} connections)", "",
+                "| proxy | requests/s | p50 | CPU per request |", "|---|---|---|---|",
+                f"| proof on | {_cell(on['rps'], 'n')} | {_cell(on['p50_us'])} | {_cell(on['cpu_us_per_request'])} |",
+                f"| proof off | {_cell(off['rps'], 'n')} | {_cell(off['p50_us'])} | "
+                f"{_cell(off['cpu_us_per_request'])} |",
+                "", f"Evidence and metrics take {share * 100:.1f} % of the proxy's CPU per request "
+                f"(median over rounds)." if not math.isnan(share) else "Proof share: n/a."]
+    s5 = results.get("scenario5")
+    if s5:
+        out += ["", "## 5. Cores", "", f"Not measured: {s5['reason']}."]
+    return "\n".join(out) + "\n"
+
+
+def _fmt_ratio(v: float) -> str:
+    return f"{v:,.1f}x" if abs(v) >= 10 else f"{v:.2f}x"
+
+
+def _secs(e: dict[str, Any]) -> str:
+    d = e.get("proxy_cpu_s_per_10k_chunks")
+    if not d or d.get("median") is None:
+        return "n/a"
+    return f"{d['median']:.2f} s"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(directory: Path, results: dict[str, Any]) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    js, md = directory / "latest.json", directory / "latest.md"
+    write_atomic(js, json.dumps(json_clean(results), indent=1, allow_nan=False) + "\n")
+    write_atomic(md, render_markdown(results))
+    return js, md
+
+
+def json_clean(o: Any) -> Any:
+    """NaN (a figure that was not measured) becomes null: JSON has no NaN."""
+    if isinstance(o, float):
+        return None if math.isnan(o) or math.isinf(o) else o
+    if isinstance(o, dict):
+        return {str(k): json_clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_clean(v) for v in o]
+    return o

@@ -1,0 +1,242 @@
+"""The benchmark's five scenarios.
+
+Each scenario starts what it needs on 127.0.0.1, interleaves its rounds across the
+things it compares (so drift on a shared machine hits all of them alike), and returns
+raw per-round figures plus medians with their spread. Every comparison is computed per
+round from figures taken in this run, then summarised: nothing is compared with a number
+from another run or another machine.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .loads import chat_body, measured_wrk, run_streams, run_wrk, write_body
+from .procs import (Proc, litellm_available, peak_rss_mb, start_litellm, start_nginx, start_proxy,
+                    start_scripted_backend)
+from .stats import WrkResult, added, ratio, summarize
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BenchSettings:
+    quick: bool = False
+    rounds: int = 3
+    duration_s: float = 5.0
+    concurrencies: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
+    stream_counts: list[int] = field(default_factory=lambda: [100, 1000])
+    stream_chunks: int = 200
+    stream_delay_ms: float = 5.0
+    body_sizes: list[int] = field(default_factory=lambda: [256 * 1024, 1024 * 1024, 8 * 1024 * 1024])
+    litellm: bool = True
+
+    @classmethod
+    def quick_settings(cls) -> BenchSettings:
+        """A few minutes instead of half an hour; same scenarios, fewer points."""
+        return cls(quick=True, rounds=2, duration_s=2.0, concurrencies=[1, 64], stream_counts=[100],
+                   body_sizes=[1024 * 1024])
+
+
+def _wrk_row(res: WrkResult, cpu_s: float) -> dict[str, Any]:
+    return {"rps": res.rps, "p50_us": res.p50_us, "p90_us": res.p90_us, "p99_us": res.p99_us,
+            "requests": res.requests, "errors": res.errors, "cpu_s": cpu_s,
+            "cpu_us_per_request": cpu_s / res.requests * 1e6 if res.requests else math.nan}
+
+
+def _summaries(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("rps", "p50_us", "p90_us", "p99_us", "cpu_us_per_request")
+    out = {k: summarize(r[k] for r in rows).to_dict() for k in keys}
+    out["errors"] = sum(sum(r["errors"].values()) for r in rows)
+    out["requests"] = sum(r["requests"] for r in rows)
+    return out
+
+
+def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str,
+            op: Callable[[float, float], float]) -> dict[str, Any]:
+    return summarize(op(x[key], y[key]) for x, y in zip(a, b, strict=True)).to_dict()
+
+
+class Bench:
+    """Owns every process it starts and stops them all, whatever happens."""
+
+    def __init__(self, tmp: Path, settings: BenchSettings, log: Log) -> None:
+        self.tmp, self.s, self.log = tmp, settings, log
+        self.token = secrets.token_urlsafe(24)
+        self._procs: list[Proc] = []
+        self._nginx: Proc | None = None
+
+    def keep(self, proc: Proc) -> Proc:
+        self._procs.append(proc)
+        return proc
+
+    def release(self, proc: Proc) -> None:
+        proc.stop()
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in reversed(self._procs):
+            proc.stop()
+        self._procs.clear()
+
+    @property
+    def nginx(self) -> Proc:
+        if self._nginx is None:
+            self._nginx = self.keep(start_nginx(self.tmp))
+        return self._nginx
+
+    def proxy(self, name: str, backend_url: str, **kw: Any) -> Proc:
+        return self.keep(start_proxy(self.tmp, name, backend_url, self.token, **kw))
+
+    # Scenario 1 -----------------------------------------------------------------------
+    def nonstreaming(self) -> dict[str, Any]:
+        nginx = self.nginx
+        proxy = self.proxy("proxy-s1", nginx.url)
+        targets: dict[str, tuple[Proc, str, str | None]] = {
+            "direct": (nginx, nginx.url + "/chat/completions", None),
+            "proxy": (proxy, proxy.url + "/chat/completions", self.token),
+        }
+        notes: list[str] = []
+        litellm_key = secrets.token_urlsafe(24)
+        if not self.s.litellm:
+            notes.append("LiteLLM not measured: skipped by --skip-litellm")
+        elif not litellm_available():
+            notes.append("LiteLLM not measured: .cache/litellm-venv is missing (scripts/install-bench-deps.sh)")
+        else:
+            try:
+                lite = self.keep(start_litellm(self.tmp, nginx.url, litellm_key))
+                targets["litellm"] = (lite, lite.url + "/chat/completions", litellm_key)
+            except RuntimeError as exc:
+                notes.append(f"LiteLLM not measured: it did not start ({str(exc).splitlines()[0]})")
+        body = write_body(self.tmp, "small.json", chat_body("Say hello in one short sentence."))
+        for name, (_, url, tok) in targets.items():
+            run_wrk(url, body, 16, 1, tok)  # warm-up, not recorded
+            self.log(f"  warmed up {name}")
+        by_conc: dict[str, Any] = {}
+        for conc in self.s.concurrencies:
+            rows: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            for rnd in range(self.s.rounds):
+                for name, (proc, url, tok) in targets.items():
+                    res, cpu = measured_wrk(proc, url, body, conc, self.s.duration_s, tok)
+                    rows[name].append(_wrk_row(res, cpu))
+                self.log(f"  c={conc} round {rnd + 1}: " + ", ".join(
+                    f"{n} {rows[n][-1]['rps']:,.0f} rps p50 {rows[n][-1]['p50_us']:,.0f} us" for n in rows))
+            entry: dict[str, Any] = {"rounds": rows, "summary": {n: _summaries(r) for n, r in rows.items()},
+                                     "proxy_added_p50_us": _paired(rows["proxy"], rows["direct"], "p50_us", added),
+                                     "proxy_added_p99_us": _paired(rows["proxy"], rows["direct"], "p99_us", added),
+                                     "proxy_rps_over_direct": _paired(rows["proxy"], rows["direct"], "rps", ratio)}
+            if "litellm" in rows:
+                entry["proxy_rps_over_litellm"] = _paired(rows["proxy"], rows["litellm"], "rps", ratio)
+                entry["litellm_added_p50_us"] = _paired(rows["litellm"], rows["direct"], "p50_us", added)
+            by_conc[str(conc)] = entry
+        for name in list(targets):
+            if name != "direct":
+                self.release(targets[name][0])
+        return {"targets": list(targets), "notes": notes, "by_concurrency": by_conc}
+
+    # Scenario 2 -----------------------------------------------------------------------
+    def streaming(self) -> dict[str, Any]:
+        chunks, delay = self.s.stream_chunks, self.s.stream_delay_ms
+        body = write_body(self.tmp, "stream.json", chat_body("Stream a long answer.", stream=True))
+        out: dict[str, Any] = {"chunks_per_stream": chunks, "chunk_delay_ms": delay,
+                               "backend": "harness.scripted_backend (a test fixture, Python/aiohttp)",
+                               "by_streams": {}}
+        min_s = chunks * delay / 1000
+        for n in self.s.stream_counts:
+            backend = self.keep(start_scripted_backend(self.tmp, chunks, delay))
+            proxy = self.proxy(f"proxy-s2-{n}", backend.url, max_concurrency=max(4096, 2 * n))
+            ramp = min(2.0, n / 500)
+            timeout = min_s * 20 + 60
+            rows: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
+            for rnd in range(self.s.rounds):
+                rows["direct"].append(run_streams(backend.url + "/chat/completions", n, body, None, ramp, timeout))
+                cpu0 = proxy.cpu()
+                via = run_streams(proxy.url + "/chat/completions", n, body, self.token, ramp, timeout)
+                via["proxy_cpu_s"] = cpu = proxy.cpu() - cpu0
+                via["proxy_cpu_s_per_10k_chunks"] = cpu / via["events"] * 10_000 if via["events"] else math.nan
+                rows["proxy"].append(via)
+                self.log(f"  {n} streams round {rnd + 1}: direct gap p99 {_us(rows['direct'][-1], 'gap_us', '99')}, "
+                         f"proxy gap p99 {_us(via, 'gap_us', '99')}, completed {via['completed']}/{n}")
+            rss = peak_rss_mb(proxy.pid)
+            self.release(proxy)
+            self.release(backend)
+
+            def pick(r: dict[str, Any], group: str, q: str) -> float:
+                v = r[group].get(q)
+                return math.nan if v is None else float(v)
+
+            entry: dict[str, Any] = {"rounds": rows, "proxy_peak_rss_mb": rss}
+            for group, q in (("ttft_us", "50"), ("ttft_us", "99"), ("gap_us", "50"), ("gap_us", "99")):
+                entry[f"direct_{group}_p{q}"] = summarize(pick(r, group, q) for r in rows["direct"]).to_dict()
+                entry[f"proxy_{group}_p{q}"] = summarize(pick(r, group, q) for r in rows["proxy"]).to_dict()
+                entry[f"added_{group}_p{q}"] = summarize(
+                    added(pick(p, group, q), pick(d, group, q)) for p, d in zip(rows["proxy"], rows["direct"],
+                                                                                  strict=True)).to_dict()
+            entry["proxy_cpu_s_per_10k_chunks"] = summarize(
+                r["proxy_cpu_s_per_10k_chunks"] for r in rows["proxy"]).to_dict()
+            entry["completed"] = {k: [r["completed"] for r in v] for k, v in rows.items()}
+            out["by_streams"][str(n)] = entry
+        return out
+
+    # Scenario 3 -----------------------------------------------------------------------
+    def large_bodies(self) -> dict[str, Any]:
+        nginx = self.nginx
+        body_url = str(nginx.extra["body_url"])
+        proxy = self.proxy("proxy-s3", body_url)
+        out: dict[str, Any] = {"backend": "nginx reading the whole body before answering", "by_size": {}}
+        for size in self.s.body_sizes:
+            body = write_body(self.tmp, f"body-{size}.json", chat_body("x" * size))
+            rows: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
+            for _ in range(self.s.rounds):
+                res, cpu = measured_wrk(nginx, body_url + "/chat/completions", body, 1, self.s.duration_s, None)
+                rows["direct"].append(_wrk_row(res, cpu))
+                res, cpu = measured_wrk(proxy, proxy.url + "/chat/completions", body, 1, self.s.duration_s, self.token)
+                rows["proxy"].append(_wrk_row(res, cpu))
+            out["by_size"][str(size)] = {
+                "rounds": rows, "summary": {n: _summaries(r) for n, r in rows.items()},
+                "proxy_added_p50_us": _paired(rows["proxy"], rows["direct"], "p50_us", added),
+                "proxy_added_p99_us": _paired(rows["proxy"], rows["direct"], "p99_us", added)}
+            self.log(f"  {size // 1024} KiB: added p50 "
+                     f"{out['by_size'][str(size)]['proxy_added_p50_us']['median']:,.0f} us")
+        self.release(proxy)
+        return out
+
+    # Scenario 4 -----------------------------------------------------------------------
+    def proof_cost(self) -> dict[str, Any]:
+        nginx = self.nginx
+        on = self.proxy("proxy-s4-on", nginx.url)
+        off = self.proxy("proxy-s4-off", nginx.url, metrics=False, evidence=False)
+        body = write_body(self.tmp, "small4.json", chat_body("Say hello in one short sentence."))
+        conc = 64
+        rows: dict[str, list[dict[str, Any]]] = {"proof_on": [], "proof_off": []}
+        for proc, _ in ((on, "on"), (off, "off")):
+            run_wrk(proc.url + "/chat/completions", body, 16, 1, self.token)
+        for _ in range(self.s.rounds):
+            for proc, name in ((on, "proof_on"), (off, "proof_off")):
+                res, cpu = measured_wrk(proc, proc.url + "/chat/completions", body, conc, self.s.duration_s,
+                                        self.token)
+                rows[name].append(_wrk_row(res, cpu))
+        self.release(on)
+        self.release(off)
+        share = summarize(1 - ratio(o["cpu_us_per_request"], p["cpu_us_per_request"])
+                          for p, o in zip(rows["proof_on"], rows["proof_off"], strict=True))
+        return {"connections": conc, "rounds": rows, "summary": {n: _summaries(r) for n, r in rows.items()},
+                "proof_share_of_proxy_cpu": share.to_dict(),
+                "rps_off_over_on": _paired(rows["proof_off"], rows["proof_on"], "rps", ratio)}
+
+    # Scenario 5 -----------------------------------------------------------------------
+    def cores(self) -> dict[str, Any]:
+        return {"measured": False,
+                "reason": "the proxy has one worker only: no multi-worker (SO_REUSEPORT) mode exists yet, "
+                          "so there is no scaling to measure"}
+
+
+def _us(row: dict[str, Any], group: str, q: str) -> str:
+    v = row.get(group, {}).get(q)
+    return "n/a" if v is None else f"{v:,.0f} us"
