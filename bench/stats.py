@@ -88,7 +88,7 @@ def parse_wrk_text(text: str) -> WrkResult:
         res.max_us = _to_us(m.group(5), m.group(6))
     m = _SOCK_RE.search(text)
     if m:
-        for name, val in zip(("connect", "read", "write", "timeout"), m.groups()):
+        for name, val in zip(("connect", "read", "write", "timeout"), m.groups(), strict=True):
             if int(val):
                 res.errors[name] = int(val)
     m = _NON2XX_RE.search(text)

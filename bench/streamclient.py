@@ -27,7 +27,7 @@ class _Stream(asyncio.Protocol):
     __slots__ = ("req", "t0", "ttft", "last", "events", "gaps", "headers_done", "buf", "status", "tail", "done",
                  "prev_nl", "transport", "t_end", "client")
 
-    def __init__(self, req: bytes, gaps: array, done: asyncio.Future, client: "_Client") -> None:
+    def __init__(self, req: bytes, gaps: array, done: asyncio.Future, client: _Client) -> None:
         self.req = req
         self.gaps = gaps
         self.done = done
@@ -107,7 +107,7 @@ async def _one(loop: asyncio.AbstractEventLoop, host: str, port: int, req: bytes
     try:
         await loop.create_connection(lambda: proto, host, port)
         await asyncio.wait_for(done, timeout_s)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         if proto.transport is not None:
             proto.transport.abort()
         return {"ok": False, "error": type(exc).__name__, "events": proto.events, "ttft": proto.ttft}

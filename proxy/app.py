@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import orjson
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .errors import error_body, error_status
-from .evidence import EvidenceLog, EvidenceRecord, Usage, utc_now_rfc3339
+from .evidence import EvidenceLog, utc_now_rfc3339
 from .hashchain import ChainError
 from .metrics import ProxyMetrics
 from .model_policy import Family, classify_family, decide_model
@@ -197,28 +198,33 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
         return _error(state, draft, code, msg)
 
 
+def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> dict[str, Any]:
+    """One request's EvidenceRecord fields (see proxy.evidence.EvidenceRecord)."""
+    usage = draft.usage
+    return {
+        "kind": "request", "request_id": draft.request_id, "time": utc_now_rfc3339(), "method": draft.method,
+        "endpoint": draft.endpoint.value, "path": draft.path, "requested_model": draft.requested_model,
+        "effective_model": draft.effective_model, "alias_rewritten": draft.alias_rewritten,
+        "decision": draft.decision, "reason": draft.reason, "family": draft.family, "target_host": draft.target_host,
+        "served_model": draft.served_model, "status": draft.status, "stream": draft.stream,
+        "usage": {k: v for k, v in (("prompt_tokens", usage.prompt_tokens),
+                                    ("completion_tokens", usage.completion_tokens),
+                                    ("total_tokens", usage.total_tokens)) if v is not None} if usage.present else None,
+        "duration_ms": round(elapsed * 1000, 3),
+        "ttft_ms": round(draft.ttft_s * 1000, 3) if draft.ttft_s is not None else None,
+        "upstream_class": state.target.upstream_class.value if draft.forwarded else None,
+        "upstream_fingerprint": state.target.fingerprint if draft.forwarded else None,
+        "client_disconnected": draft.client_disconnected,
+    }
+
+
 def _finish(state: ProxyState, draft: Draft) -> bool:
     """Metrics and the evidence record for one request. False if recording failed."""
     elapsed = time.perf_counter() - draft.started
     ok = True
     if state.evidence is not None and draft.path not in PUBLIC_PATHS:
-        usage = draft.usage
         try:
-            state.evidence.write(EvidenceRecord(
-                request_id=draft.request_id, time=utc_now_rfc3339(), method=draft.method,
-                endpoint=draft.endpoint.value, path=draft.path, requested_model=draft.requested_model,
-                effective_model=draft.effective_model, alias_rewritten=draft.alias_rewritten,
-                decision=draft.decision, reason=draft.reason, family=draft.family,
-                target_host=draft.target_host, served_model=draft.served_model, status=draft.status,
-                stream=draft.stream,
-                usage=Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                            total_tokens=usage.total_tokens) if usage.present else None,
-                duration_ms=round(elapsed * 1000, 3),
-                ttft_ms=round(draft.ttft_s * 1000, 3) if draft.ttft_s is not None else None,
-                upstream_class=state.target.upstream_class.value if draft.forwarded else None,
-                upstream_fingerprint=state.target.fingerprint if draft.forwarded else None,
-                client_disconnected=draft.client_disconnected,
-            ))
+            state.evidence.write_fields(request_record_fields(state, draft, elapsed))
         except (ChainError, OSError, ValueError):
             log.error("evidence record could not be written; the proxy refuses traffic until restarted")
             ok = False
@@ -226,7 +232,7 @@ def _finish(state: ProxyState, draft: Draft) -> bool:
                 state.metrics.evidence_write_failures.inc()
     if state.settings.metrics_enabled and draft.path not in PUBLIC_PATHS:
         m = state.metrics
-        m.requests.labels(draft.endpoint.value, draft.outcome if ok else "unavailable").inc()
+        m.count_request(draft.endpoint.value, draft.outcome if ok else "unavailable")
         if draft.fallback_reason:
             m.fallback_rejections.labels(draft.fallback_reason, draft.family or "other").inc()
         if draft.reason == "served_model_mismatch":
@@ -234,7 +240,7 @@ def _finish(state: ProxyState, draft: Draft) -> bool:
         if draft.upstream_error:
             m.upstream_errors.labels(draft.upstream_error).inc()
         if draft.forwarded:
-            m.duration.labels(draft.endpoint.value).observe(elapsed)
+            m.observe_duration(draft.endpoint.value, elapsed)
             if draft.ttft_s is not None:
                 m.ttft.labels(draft.endpoint.value).observe(draft.ttft_s)
             if draft.usage.prompt_tokens:

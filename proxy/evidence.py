@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -82,6 +82,12 @@ class EvidenceLog:
 
     def write(self, record: EvidenceRecord) -> str:
         return self._chain.append(self._redactor.redact_obj(record.model_dump(exclude_none=True)))
+
+    def write_fields(self, fields: dict[str, Any]) -> str:
+        """The per-request hot path: the fields of an EvidenceRecord as a plain dict
+        (None values dropped, as ``write`` does), without building the model. Readers
+        still validate every line against EvidenceRecord; a test pins that they agree."""
+        return self._chain.append(self._redactor.redact_obj({k: v for k, v in fields.items() if v is not None}))
 
     def close(self) -> None:
         self._chain.close()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .admission import Admission
@@ -48,6 +50,23 @@ class ProxyMetrics:
                 self.fallback_rejections.labels(reason, family)
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind)
+
+        # Children of the per-request series, looked up once: .labels() takes a lock and
+        # builds tuples on every call, a measurable share of the proxy's CPU per request.
+        self._request_children: dict[tuple[str, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+
+    def count_request(self, endpoint: str, outcome: str) -> None:
+        child = self._request_children.get((endpoint, outcome))
+        if child is None:
+            child = self._request_children[(endpoint, outcome)] = self.requests.labels(endpoint, outcome)
+        child.inc()
+
+    def observe_duration(self, endpoint: str, seconds: float) -> None:
+        child = self._duration_children.get(endpoint)
+        if child is None:
+            child = self._duration_children[endpoint] = self.duration.labels(endpoint)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

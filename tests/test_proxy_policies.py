@@ -1,0 +1,177 @@
+"""The proxy's enforcement decisions as pure functions: no socket, no event loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from proxy.admission import Admission
+from proxy.app import Draft, request_record_fields
+from proxy.evidence import EvidenceRecord
+from proxy.model_policy import Family, classify_family, decide_model
+from proxy.redact import REDACTED, Redactor
+from proxy.request_policy import Endpoint, forwardable_request_headers, provider_header, routing_override
+from proxy.served_model import SSESplitter, scan_model
+from proxy.upstream_policy import UpstreamRefusal, UpstreamTarget, check_resolved_address, classify_upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMISSION = Admission.model_validate({**json.loads((ROOT / "config" / "admission.example.json").read_text()),
+                                      "aliases": ["qwen-local-default"]})
+SECRET = "s3cr3t-token-value-0123456789"
+
+
+@pytest.mark.parametrize(("requested", "admitted", "code", "family", "rewritten"), [
+    ("qwen3.6-35b-a3b", True, "ok", None, False),
+    ("qwen-local-default", True, "ok", None, True),
+    ("QWEN3.6-35B-A3B", False, "model_not_admitted", Family.OTHER, False),      # names match exactly
+    (" qwen3.6-35b-a3b", False, "model_not_admitted", Family.OTHER, False),
+    ("qwen3.6-35b-a3b\u200b", False, "model_not_admitted", Family.OTHER, False),
+    ("claude-sonnet-4-6", False, "model_not_admitted", Family.ANTHROPIC, False),
+    ("anthropic/claude-3-5-sonnet", False, "model_not_admitted", Family.ANTHROPIC, False),
+    ("bedrock/anthropic.claude-v2", False, "model_not_admitted", Family.ANTHROPIC, False),
+    ("\u0441laude-sonnet-4-6", False, "model_not_admitted", Family.ANTHROPIC, False),   # Cyrillic 'с'
+    ("CLAUDE-SONNET-4-6 ", False, "model_not_admitted", Family.ANTHROPIC, False),
+    ("openai/gpt-4o", False, "model_not_admitted", Family.OPENAI, False),
+    ("o3-mini", False, "model_not_admitted", Family.OPENAI, False),
+    ("gemini-2.5-pro", False, "model_not_admitted", Family.GOOGLE, False),
+    ("llama-3-70b", False, "model_not_admitted", Family.OTHER, False),
+    (None, False, "model_missing", None, False),
+    ("", False, "model_missing", None, False),
+    (["qwen3.6-35b-a3b"], False, "model_missing", None, False),
+])
+def test_model_pin(requested: object, admitted: bool, code: str, family: Family | None, rewritten: bool) -> None:
+    d = decide_model(requested, ADMISSION)
+    assert (d.admitted, d.code, d.family, d.alias_rewritten) == (admitted, code, family, rewritten)
+    assert d.effective_model == ("qwen3.6-35b-a3b" if admitted else None)
+
+
+def test_near_miss_of_the_admitted_name_says_how_to_fix_it() -> None:
+    assert "names must match exactly" in decide_model("Qwen3.6-35B-A3B", ADMISSION).message
+    assert classify_family("qwen3.6-35b-a3b") is Family.OTHER
+
+
+@pytest.mark.parametrize(("body", "field", "family"), [
+    ({"model": "m", "fallbacks": ["claude-sonnet-4-6"]}, "fallbacks", Family.ANTHROPIC),
+    ({"model": "m", "api_base": "https://api.openai.com/v1"}, "api_base", Family.OPENAI),
+    ({"model": "m", "base_url": "http://10.0.0.9"}, "base_url", Family.OTHER),
+    ({"model": "m", "models": ["gemini-pro"]}, "models", Family.GOOGLE),
+])
+def test_routing_fields_are_refused_with_their_family(body: dict[str, object], field: str, family: Family) -> None:
+    refusal = routing_override(body)
+    assert refusal is not None and (refusal.param, refusal.family) == (field, family)
+    assert routing_override({"model": "m", "messages": [], "chat_template_kwargs": {"x": 1}, "top_k": 5}) is None
+
+
+def test_provider_headers_are_refused_and_credentials_never_forwarded() -> None:
+    refusal = provider_header(["content-type", "anthropic-version"])
+    assert refusal is not None and refusal.family is Family.ANTHROPIC
+    assert provider_header(["content-type", "x-stainless-lang", "x-codex-turn"]) is None
+    out = forwardable_request_headers([("Authorization", "Bearer x"), ("X-Api-Key", "k"), ("Connection", "close"),
+                                       ("X-Forwarded-Host", "api.anthropic.com"), ("x-stainless-lang", "python")])
+    assert {k.lower() for k in out} == {"x-stainless-lang"}
+
+
+@pytest.mark.parametrize(("url", "allowed", "klass"), [
+    ("http://127.0.0.1:8000/v1", True, "loopback"),
+    ("http://[::1]:8000/v1", True, "loopback"),
+    ("http://10.1.2.3:8000/v1", True, "private"),
+    ("http://169.254.169.254/v1", False, None),                 # cloud metadata, not a backend
+    ("https://api.anthropic.com/v1", False, None),
+    ("http://user:pw@127.0.0.1:8000/v1", False, None),         # credentials belong in the key variable
+    ("ftp://127.0.0.1/v1", False, None),
+    ("http://8.8.8.8/v1", False, None),
+])
+def test_upstream_pin(url: str, allowed: bool, klass: str | None) -> None:
+    target = classify_upstream(url)
+    if allowed:
+        assert isinstance(target, UpstreamTarget) and target.upstream_class.value == klass
+        assert url not in target.fingerprint and "pw" not in target.fingerprint
+    else:
+        assert isinstance(target, UpstreamRefusal) and target.code
+
+
+def test_known_provider_hosts_stay_refused_even_when_listed() -> None:
+    assert isinstance(classify_upstream("https://api.openai.com/v1", {"api.openai.com"}), UpstreamRefusal)
+    listed = classify_upstream("http://gpu-box.internal:8000/v1", {"gpu-box.internal"})
+    assert isinstance(listed, UpstreamTarget) and listed.upstream_class.value == "allowlisted"
+    # Connect-time checks (no DNS rebinding): a listed name may not land on the metadata
+    # service; a loopback name may land only on loopback.
+    assert check_resolved_address(listed, "10.0.0.5") and not check_resolved_address(listed, "169.254.169.254")
+    local = classify_upstream("http://localhost:8000/v1")
+    assert isinstance(local, UpstreamTarget)
+    assert check_resolved_address(local, "127.0.0.1") and not check_resolved_address(local, "93.184.216.34")
+
+
+def test_served_model_scan_and_sse_splitting() -> None:
+    assert scan_model(b'data: {"id":"x","model":"qwen3.6-35b-a3b","choices":[]}\n\n') == "qwen3.6-35b-a3b"
+    assert scan_model(b'data: {"choices":[{"delta":{"content":"say \\"model\\":\\"claude\\""}}]}\n\n') is None
+    assert scan_model(b'data: {"model":"claude\\u002dsonnet"}\n\n') == "claude-sonnet"
+    splitter = SSESplitter(1024)
+    assert splitter.feed(b"data: a\n\ndata: b") == [b"data: a\n\n"]
+    assert splitter.feed(b"\r\n\r\n") == [b"data: b\r\n\r\n"]
+    assert splitter.rest() == b""
+    with pytest.raises(ValueError):
+        SSESplitter(16).feed(b"data: " + b"x" * 32)
+
+
+CLEAN_RECORD = {"kind": "request", "path": "/v1/chat/completions", "reason": "ok", "usage": {"prompt_tokens": 3},
+                "requested_model": "qwen3.6-35b-a3b", "upstream_fingerprint": "sha256:00ff"}
+
+
+@pytest.mark.parametrize("dirty", [
+    {"path": f"/v1/x/{SECRET}"},
+    {"requested_model": "sk-ant-" + "a" * 30},
+    {"reason": "Bearer abcdefghijklmnop"},
+    {"usage": {"note": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlLXZhbHVl"}},
+    {"target_host": "https://u:p@example.org/"},
+    {f"key-{SECRET}": 1},
+    {"tags": ["x", "AWS_SECRET_ACCESS_KEY=" + "A" * 40]},
+])
+def test_redact_obj_fast_path_is_sound(dirty: dict[str, object]) -> None:
+    """The pre-check over the whole record must never let a finding through."""
+    r = Redactor([SECRET])
+    clean = dict(CLEAN_RECORD)
+    assert r.redact_obj(clean) is clean  # nothing to redact: no copy, no regex
+    out = r.redact_obj({**clean, **dirty})
+    text = json.dumps(out)
+    assert REDACTED in text and SECRET not in text and "sk-ant-aaaa" not in text and "u:p@" not in text
+
+
+def test_redact_obj_handles_secrets_that_json_escapes() -> None:
+    quoted = 'pa"ss\\word-1234567'
+    r = Redactor([quoted])
+    out = r.redact_obj({"reason": f"x {quoted} y", "n": 1})
+    assert out == {"reason": f"x {REDACTED} y", "n": 1}
+
+
+def test_request_record_fields_are_a_valid_evidence_record() -> None:
+    """The hot path writes a plain dict; readers validate it as an EvidenceRecord."""
+    state = SimpleNamespace(target=classify_upstream("http://127.0.0.1:8000/v1"))
+    draft = Draft("rid1", 0.0, "POST", "/v1/chat/completions")
+    draft.endpoint, draft.decision, draft.reason, draft.forwarded = Endpoint.CHAT, "admitted", "ok", True
+    draft.usage.prompt_tokens, draft.ttft_s = 12, 0.004
+    fields = request_record_fields(state, draft, 0.01)  # type: ignore[arg-type]
+    record = EvidenceRecord.model_validate({k: v for k, v in fields.items() if v is not None})
+    assert record.upstream_class == "loopback" and record.usage is not None and record.usage.prompt_tokens == 12
+    assert record.usage.completion_tokens is None and record.ttft_ms == 4.0
+
+
+@pytest.mark.parametrize(("kind", "sample"), [
+    ("pem_private_key", "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----"),
+    ("anthropic_key", "sk-ant-" + "b" * 24),
+    ("openai_key", "sk-proj-" + "c" * 24),
+    ("github_token", "ghp_" + "d" * 36),
+    ("slack_token", "xoxb-" + "1" * 12),
+    ("aws_access_key", "AKIA" + "E" * 16),
+    ("aws_secret_key", "aws_secret_access_key = " + "f" * 40),
+    ("jwt", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJl"),
+    ("bearer", "Authorization: Bearer " + "g" * 20),
+    ("url_credentials", "http://user:pass@host/"),
+])
+def test_every_token_shape_passes_the_pre_check(kind: str, sample: str) -> None:
+    r = Redactor()
+    assert r.may_match(f"before {sample} after")
+    assert kind in {f.kind for f in r.find(f"before {sample} after")}
