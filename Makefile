@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-base
 ENGINE_STAMP := $(VENV)/.stamp-engine
 
-.PHONY: demo test test-fast bench system-deps engine-deps clean
+.PHONY: demo test test-fast bench bench-quick system-deps engine-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,15 @@ test: $(STAMP) system-deps engine-deps
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not engine and not prometheus"
 
+# The benchmark: installs wrk, nginx and LiteLLM (its own venv, .cache/litellm-venv)
+# when missing, then writes bench/results/latest.{md,json}. bench-quick: a few minutes.
 bench: $(STAMP)
+	@bash scripts/install-bench-deps.sh
 	$(PY) -m bench
+
+bench-quick: $(STAMP)
+	@bash scripts/install-bench-deps.sh
+	$(PY) -m bench --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

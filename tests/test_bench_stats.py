@@ -1,0 +1,107 @@
+"""The benchmark's pure parts: parsing wrk and /proc, summaries, targets, the written
+results. Nothing here times anything (speed lives in `python -m bench`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.report import evaluate_targets, json_clean, render_markdown, write_results
+from bench.stats import (added, parse_wrk, parse_wrk_text, percentile, proc_cpu_seconds, proc_status_kb, ratio,
+                         summarize)
+
+WRK_TEXT = """Running 2s test @ http://127.0.0.1:8080/v1/chat/completions
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.20ms  300.00us   9.50ms   90.00%
+  Latency Distribution
+     50%    1.10ms
+     75%    1.30ms
+     90%  650.00us
+     99%    2.50ms
+  8000 requests in 2.00s, 1.20MB read
+  Socket errors: connect 0, read 3, write 0, timeout 1
+Requests/sec:   4000.00
+"""
+
+
+def test_parse_wrk_prefers_the_exact_json_line() -> None:
+    line = ('WRK_JSON {"requests":100,"duration_us":2000000,"bytes":1,"errors":{"connect":0,"read":0,"write":0,'
+            '"status":2,"timeout":0},"latency_us":{"min":10,"max":900,"mean":50.5,"stdev":3.0,"p50":40,"p75":45,'
+            '"p90":60,"p99":300,"p999":800}}')
+    res = parse_wrk(WRK_TEXT + line + "\n")
+    assert (res.requests, res.rps, res.p50_us, res.p99_us, res.errors) == (100, 50.0, 40.0, 300.0, {"status": 2})
+
+
+def test_parse_wrk_text_units_and_errors() -> None:
+    res = parse_wrk_text(WRK_TEXT)
+    assert (res.p50_us, res.p90_us, res.p99_us) == (1100.0, 650.0, 2500.0)
+    assert (res.requests, res.duration_s, res.rps, res.max_us) == (8000, 2.0, 4000.0, 9500.0)
+    assert res.errors == {"read": 3, "timeout": 1} and res.error_count == 4
+    with pytest.raises(ValueError):
+        parse_wrk_text("wrk: connection refused")
+
+
+def test_summaries_ratios_and_missing_values() -> None:
+    assert percentile([4, 1, 3, 2], 50) == 2.5 and percentile([7], 99) == 7.0 and math.isnan(percentile([], 50))
+    s = summarize([3.0, None, float("nan"), 1.0, 2.0])
+    assert (s.median, s.lo, s.hi, s.n) == (2.0, 1.0, 3.0, 3)
+    assert summarize([]).to_dict() == {"median": None, "min": None, "max": None, "rounds": 0}
+    assert ratio(10, 4) == 2.5 and math.isnan(ratio(1, 0)) and math.isnan(ratio(None, 1))
+    assert added(5, 3) == 2 and math.isnan(added(float("nan"), 1))
+
+
+def test_proc_parsing_survives_odd_command_names() -> None:
+    stat = "4242 (python -m (x) y) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0"
+    assert proc_cpu_seconds(stat, 100) == 3.0
+    assert proc_status_kb("Name:\tx\nVmHWM:\t  51200 kB\nVmRSS:\t 1024 kB\n", "VmHWM") == 51200
+    assert proc_status_kb("Name:\tx\n", "VmHWM") is None
+
+
+def _results(c1_added: float, rps64: float, litellm_ratio: float | None) -> dict:
+    c64: dict = {"summary": {"proxy": {"rps": {"median": rps64}}}}
+    if litellm_ratio is not None:
+        c64["proxy_rps_over_litellm"] = {"median": litellm_ratio, "min": litellm_ratio, "max": litellm_ratio,
+                                         "rounds": 1}
+    return {
+        "schema_version": 1,
+        "machine": {"date_utc": "2026-11-24 00:00 UTC", "nproc": 2, "cpu_model": "test", "memory_gb": 1,
+                    "os": "test", "kernel": "0", "python": "3.11", "aiohttp": "3", "nginx": "nginx", "wrk": "wrk"},
+        "settings": {"quick": True, "rounds": 1, "duration_s": 1.0},
+        "scenario1": {"notes": [], "by_concurrency": {
+            "1": {"proxy_added_p50_us": {"median": c1_added}, "proxy_added_p99_us": {"median": float("nan")}},
+            "64": c64}},
+        "scenario4": {"proof_share_of_proxy_cpu": {"median": 0.25}},
+        "scenario5": {"measured": False, "reason": "no multi-worker mode"},
+    }
+
+
+def test_targets_are_judged_on_this_runs_figures_only() -> None:
+    by_name = {t["target"].split(":")[-1].strip(): t for t in evaluate_targets(_results(250.0, 3000.0, 45.0))}
+    assert by_name["added latency p50 <= 0.3 ms"]["met"] is True
+    assert by_name["added latency p99 <= 1.5 ms"]["met"] is None  # NaN: not measured, never "met"
+    assert by_name["throughput >= 40x LiteLLM's"]["met"] is True
+    assert by_name[">= 4,000 requests/s with one worker"]["met"] is False
+    assert by_name["evidence and metrics <= 10% of proxy CPU"]["met"] is False
+    assert by_name["evidence and metrics <= 10% of proxy CPU"]["value"] == 25.0
+    no_litellm = {t["target"]: t for t in evaluate_targets(_results(400.0, 5000.0, None))}
+    assert no_litellm["non-streaming, 64 connections: throughput >= 40x LiteLLM's"]["met"] is None
+    assert no_litellm["non-streaming, 1 connection: added latency p50 <= 0.3 ms"]["met"] is False
+
+
+def test_results_are_written_whole_and_as_strict_json(tmp_path: Path) -> None:
+    results = _results(float("nan"), 3000.0, None)
+    results["targets"] = evaluate_targets(results)
+    del results["scenario1"], results["scenario4"]  # tables need whole scenario results; targets suffice here
+    results["raw"] = {"p50_us": float("nan")}
+    js, md = write_results(tmp_path, results)
+    data = json.loads(js.read_text())  # NaN became null: strict JSON
+    assert data["raw"]["p50_us"] is None and data["targets"][0]["met"] is None
+    text = md.read_text()
+    assert "| not measured" in text and "Not measured: no multi-worker mode." in text
+    assert not list(tmp_path.glob("*.tmp"))
+    assert json_clean({"a": [float("inf"), 1.5]}) == {"a": [None, 1.5]}
+    assert render_markdown(results) == text
