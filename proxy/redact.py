@@ -102,8 +102,9 @@ class Redactor:
             if anchor in text:
                 return True
         if len(text) >= len(_SHAPE_ANCHORS_LOWER[0]):
-            lowered = text.lower()
-            return any(anchor in lowered for anchor in _SHAPE_ANCHORS_LOWER)
+            # casefold, not lower: (?i) also matches folded look-alikes such as 'ſ' for 's'.
+            folded = text.casefold()
+            return any(anchor in folded for anchor in _SHAPE_ANCHORS_LOWER)
         return False
 
     def find(self, text: str) -> list[Finding]:
@@ -127,7 +128,9 @@ class Redactor:
         case, comes back as it is, without a regex run per string."""
         if self._json_safe:
             try:
-                if not self._may_match_json(orjson.dumps(obj)):
+                blob = orjson.dumps(obj)
+                # Non-ASCII text goes the str way below, where case folding is complete.
+                if blob.isascii() and not self._may_match_json(blob):
                     return obj
             except TypeError:
                 pass

@@ -129,6 +129,7 @@ CLEAN_RECORD = {"kind": "request", "path": "/v1/chat/completions", "reason": "ok
     {"target_host": "https://u:p@example.org/"},
     {f"key-{SECRET}": 1},
     {"tags": ["x", "AWS_SECRET_ACCESS_KEY=" + "A" * 40]},
+    {"note": "aws_\u017fecret_access_key=" + "B" * 40},   # long s: (?i) folds it to 's'
 ])
 def test_redact_obj_fast_path_is_sound(dirty: dict[str, object]) -> None:
     """The pre-check over the whole record must never let a finding through."""
