@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from harness.run import http_get  # loopback GET that ignores the environment's proxies
+
 from .stats import proc_cpu_seconds, proc_status_kb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,16 +60,6 @@ def wait_port(port: int, deadline_s: float, proc: subprocess.Popen | None = None
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {deadline_s:.0f}s")
-
-
-def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    assert url.startswith("http://127.0.0.1:"), url
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def http_post_json(url: str, body: bytes, token: str | None, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -239,7 +231,7 @@ def start_nginx(tmp: Path) -> Proc:
     p.extra["body_url"] = f"http://127.0.0.1:{body_port}/v1"
     wait_port(port, 15, popen)
     wait_port(body_port, 15, popen)
-    status, body = http_get(f"{p.url}/models")
+    status, body = http_get(f"{p.url}/models", timeout_s=2.0)
     if status != 200 or MODEL.encode() not in body:
         raise RuntimeError(f"nginx /v1/models answered {status}")
     return p
@@ -276,7 +268,7 @@ def start_proxy(tmp: Path, name: str, backend_url: str, token: str, *, metrics: 
     root = url[: -len("/v1")]
     end = time.monotonic() + 30
     while time.monotonic() < end:
-        status, _ = http_get(f"{root}/readyz")
+        status, _ = http_get(f"{root}/readyz", timeout_s=2.0)
         if status == 200:
             return p
         time.sleep(0.1)
@@ -352,7 +344,7 @@ general_settings:
         wait_port(port, 120, popen)
         end = time.monotonic() + 60
         while time.monotonic() < end:
-            status, _ = http_get(f"http://127.0.0.1:{port}/health/liveliness")
+            status, _ = http_get(f"http://127.0.0.1:{port}/health/liveliness", timeout_s=2.0)
             if status == 200:
                 break
             time.sleep(0.2)

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from proxy.settings import env_path
+
 from .profile import DEFAULT_FIXTURE, REFERENCE_PROFILE_PATH, ProfileError, RunProfile, load_run_profile
 
 if TYPE_CHECKING:
@@ -38,9 +40,7 @@ class UsageError(Exception):
 
 def default_profile_path(env: Mapping[str, str] | None = None) -> Path:
     """``CASE_HARNESS_PROFILE`` if set, else the packaged reference-agent profile."""
-    env = os.environ if env is None else env
-    named = (env.get(ENV_PROFILE) or "").strip()
-    return Path(named) if named else REFERENCE_PROFILE_PATH
+    return env_path(os.environ if env is None else env, ENV_PROFILE) or REFERENCE_PROFILE_PATH
 
 
 def load_profile(path: Path | None, fixture: str | None, env: Mapping[str, str] | None = None) -> RunProfile:
@@ -135,13 +135,6 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return outcome.exit_code
 
 
-def _artifact(flag: Path | None, env: Mapping[str, str], name: str) -> Path | None:
-    if flag is not None:
-        return flag
-    value = (env.get(name) or "").strip()
-    return Path(value) if value else None
-
-
 def cmd_verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from proxy.settings import ENV_ADMISSION_FILE, ENV_DECISION_FILE
 
@@ -150,8 +143,8 @@ def cmd_verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not args.run_dir.is_dir():
         raise UsageError(f"run directory {args.run_dir} does not exist")
     result = verify_run(args.run_dir,
-                        decision_path=_artifact(args.decision_file, env, ENV_DECISION_FILE),
-                        admission_path=_artifact(args.admission_file, env, ENV_ADMISSION_FILE))
+                        decision_path=args.decision_file or env_path(env, ENV_DECISION_FILE),
+                        admission_path=args.admission_file or env_path(env, ENV_ADMISSION_FILE))
     if result.ok:
         print(f"ok: {args.run_dir}: the report recomputes from the evidence and both hash chains hold")
         return EXIT_OK

@@ -12,7 +12,6 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -27,7 +26,7 @@ from proxy.admission import (
 )
 from proxy.model_policy import Family, classify_family, fold
 from proxy.redact import Redactor
-from proxy.settings import ENV_ADMISSION_FILE, ENV_BASE_URL, ENV_CONFIG_FILE, ENV_DECISION_FILE
+from proxy.settings import ENV_ADMISSION_FILE, ENV_BASE_URL, ENV_CONFIG_FILE, ENV_DECISION_FILE, env_path
 from proxy.upstream_policy import UpstreamRefusal, UpstreamTarget, classify_upstream, is_known_provider_host
 
 from .profile import RunProfile
@@ -85,6 +84,7 @@ class GateInputs:
 class PreflightResult:
     failures: list[GateFailure]
     checked: list[str] = field(default_factory=lambda: list(GATES))
+    decision: DecisionRecord | None = None
     admission: Admission | None = None
     upstream: UpstreamTarget | None = None
 
@@ -100,11 +100,11 @@ def _fail(code: str, message: str) -> GateFailure:
 def _artifact_failures(inputs: GateInputs) -> list[GateFailure]:
     out: list[GateFailure] = []
     env = inputs.env
-    if not (env.get(ENV_DECISION_FILE) or "").strip():
+    if env_path(env, ENV_DECISION_FILE) is None:
         out.append(_fail("decision_record_missing", f"{ENV_DECISION_FILE} is not set"))
     elif inputs.decision_error is not None:
         out.extend(_fail(inputs.decision_error.code, p) for p in inputs.decision_error.problems)
-    if not (env.get(ENV_ADMISSION_FILE) or "").strip():
+    if env_path(env, ENV_ADMISSION_FILE) is None:
         out.append(_fail("admission_missing", f"{ENV_ADMISSION_FILE} is not set"))
     elif inputs.admission_error is not None:
         out.extend(_fail(inputs.admission_error.code, p) for p in inputs.admission_error.problems)
@@ -240,17 +240,17 @@ def evaluate_gates(inputs: GateInputs) -> PreflightResult:
     failures += _fallback_failures(inputs)
     failures += _argv_failures(inputs)
     unique = list(dict.fromkeys(failures))
-    return PreflightResult(failures=unique, admission=inputs.admission, upstream=target)
+    return PreflightResult(failures=unique, decision=inputs.decision, admission=inputs.admission, upstream=target)
 
 
 def allow_hosts_from_config(env: Mapping[str, str]) -> frozenset[str]:
     """``[upstream].allow_hosts`` of the proxy config the run will use, if any (the
     harness and the proxy must agree on what counts as allowlisted)."""
-    path = (env.get(ENV_CONFIG_FILE) or "").strip()
-    if not path:
+    path = env_path(env, ENV_CONFIG_FILE)
+    if path is None:
         return frozenset()
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return frozenset()  # the proxy's own check-config reports it; nothing is allowlisted
     hosts = data.get("upstream", {}).get("allow_hosts", [])
@@ -262,14 +262,14 @@ def read_gate_inputs(env: Mapping[str, str], profile: RunProfile, probe: Probe, 
     """Read the artifacts, and probe the backend only if its URL passes the upstream gate."""
     decision = admission = None
     decision_error = admission_error = None
-    if (p := (env.get(ENV_DECISION_FILE) or "").strip()):
+    if (p := env_path(env, ENV_DECISION_FILE)) is not None:
         try:
-            decision = load_decision(Path(p))
+            decision = load_decision(p)
         except ArtifactError as exc:
             decision_error = exc
-    if (p := (env.get(ENV_ADMISSION_FILE) or "").strip()):
+    if (p := env_path(env, ENV_ADMISSION_FILE)) is not None:
         try:
-            admission = load_admission(Path(p))
+            admission = load_admission(p)
         except ArtifactError as exc:
             admission_error = exc
     allow = allow_hosts_from_config(env)

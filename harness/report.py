@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.evidence import FALLBACK_REASONS, EvidenceRecord, verify_evidence
-from proxy.hashchain import ChainVerdict, read_chain, read_chain_bytes
+from proxy.evidence import FALLBACK_REASONS, NON_MODEL_ENDPOINTS, EvidenceRecord, records_from_bytes
+from proxy.hashchain import ChainVerdict, read_chain_bytes
 from proxy.upstream_policy import is_known_provider_host
 
 from . import events as ev
@@ -203,19 +203,14 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
     evidence_verdict = None
     evidence_sha = None
     if evidence_path.exists():
-        evidence_verdict = verify_evidence(evidence_path)
         try:
             data = evidence_path.read_bytes()
+        except OSError as exc:
+            evidence_verdict = ChainVerdict(ok=False, records=0, last_sha256="",
+                                            problems=[f"cannot read {evidence_path}: {exc.strerror}"])
+        else:
             evidence_sha = _sha(data)
-            _, raw = read_chain(evidence_path)
-            for obj in raw:
-                body = {k: v for k, v in obj.items() if k not in ("seq", "prev_sha256")}
-                try:
-                    evidence.append(EvidenceRecord.model_validate(body))
-                except ValueError:
-                    continue  # already a problem in evidence_verdict
-        except OSError:
-            pass
+            evidence_verdict, evidence = records_from_bytes(data)
     metrics_path = run_dir / "proxy" / "metrics.prom"
     metrics_text = metrics_path.read_text(encoding="utf-8", errors="replace") if metrics_path.is_file() else None
     scan = None
@@ -275,6 +270,7 @@ def compute_report(inp: ReportInputs) -> Report:
     """The report, from its inputs alone."""
     events = inp.events
     names = [e.get("event", "") for e in events]
+    missing, order_problems = ev.check_required_order(names)
     started = _first(events, ev.RUN_STARTED) or {}
     blocked = _first(events, ev.GATE_BLOCKED)
     preflight = _first(events, ev.PREFLIGHT_PASSED) or blocked or {}
@@ -300,7 +296,7 @@ def compute_report(inp: ReportInputs) -> Report:
 
     # Evidence.
     reqs = [r for r in inp.evidence if r.kind == "request"]
-    admitted = [r for r in reqs if r.decision == "admitted" and r.endpoint not in (None, "models", "model", "other")]
+    admitted = [r for r in reqs if r.decision == "admitted" and r.endpoint not in NON_MODEL_ENDPOINTS]
     fallbacks = [r for r in reqs if _is_fallback(r)]
     egress = [r for r in reqs if r.reason == "forward_proxy_refused"]
     mismatches = sum(1 for r in reqs if r.reason == "served_model_mismatch")
@@ -368,7 +364,6 @@ def compute_report(inp: ReportInputs) -> Report:
                  f"{tests_ev.get('errors', 0)} errors of {tests_ev.get('total', 0)}")
         elif tests_ev is None:
             fail("acceptance_tests_not_run", "the acceptance tests were not run")
-        missing, order_problems = ev.check_required_order(names)
         if missing or order_problems:
             fail("required_events_missing", "; ".join(
                 ([f"missing: {', '.join(missing)}"] if missing else []) + order_problems))
@@ -395,7 +390,6 @@ def compute_report(inp: ReportInputs) -> Report:
     else:  # blocked stays blocked unless the block itself was not honoured or not recorded honestly
         status = "fail" if any(r.code in _BLOCK_BREAKERS for r in reasons) else "blocked"
 
-    missing, order_problems = ev.check_required_order(names)
     case_model = next(iter(served)) if len(served) == 1 else None
     provider, proxy_model, admission_status = proxy_identity
     if case_model is None or case_model != proxy_model:

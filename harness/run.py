@@ -52,7 +52,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
-from proxy.admission import ArtifactError, file_sha256, load_admission, load_decision
+from proxy.admission import ArtifactError, file_sha256, load_admission
+from proxy.evidence import NON_MODEL_ENDPOINTS
 from proxy.redact import Redactor
 from proxy.settings import (
     ENV_ADMISSION_FILE,
@@ -63,6 +64,7 @@ from proxy.settings import (
     ENV_DECISION_FILE,
     ENV_EVIDENCE_FILE,
     ENV_TOKEN,
+    env_path,
 )
 
 from . import events as ev
@@ -145,11 +147,6 @@ def _sha256_bytes(data: bytes) -> str:
 
 def _digest(path: Path | None) -> str | None:
     return file_sha256(path) if path is not None else None
-
-
-def _path_from_env(env: Mapping[str, str], name: str) -> Path | None:
-    value = (env.get(name) or "").strip()
-    return Path(value) if value else None
 
 
 def _utc_stamp() -> str:
@@ -492,16 +489,12 @@ def preflight(env: Mapping[str, str], profile: RunProfile, *, argv: tuple[str, .
                          argv=argv, secrets=tuple(secrets_.values), api_key=backend_api_key(env))
 
 
-def identity_fields(result: PreflightResult, env: Mapping[str, str]) -> dict[str, Any]:
+def identity_fields(result: PreflightResult) -> dict[str, Any]:
     """What the preflight established, for the events (never the URL itself)."""
     out: dict[str, Any] = {}
-    decision_path = _path_from_env(env, ENV_DECISION_FILE)
-    if decision_path is not None:
-        try:
-            decision = load_decision(decision_path)
-            out.update(decision_status=decision.decision_status, provider_class=decision.provider_class)
-        except ArtifactError:
-            pass
+    if result.decision is not None:
+        d = result.decision
+        out.update(decision_status=d.decision_status, provider_class=d.provider_class)
     if result.admission is not None:
         a = result.admission
         out.update(admission_provider=a.provider, admission_model=a.model,
@@ -570,8 +563,8 @@ def _count_model_requests(evidence: Path) -> int:
             rec = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(rec, dict) and rec.get("kind", "request") == "request" and rec.get("endpoint") not in (
-                "models", "model", "other", None):
+        if isinstance(rec, dict) and rec.get("kind", "request") == "request" \
+                and rec.get("endpoint") not in NON_MODEL_ENDPOINTS:
             count += 1
     return count
 
@@ -624,8 +617,8 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
         (run_dir / sub).mkdir()
 
     token = new_run_token()
-    decision_path = _path_from_env(env, ENV_DECISION_FILE)
-    admission_path = _path_from_env(env, ENV_ADMISSION_FILE)
+    decision_path = env_path(env, ENV_DECISION_FILE)
+    admission_path = env_path(env, ENV_ADMISSION_FILE)
     st = _RunState(run_dir=run_dir, events=EventLog(run_dir / "events.jsonl"), say=say,
                    decision_path=decision_path, admission_path=admission_path,
                    secrets=collect_secrets(env, [token]))
@@ -647,6 +640,7 @@ def _cleanup(st: _RunState) -> None:
     if st.proxy is not None and st.proxy.proc.poll() is None:
         st.proxy.stop(PROXY_STOP_TIMEOUT_S)
     if st.backend is not None and st.backend.proc.poll() is None:
+        st.say("backend: stopping")
         st.backend.stop(PROXY_STOP_TIMEOUT_S)
 
 
@@ -684,7 +678,7 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     argv = tuple(case_argv(list(case.command), task_file, repo_dir))
     say("preflight: checking every gate")
     result = preflight(run_env, profile, argv=argv, extra_secrets=[token])
-    fields = identity_fields(result, run_env)
+    fields = identity_fields(result)
     if not result.ok:
         reasons = [{"code": f.code, "message": f.message} for f in result.failures]
         st.events.emit(ev.GATE_BLOCKED, reasons=reasons, **fields)
@@ -878,11 +872,7 @@ def _scrape_metrics(st: _RunState, proxy_root: str) -> None:
 def _finish(st: _RunState) -> str:
     """Stop helpers, scan for secrets, write the report. Every path after the run
     directory exists ends here, so every run has a scan and a report."""
-    if st.proxy is not None and st.proxy.proc.poll() is None:
-        st.proxy.stop(PROXY_STOP_TIMEOUT_S)
-    if st.backend is not None and st.backend.proc.poll() is None:
-        st.say("backend: stopping")
-        st.backend.stop(PROXY_STOP_TIMEOUT_S)
+    _cleanup(st)
     st.say("secret scan: every place the seed names")
     result = scan_run_dir(st.run_dir, st.secrets, argv_text=st.sampler.text())
     (st.run_dir / "secret_scan.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")

@@ -7,7 +7,6 @@ through an ``Authorization`` header, a query string or a data URL is still a lea
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import urllib.parse
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from proxy.redact import MIN_SECRET_LEN, Redactor
+from proxy.redact import MIN_SECRET_LEN, Redactor, labelled_encoded_forms
 from proxy.settings import ENV_API_KEY, ENV_API_KEY_FILE, ENV_BASE_URL, ENV_TOKEN
 
 ENV_EXTRA_SECRETS_FILE = "CASE_HARNESS_EXTRA_SECRETS_FILE"
@@ -70,17 +69,8 @@ class SecretSet:
         """(kind, searchable form) for every value and encoding, longest first."""
         out: dict[str, str] = {}
         for item in self._items.values():
-            raw = item.value.encode()
-            candidates = {
-                item.label: item.value,
-                f"{item.label} (url-encoded)": urllib.parse.quote(item.value, safe=""),
-                f"{item.label} (url-encoded+)": urllib.parse.quote_plus(item.value),
-                f"{item.label} (base64)": base64.b64encode(raw).decode().rstrip("="),
-                f"{item.label} (base64url)": base64.urlsafe_b64encode(raw).decode().rstrip("="),
-            }
-            for kind, form in candidates.items():
-                if len(form) >= MIN_SECRET_LEN and form not in out:
-                    out[form] = kind.replace(" (url-encoded+)", " (url-encoded)")
+            for form, encoding in labelled_encoded_forms(item.value).items():
+                out.setdefault(form, f"{item.label} ({encoding})" if encoding else item.label)
         return sorted(((k, f) for f, k in out.items()), key=lambda kf: -len(kf[1]))
 
 

@@ -13,13 +13,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .hashchain import ChainVerdict, HashChainWriter, read_chain
+from .hashchain import ChainVerdict, HashChainWriter, read_chain_bytes
 from .redact import Redactor
 
 FALLBACK_REASONS = frozenset({
     "model_not_admitted", "routing_override_refused", "external_provider_endpoint",
     "external_provider_header", "forward_proxy_refused",
 })
+
+# Request records on these endpoints are not model calls (model listings, lookups, side
+# doors); they never count as admitted model requests.
+NON_MODEL_ENDPOINTS = frozenset({None, "models", "model", "other"})
 
 
 class Usage(BaseModel):
@@ -81,12 +85,12 @@ class EvidenceLog:
         return self._chain.healthy
 
     def write(self, record: EvidenceRecord) -> str:
-        return self._chain.append(self._redactor.redact_obj(record.model_dump(exclude_none=True)))
+        return self.write_fields(record.model_dump(exclude_none=True))
 
     def write_fields(self, fields: dict[str, Any]) -> str:
         """The per-request hot path: the fields of an EvidenceRecord as a plain dict
-        (None values dropped, as ``write`` does), without building the model. Readers
-        still validate every line against EvidenceRecord; a test pins that they agree."""
+        (None values dropped), without building the model. Readers still validate every
+        line against EvidenceRecord; a test pins that they agree."""
         return self._chain.append(self._redactor.redact_obj({k: v for k, v in fields.items() if v is not None}))
 
     def close(self) -> None:
@@ -94,7 +98,13 @@ class EvidenceLog:
 
 
 def _records(path: Path) -> tuple[ChainVerdict, list[EvidenceRecord]]:
-    verdict, raw = read_chain(path)
+    return records_from_bytes(Path(path).read_bytes())
+
+
+def records_from_bytes(data: bytes) -> tuple[ChainVerdict, list[EvidenceRecord]]:
+    """The chain verdict (including records that are not valid EvidenceRecords) and the
+    valid records, from one read of the log."""
+    verdict, raw = read_chain_bytes(data)
     records: list[EvidenceRecord] = []
     problems = list(verdict.problems)
     for n, obj in enumerate(raw, start=1):
@@ -136,7 +146,7 @@ def summarize_evidence(path: Path) -> EvidenceSummary:
     return EvidenceSummary(
         records=len(records),
         requests=len(reqs),
-        admitted=sum(1 for r in reqs if r.decision == "admitted" and r.endpoint not in ("models", "model", "other")),
+        admitted=sum(1 for r in reqs if r.decision == "admitted" and r.endpoint not in NON_MODEL_ENDPOINTS),
         refused_by_reason=dict(Counter(r.reason or "" for r in refused)),
         fallback_attempts=len(fallbacks),
         fallback_by_family=dict(Counter(r.family or "other" for r in fallbacks)),

@@ -48,15 +48,25 @@ class Finding:
     end: int
 
 
-def encoded_forms(value: str) -> set[str]:
-    """The value as it may appear when encoded on the way: base64 (standard and
-    URL-safe, with and without padding) and URL-encoding."""
+def labelled_encoded_forms(value: str) -> dict[str, str]:
+    """The value as it may appear when encoded on the way, each with how it was encoded
+    ('' as written, 'url-encoded', 'base64', 'base64url'; base64 with and without
+    padding). A form that several encodings produce keeps the first label."""
     raw = value.encode()
-    forms = {value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)}
-    for enc in (base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()):
-        forms.add(enc)
-        forms.add(enc.rstrip("="))
-    return {f for f in forms if len(f) >= MIN_SECRET_LEN}
+    candidates = [("", value), ("url-encoded", urllib.parse.quote(value, safe="")),
+                  ("url-encoded", urllib.parse.quote_plus(value))]
+    for label, enc in (("base64", base64.b64encode(raw).decode()), ("base64url", base64.urlsafe_b64encode(raw).decode())):
+        candidates += [(label, enc), (label, enc.rstrip("="))]
+    forms: dict[str, str] = {}
+    for label, form in candidates:
+        if len(form) >= MIN_SECRET_LEN:
+            forms.setdefault(form, label)
+    return forms
+
+
+def encoded_forms(value: str) -> set[str]:
+    """The forms of :func:`labelled_encoded_forms`, without their labels."""
+    return set(labelled_encoded_forms(value))
 
 
 class Redactor:

@@ -71,6 +71,12 @@ class ProxySettings(BaseModel):
         return [v for v in vals if v]
 
 
+def env_path(env: Mapping[str, str], name: str) -> Path | None:
+    """The path a variable names, or None when it is unset or blank."""
+    value = (env.get(name) or "").strip()
+    return Path(value) if value else None
+
+
 class ConfigError(ValueError):
     """Configuration problems, one line each, naming the variable or field."""
 

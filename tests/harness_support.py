@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.demo import DEMO_ADMISSION, DEMO_DECISION
 from harness.events import read_events
 from harness.profile import REFERENCE_PROFILE_PATH, RunProfile, load_run_profile
 from harness.report import Report, load_report
@@ -20,12 +21,9 @@ from harness.run import RunOutcome, run_once
 from proxy.settings import ENV_ADMISSION_FILE, ENV_DECISION_FILE
 
 ROGUE = Path(__file__).resolve().parent / "harness_cases" / "rogue_case.py"
-ADMITTED_MODEL = "qwen3.6-35b-a3b"
-DECISION: dict[str, Any] = {"work_item": "CTO-WORK-020", "decision_status": "local_provider_required",
-                            "provider_class": "local_case_compatible", "decided_at": "2026-06-01T02:00:00Z"}
-ADMISSION: dict[str, Any] = {"schema_version": 1, "work_item": "CTO-WORK-020", "provider": "qwen-local",
-                             "provider_class": "local_case_compatible", "model": ADMITTED_MODEL,
-                             "admission_status": "candidate", "aliases": [], "scope": ["stage2-artificial-fixture"]}
+# The same well-formed CTO-WORK-020 artifacts the demo writes.
+DECISION: dict[str, Any] = DEMO_DECISION
+ADMISSION: dict[str, Any] = DEMO_ADMISSION
 
 
 @dataclass
