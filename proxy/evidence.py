@@ -63,6 +63,7 @@ class EvidenceRecord(BaseModel):
     admission_status: str | None = None
     provider_class: str | None = None
     pid: int | None = None
+    worker: int | None = None
 
 
 def utc_now_rfc3339() -> str:

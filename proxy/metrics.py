@@ -1,11 +1,18 @@
 """Prometheus metrics: conventional names, bounded labels, one registry per proxy app
-(so several apps can live in one test process without clashing)."""
+(so several apps can live in one test process without clashing).
+
+With several workers (``proxy.workers``) each worker process writes its values to files
+in a shared directory (prometheus-client's multiprocess mode) and whichever worker
+answers a scrape renders the sum over all of them: a scrape never shows one worker's
+share of the traffic as the whole."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .admission import Admission
 
@@ -13,7 +20,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 
 class ProxyMetrics:
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, multiprocess_dir: Path | None = None) -> None:
+        self._multiprocess_dir = multiprocess_dir
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("case_proxy_requests", "Requests by endpoint and outcome.",
                                 ["endpoint", "outcome"], registry=r)
@@ -36,11 +44,16 @@ class ProxyMetrics:
                               ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("case_proxy_tokens", "Tokens reported by the backend's usage objects.",
                               ["kind"], registry=r)
-        self.in_flight = Gauge("case_proxy_in_flight_requests", "Requests being proxied now.", registry=r)
+        # multiprocess_mode only matters with several workers: in flight sums, ready holds
+        # only if every live worker sees the backend ready.
+        self.in_flight = Gauge("case_proxy_in_flight_requests", "Requests being proxied now.", registry=r,
+                               multiprocess_mode="livesum")
         self.backend_ready = Gauge("case_proxy_backend_ready",
-                                   "1 when the backend lists the admitted model, else 0.", registry=r)
+                                   "1 when the backend lists the admitted model, else 0.", registry=r,
+                                   multiprocess_mode="livemin")
         self.admission_info = Gauge("case_proxy_admission_info", "The admission this proxy enforces.",
-                                    ["provider", "model", "admission_status", "provider_class"], registry=r)
+                                    ["provider", "model", "admission_status", "provider_class"], registry=r,
+                                    multiprocess_mode="livemax")
         self.admission_info.labels(admission.provider, admission.model, admission.admission_status.value,
                                    admission.provider_class).set(1)
         # Pre-create the label sets alerts and dashboards look for, so they read 0, not absent.
@@ -69,4 +82,8 @@ class ProxyMetrics:
         child.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(self._multiprocess_dir))
+        return generate_latest(merged)

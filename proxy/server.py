@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -32,6 +34,7 @@ log = logging.getLogger("case_proxy")
 
 EXIT_CONFIG = 2
 EXIT_BLOCKED = 3
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 class StartupError(Exception):
@@ -71,6 +74,15 @@ def check_static(settings: ProxySettings) -> tuple[list[str], list[str]]:
     return problems, gates
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes a process one of several workers: it shares the port (SO_REUSEPORT)
+    and writes its metrics where the others' are summed."""
+
+    index: int
+    metrics_dir: Path
+
+
 @dataclass
 class RunningProxy:
     state: ProxyState
@@ -92,7 +104,7 @@ class RunningProxy:
         await self.runner.cleanup()
 
 
-async def start_proxy(settings: ProxySettings) -> RunningProxy:
+async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None) -> RunningProxy:
     """Check every gate, open the evidence log, start the server. Raises StartupError."""
     problems, gates = check_static(settings)
     if problems or gates:
@@ -111,13 +123,14 @@ async def start_proxy(settings: ProxySettings) -> RunningProxy:
                 kind="proxy_start", time=utc_now_rfc3339(), admission_provider=admission.provider,
                 admission_model=admission.model, admission_status=admission.admission_status.value,
                 provider_class=admission.provider_class, upstream_class=target.upstream_class.value,
-                upstream_fingerprint=target.fingerprint, pid=os.getpid()))
+                upstream_fingerprint=target.fingerprint, pid=os.getpid(),
+                worker=worker.index if worker is not None else None))
         except (ChainError, OSError) as exc:
             raise StartupError([f"CASE_PROXY_EVIDENCE_FILE: cannot record evidence: {redactor.redact(str(exc))}"],
                                EXIT_CONFIG) from None
     else:
         log.warning("evidence recording is OFF (benchmark setting): this proxy proves nothing")
-    metrics = ProxyMetrics(admission)
+    metrics = ProxyMetrics(admission, worker.metrics_dir if worker is not None else None)
     upstream = Upstream(target, settings)
     await upstream.start()
     limits = settings.limits
@@ -145,7 +158,7 @@ async def start_proxy(settings: ProxySettings) -> RunningProxy:
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
                            shutdown_timeout=limits.drain_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=worker is not None)
     try:
         await site.start()
     except OSError as exc:
@@ -157,28 +170,38 @@ async def start_proxy(settings: ProxySettings) -> RunningProxy:
     return RunningProxy(state=state, runner=runner, port=port, host=settings.host)
 
 
-async def serve_forever(settings: ProxySettings) -> int:
+async def serve_forever(settings: ProxySettings, worker: WorkerRole | None = None,
+                        on_ready: Callable[[], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. A worker tells its supervisor it is ready through
+    ``on_ready``; a lone proxy prints the line scripts wait for."""
+    # Handlers first, so a stop asked for during start-up still ends in a proxy_stop
+    # record; a forked worker keeps these signals blocked until here.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
-        proxy = await start_proxy(settings)
+        proxy = await start_proxy(settings, worker)
     except StartupError as exc:
         for line in exc.problems:
             print(f"case-proxy: {line}", file=sys.stderr)
         return exc.exit_code
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"CASE_PROXY_LISTENING {proxy.base_url}", flush=True)
-    log.info("listening on %s, admitted model %s", proxy.base_url, proxy.state.admission.model)
+    if on_ready is not None:
+        on_ready()
+    else:
+        print(f"CASE_PROXY_LISTENING {proxy.base_url}", flush=True)
+    log.info("listening on %s, admitted model %s%s", proxy.base_url, proxy.state.admission.model,
+             f" (worker {worker.index})" if worker is not None else "")
     await stop.wait()
     log.info("stopping: draining open requests for up to %.0fs", settings.limits.drain_timeout_s)
     await proxy.stop()
     return 0
 
 
-def run(settings: ProxySettings) -> int:
+def run(settings: ProxySettings, worker: WorkerRole | None = None, on_ready: Callable[[], None] | None = None) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.run(serve_forever(settings))
-    return uvloop.run(serve_forever(settings))
+        return asyncio.run(serve_forever(settings, worker, on_ready))
+    return uvloop.run(serve_forever(settings, worker, on_ready))

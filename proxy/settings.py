@@ -50,6 +50,8 @@ class ProxySettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535)
+    # Worker processes sharing the port (SO_REUSEPORT). One evidence chain per worker.
+    workers: int = Field(default=1, ge=1, le=64)
     decision_file: Path
     admission_file: Path
     base_url: SecretStr
@@ -114,7 +116,7 @@ def _secret(env: Mapping[str, str], var: str, file_var: str, file_from_toml: str
 
 
 _TOML_KEYS = {
-    "server": {"host", "port"},
+    "server": {"host", "port", "workers"},
     "files": {"decision_file", "admission_file", "evidence_file", "token_file", "api_key_file"},
     "upstream": {"base_url", "allow_hosts"},
     "limits": set(Limits.model_fields),
@@ -143,7 +145,8 @@ def _load_toml(path: Path, problems: list[str]) -> dict[str, Any]:
 
 
 def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None = None,
-                  host: str | None = None, port: int | None = None) -> ProxySettings:
+                  host: str | None = None, port: int | None = None,
+                  workers: int | None = None) -> ProxySettings:
     """Build settings or raise ConfigError listing every problem found."""
     env = os.environ if env is None else env
     problems: list[str] = []
@@ -158,6 +161,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
     values: dict[str, Any] = {
         "host": host or server.get("host", "127.0.0.1"),
         "port": port if port is not None else server.get("port", 8787),
+        "workers": workers if workers is not None else server.get("workers", 1),
         "allow_hosts": tuple(upstream.get("allow_hosts", ())),
         "limits": toml.get("limits", {}),
         **toml.get("proof", {}),

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -136,3 +141,65 @@ async def make_proxy(scripted_backend: Any, tmp_path: Path) -> AsyncIterator[Mak
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy) -> ProxyUnderTest:
     return await make_proxy()
+
+
+# --- the proxy as a subprocess, as operators run it ---
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def proxy_env(tmp_path: Path, base_url: str, **extra: str) -> dict[str, str]:
+    d, a = write_artifacts(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTO_HARNESS_", "CASE_PROXY_"))}
+    env.update({
+        "CTO_HARNESS_CASE_DECISION_FILE": str(d),
+        "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE": str(a),
+        "CTO_HARNESS_CASE_LOCAL_BASE_URL": base_url,
+        "CASE_PROXY_TOKEN": "cpt-" + secrets.token_hex(16),
+        "CASE_PROXY_EVIDENCE_FILE": str(tmp_path / "evidence.jsonl"),
+    })
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+class ProxyProcess:
+    """`python -m proxy serve` on a free port; stderr goes to a file we can scan."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.env, self.log_path, self.args = env, log_path, args
+        self.proc: subprocess.Popen[str] | None = None
+        self.base_url = ""
+
+    async def start(self) -> None:
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0", *self.args],
+            env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)
+        assert line.startswith("CASE_PROXY_LISTENING "), f"unexpected: {line!r}; log: {self.log_path.read_text()}"
+        self.base_url = line.split()[1]
+        async with aiohttp.ClientSession() as s:
+            for _ in range(200):
+                async with s.get(self.base_url.removesuffix("/v1") + "/readyz") as r:
+                    if r.status == 200:
+                        return
+                await asyncio.sleep(0.05)
+        raise AssertionError("proxy never became ready")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+        return self.proc.returncode
