@@ -238,13 +238,16 @@ def start_nginx(tmp: Path) -> Proc:
 
 
 def start_proxy(tmp: Path, name: str, backend_url: str, token: str, *, metrics: bool = True,
-                evidence: bool = True, max_concurrency: int = 4096) -> Proc:
-    """``python -m proxy serve`` with its own config and its own evidence file."""
+                evidence: bool = True, max_concurrency: int = 4096, workers: int = 1) -> Proc:
+    """``python -m proxy serve`` with its own config and its own evidence file (one per
+    worker when ``workers`` > 1)."""
     d = tmp / name
     d.mkdir()
     cfg = d / "proxy.toml"
     cfg.write_text(
         "# written by the bench\n"
+        "[server]\n"
+        f"workers = {workers}\n"
         "[limits]\n"
         f"max_concurrency = {max_concurrency}\n"
         "[proof]\n"

@@ -160,8 +160,22 @@ def render_markdown(results: dict[str, Any]) -> str:
                 "", f"Evidence and metrics take {share * 100:.1f} % of the proxy's CPU per request "
                 f"(median over rounds)." if not math.isnan(share) else "Proof share: n/a."]
     s5 = results.get("scenario5")
-    if s5:
+    if s5 and not s5.get("measured"):
         out += ["", "## 5. Cores", "", f"Not measured: {s5['reason']}."]
+    elif s5:
+        out += ["", f"## 5. Cores (one worker against {s5['cores']}, SO_REUSEPORT)", "",
+                "| connections | workers | requests/s | p50 | p99 | CPU per request |", "|---|---|---|---|---|---|"]
+        for conc, e in s5["by_concurrency"].items():
+            for name, row in e["summary"].items():
+                out.append(f"| {conc} | {name.removeprefix('workers_')} | {_cell(row['rps'], 'n')} | "
+                           f"{_cell(row['p50_us'])} | {_cell(row['p99_us'])} | {_cell(row['cpu_us_per_request'])} |")
+        for conc, e in s5["by_concurrency"].items():
+            if "rps_per_core_over_one" in e:
+                out.append(f"\nAt {conc} connections, {s5['cores']} workers serve "
+                           f"{_fmt_ratio(_median(e['rps_per_core_over_one']))} the requests/s of one "
+                           "(median of per-round ratios).")
+        out += ["", f"Here {s5['note']}: the load generator competes with the workers for the same cores, "
+                "so this scaling is a floor."]
     return "\n".join(out) + "\n"
 
 

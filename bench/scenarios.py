@@ -10,6 +10,7 @@ from another run or another machine.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,12 +36,13 @@ class BenchSettings:
     stream_delay_ms: float = 5.0
     body_sizes: list[int] = field(default_factory=lambda: [256 * 1024, 1024 * 1024, 8 * 1024 * 1024])
     litellm: bool = True
+    core_concurrencies: list[int] = field(default_factory=lambda: [64, 256])
 
     @classmethod
     def quick_settings(cls) -> BenchSettings:
         """A few minutes instead of half an hour; same scenarios, fewer points."""
         return cls(quick=True, rounds=2, duration_s=2.0, concurrencies=[1, 64], stream_counts=[100],
-                   body_sizes=[1024 * 1024])
+                   body_sizes=[1024 * 1024], core_concurrencies=[64])
 
 
 def _wrk_row(res: WrkResult, cpu_s: float) -> dict[str, Any]:
@@ -233,9 +235,34 @@ class Bench:
 
     # Scenario 5 -----------------------------------------------------------------------
     def cores(self) -> dict[str, Any]:
-        return {"measured": False,
-                "reason": "the proxy has one worker only: no multi-worker (SO_REUSEPORT) mode exists yet, "
-                          "so there is no scaling to measure"}
+        """One worker against one worker per core (SO_REUSEPORT), same load, rounds
+        interleaved. wrk and nginx run on the same cores, so the scaling seen here is a
+        floor: on a machine with cores to spare for the load, it is higher."""
+        nginx = self.nginx
+        cores = os.cpu_count() or 1
+        counts = sorted({1, cores})
+        procs = {n: self.proxy(f"proxy-s5-w{n}", nginx.url, workers=n) for n in counts}
+        body = write_body(self.tmp, "small5.json", chat_body("Say hello in one short sentence."))
+        for proc in procs.values():
+            run_wrk(proc.url + "/chat/completions", body, 16, 1, self.token)
+        by_conc: dict[str, Any] = {}
+        for conc in self.s.core_concurrencies:
+            rows: dict[str, list[dict[str, Any]]] = {f"workers_{n}": [] for n in counts}
+            for rnd in range(self.s.rounds):
+                for n, proc in procs.items():
+                    res, cpu = measured_wrk(proc, proc.url + "/chat/completions", body, conc, self.s.duration_s,
+                                            self.token)
+                    rows[f"workers_{n}"].append(_wrk_row(res, cpu))
+                self.log(f"  c={conc} round {rnd + 1}: " + ", ".join(
+                    f"{k} {v[-1]['rps']:,.0f} rps p99 {v[-1]['p99_us']:,.0f} us" for k, v in rows.items()))
+            entry: dict[str, Any] = {"rounds": rows, "summary": {k: _summaries(v) for k, v in rows.items()}}
+            if cores > 1:
+                entry["rps_per_core_over_one"] = _paired(rows[f"workers_{cores}"], rows["workers_1"], "rps", ratio)
+            by_conc[str(conc)] = entry
+        for proc in procs.values():
+            self.release(proc)
+        return {"measured": True, "cores": cores, "worker_counts": counts, "by_concurrency": by_conc,
+                "note": "wrk (2 threads) and nginx share these cores with the proxy workers"}
 
 
 def _us(row: dict[str, Any], group: str, q: str) -> str:

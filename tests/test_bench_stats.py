@@ -105,3 +105,23 @@ def test_results_are_written_whole_and_as_strict_json(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
     assert json_clean({"a": [float("inf"), 1.5]}) == {"a": [None, 1.5]}
     assert render_markdown(results) == text
+
+
+def test_cores_section_shows_each_worker_count_and_the_scaling() -> None:
+    def row(rps: float) -> dict:
+        one = {"median": rps, "min": rps, "max": rps, "rounds": 1}
+        return {"rps": one, "p50_us": dict(one, median=900.0), "p99_us": dict(one, median=2000.0),
+                "cpu_us_per_request": dict(one, median=250.0)}
+
+    results = _results(250.0, 3000.0, None)
+    del results["scenario1"], results["scenario4"]
+    results["targets"] = []
+    results["scenario5"] = {"measured": True, "cores": 2, "worker_counts": [1, 2], "note": "wrk shares the cores",
+                            "by_concurrency": {"64": {"summary": {"workers_1": row(3000.0), "workers_2": row(5400.0)},
+                                                      "rps_per_core_over_one": {"median": 1.8, "min": 1.7,
+                                                                                "max": 1.9, "rounds": 2}}}}
+    text = render_markdown(results)
+    assert "## 5. Cores (one worker against 2, SO_REUSEPORT)" in text
+    assert "| 64 | 1 | 3,000 |" in text and "| 64 | 2 | 5,400 |" in text
+    assert "At 64 connections, 2 workers serve 1.80x the requests/s of one" in text
+    assert "Not measured" not in text
