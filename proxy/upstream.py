@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 import aiohttp
+from yarl import URL
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
@@ -50,6 +51,7 @@ class Upstream:
         key = settings.backend_api_key.get_secret_value() if settings.backend_api_key else None
         self._auth: dict[str, str] = {"Authorization": f"Bearer {key}"} if key else {}
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
 
     async def start(self) -> None:
         limits = self._settings.limits
@@ -74,8 +76,15 @@ class Upstream:
             raise RuntimeError("upstream client not started")
         return self._session
 
-    def url(self, path: str) -> str:
-        return self.target.url(path)
+    def url(self, path: str) -> URL:
+        """The parsed URL for a path, kept: forwarded paths are a handful, and parsing
+        one per request is measurable. Bounded in case that ever stops being true."""
+        url = self._urls.get(path)
+        if url is None:
+            url = URL(self.target.url(path))
+            if len(self._urls) < 64:
+                self._urls[path] = url
+        return url
 
     def headers(self, extra: dict[str, str]) -> dict[str, str]:
         """Client headers (already filtered) plus the backend key from configuration."""

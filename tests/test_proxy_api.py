@@ -87,6 +87,19 @@ async def test_streamed_tool_call_reassembles_through_the_sdk(proxy: ProxyUnderT
     assert proxy.metric("case_proxy_tokens_total", kind="completion") == usage.completion_tokens
 
 
+async def test_in_flight_gauge_counts_an_open_stream(proxy: ProxyUnderTest) -> None:
+    proxy.backend.chunk_delay_s = 0.05
+    assert proxy.metric("case_proxy_in_flight_requests") == 0
+    stream = await proxy.client().chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}],
+                                                          stream=True)
+    during = None
+    async for _ in stream:
+        if during is None:
+            during = proxy.metric("case_proxy_in_flight_requests")
+    assert during == 1
+    assert proxy.metric("case_proxy_in_flight_requests") == 0
+
+
 async def test_completions_embeddings_and_responses(proxy: ProxyUnderTest) -> None:
     client = proxy.client()
     comp = await client.completions.create(model=ADMITTED, prompt="def f():", max_tokens=8)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +12,8 @@ import pytest
 
 from proxy.admission import Admission
 from proxy.app import Draft, request_record_fields
-from proxy.evidence import EvidenceRecord
+from proxy.evidence import PROXY_GENERATED_FIELDS, EvidenceLog, EvidenceRecord, records_from_bytes, utc_now_rfc3339
+from proxy.hashchain import ChainError, HashChainWriter, read_chain
 from proxy.model_policy import Family, classify_family, decide_model
 from proxy.redact import REDACTED, Redactor
 from proxy.request_policy import Endpoint, forwardable_request_headers, provider_header, routing_override
@@ -155,9 +158,63 @@ def test_request_record_fields_are_a_valid_evidence_record() -> None:
     draft.endpoint, draft.decision, draft.reason, draft.forwarded = Endpoint.CHAT, "admitted", "ok", True
     draft.usage.prompt_tokens, draft.ttft_s = 12, 0.004
     fields = request_record_fields(state, draft, 0.01)  # type: ignore[arg-type]
-    record = EvidenceRecord.model_validate({k: v for k, v in fields.items() if v is not None})
+    assert None not in fields.values()
+    record = EvidenceRecord.model_validate(fields)
     assert record.upstream_class == "loopback" and record.usage is not None and record.usage.prompt_tokens == 12
     assert record.usage.completion_tokens is None and record.ttft_ms == 4.0
+
+
+def _free_text_fields() -> list[str]:
+    """EvidenceRecord's string fields the per-request pre-check must read."""
+    return [name for name, f in EvidenceRecord.model_fields.items()
+            if name not in PROXY_GENERATED_FIELDS and f.annotation in (str, str | None)]
+
+
+def test_the_skipped_fields_are_never_free_text_from_outside() -> None:
+    """Skipping a field is sound only for values the proxy makes: every skipped string
+    field is one the proxy fills from its own vocabulary or clock, never a request's."""
+    skipped_strings = {name for name, f in EvidenceRecord.model_fields.items()
+                       if name in PROXY_GENERATED_FIELDS and f.annotation in (str, str | None)}
+    assert skipped_strings == {"time", "endpoint", "family", "upstream_class", "upstream_fingerprint"}
+    assert {"request_id", "method", "path", "requested_model", "served_model", "target_host",
+            "reason"} <= set(_free_text_fields())
+
+
+@pytest.mark.parametrize("field", _free_text_fields())
+def test_a_secret_in_any_free_text_field_is_redacted_on_the_hot_path(tmp_path: Path, field: str) -> None:
+    log = EvidenceLog(tmp_path / "e.jsonl", Redactor([SECRET]))
+    log.open()
+    clean = {"kind": "request", "time": "2026-11-25T00:00:00.000Z", "request_id": "r1", "path": "/v1/models"}
+    log.write_fields(clean)
+    log.write_fields({**clean, field: f"x-{SECRET}-y"})
+    log.write_fields({**clean, field: "sk-ant-" + "q" * 24})  # a token shape, unregistered
+    log.close()
+    text = (tmp_path / "e.jsonl").read_text()
+    assert SECRET not in text and "sk-ant-qqqq" not in text and text.count(REDACTED) == 2
+    verdict, records = records_from_bytes((tmp_path / "e.jsonl").read_bytes())
+    assert verdict.ok and len(records) == 3
+
+
+def test_append_json_splices_the_chain_fields(tmp_path: Path) -> None:
+    writer = HashChainWriter(tmp_path / "c.jsonl")
+    writer.open()
+    writer.append_json(b'{"a":1}')
+    writer.append_json(b"{}")
+    writer.append({"b": 2})
+    with pytest.raises(ChainError):
+        writer.append_json(b"[1]")
+    writer.close()
+    verdict, records = read_chain(tmp_path / "c.jsonl")
+    assert verdict.ok and [r["seq"] for r in records] == [0, 1, 2]
+    assert records[0]["a"] == 1 and records[1] == {"seq": 1, "prev_sha256": records[1]["prev_sha256"]}
+
+
+def test_evidence_time_is_rfc3339_utc_with_milliseconds() -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    stamp = utc_now_rfc3339()
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
+    assert before <= datetime.fromisoformat(stamp.replace("Z", "+00:00")) <= after
 
 
 @pytest.mark.parametrize(("kind", "sample"), [
