@@ -118,7 +118,7 @@ class HashChainWriter:
 
     def check(self) -> None:
         """Raise ChainError unless the next append can land in the file we opened: the
-        descriptor and the path must both still be that (dev, inode), and it linked."""
+        descriptor and the path must both still name that (dev, inode), still linked."""
         if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
         try:
