@@ -694,7 +694,8 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     proxy_env = _helper_env(run_env, _PROXY_PASS_THROUGH)
     proxy_env[ENV_TOKEN] = token
     proxy_env[ENV_EVIDENCE_FILE] = str(evidence_path)
-    proxy_argv = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0"]
+    # One worker whatever the operator's config says: a run's proof is one evidence chain.
+    proxy_argv = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "1"]
     st.proxy = _start_helper(proxy_argv, proxy_env, run_dir / "proxy" / "proxy.log", LISTENING_PREFIX,
                              PROXY_LISTEN_TIMEOUT_S)
     st.sampler.roots.add(st.proxy.proc.pid)

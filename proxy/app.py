@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,7 +137,7 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
     started streaming."""
     state = request.app[STATE]
     rid = request.headers.get("X-Request-Id", "")
-    rid = rid if 0 < len(rid) <= 64 and rid.replace("-", "").isalnum() else uuid.uuid4().hex
+    rid = rid if 0 < len(rid) <= 64 and rid.replace("-", "").isalnum() else os.urandom(16).hex()
     draft = Draft(rid, time.perf_counter(), request.method, request.path[:200])
     request[DRAFT] = draft
     try:
@@ -203,7 +203,7 @@ def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> di
     values left out."""
     rec: dict[str, Any] = {
         "kind": "request", "request_id": draft.request_id, "time": utc_now_rfc3339(), "method": draft.method,
-        "endpoint": draft.endpoint.value, "path": draft.path, "alias_rewritten": draft.alias_rewritten,
+        "endpoint": draft.endpoint, "path": draft.path, "alias_rewritten": draft.alias_rewritten,
         "decision": draft.decision, "reason": draft.reason, "status": draft.status, "stream": draft.stream,
         "duration_ms": round(elapsed * 1000, 3), "client_disconnected": draft.client_disconnected,
     }
@@ -238,21 +238,21 @@ def _finish(state: ProxyState, draft: Draft) -> bool:
                 state.metrics.evidence_write_failures.inc()
     if state.settings.metrics_enabled and draft.path not in PUBLIC_PATHS:
         m = state.metrics
-        m.count_request(draft.endpoint.value, draft.outcome if ok else "unavailable")
+        m.count_request(draft.endpoint, draft.outcome if ok else "unavailable")
         if draft.fallback_reason:
             m.fallback_rejections.labels(draft.fallback_reason, draft.family or "other").inc()
         if draft.reason == "served_model_mismatch":
-            m.served_model_mismatches.labels(draft.endpoint.value).inc()
+            m.served_model_mismatches.labels(draft.endpoint).inc()
         if draft.upstream_error:
             m.upstream_errors.labels(draft.upstream_error).inc()
         if draft.forwarded:
-            m.observe_duration(draft.endpoint.value, elapsed)
+            m.observe_duration(draft.endpoint, elapsed)
             if draft.ttft_s is not None:
-                m.ttft.labels(draft.endpoint.value).observe(draft.ttft_s)
+                m.ttft.labels(draft.endpoint).observe(draft.ttft_s)
             if draft.usage.prompt_tokens:
-                m.tokens.labels("prompt").inc(draft.usage.prompt_tokens)
+                m.count_tokens("prompt", draft.usage.prompt_tokens)
             if draft.usage.completion_tokens:
-                m.tokens.labels("completion").inc(draft.usage.completion_tokens)
+                m.count_tokens("completion", draft.usage.completion_tokens)
     if draft.decision == "refused" or draft.outcome in ("upstream_error", "unavailable"):
         log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, draft.path, draft.status, draft.reason)
     return ok

@@ -63,8 +63,7 @@ class ProxyMetrics:
                        "external_provider_header", "forward_proxy_refused"):
             for family in ("anthropic", "openai", "google", "other"):
                 self.fallback_rejections.labels(reason, family)
-        for kind in ("prompt", "completion"):
-            self.tokens.labels(kind)
+        self._token_children = {kind: self.tokens.labels(kind) for kind in ("prompt", "completion")}
 
         # One process: the gauge reads the proxy's own count at scrape time, nothing per
         # request. Several workers: multiprocess files only see explicit updates.
@@ -91,6 +90,9 @@ class ProxyMetrics:
         if child is None:
             child = self._request_children[(endpoint, outcome)] = self.requests.labels(endpoint, outcome)
         child.inc()
+
+    def count_tokens(self, kind: str, n: int) -> None:
+        self._token_children[kind].inc(n)
 
     def observe_duration(self, endpoint: str, seconds: float) -> None:
         child = self._duration_children.get(endpoint)

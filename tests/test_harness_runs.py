@@ -245,3 +245,16 @@ def test_each_fixture_passes_and_its_report_recomputes(tmp_path: Path, fixture: 
     assert fresh == stored
     assert json.loads((outcome.run_dir / "report.json").read_text())["schema_version"] == 1
     assert Report.model_validate_json((outcome.run_dir / "report.json").read_bytes()).status == "pass"
+
+
+def test_an_operator_config_with_several_workers_still_gives_the_run_one_chain(tmp_path: Path) -> None:
+    """The harness's own proxy runs one worker whatever the operator's config says: a
+    run's proof is one evidence chain."""
+    arts = write_artifacts(tmp_path / "in")
+    config = tmp_path / "in" / "proxy.toml"
+    config.write_text("[server]\nworkers = 2\n")
+    env = {**base_env(arts), "CASE_PROXY_CONFIG": str(config)}
+    outcome = run(reference_profile(), env, tmp_path / "runs")
+    assert outcome.status == "pass", report_of(outcome.run_dir).reasons
+    assert report_of(outcome.run_dir).chains.evidence_ok
+    assert not list(outcome.run_dir.rglob("*.worker*.jsonl"))
