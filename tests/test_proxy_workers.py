@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,27 @@ async def test_workers_share_the_port_record_their_own_chains_and_sum_metrics(sc
     verified = cli("verify-evidence", *map(str, files), env=dict(os.environ))
     assert verified.returncode == 0 and verified.stdout.count("chain intact") == 2
     assert list(metrics_tmp.iterdir()) == [], "the metrics directory is removed at stop"
+
+
+@pytest.mark.prometheus
+async def test_the_summed_exposition_passes_promtool(scripted_backend, tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run `make system-deps` (Debian package prometheus)")
+    env = proxy_env(tmp_path, scripted_backend.base_url)
+    proc = ProxyProcess(env, tmp_path / "proxy.log", "--workers", "2")
+    await proc.start()
+    try:
+        for model in (ADMITTED, ADMITTED, "claude-sonnet-4-6", "gpt-4o"):
+            await _one_request(proc.base_url, env["CASE_PROXY_TOKEN"], model)
+        async with aiohttp.ClientSession() as s, s.get(proc.base_url.removesuffix("/v1") + "/metrics") as r:
+            text = await r.text()
+    finally:
+        await asyncio.to_thread(proc.stop)
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert _sample(text, "case_proxy_fallback_rejections_total", reason="model_not_admitted", family="openai") == 1
+    assert _sample(text, "case_proxy_request_duration_seconds_count", endpoint="chat_completions") == 2
 
 
 async def test_a_worker_that_dies_stops_every_worker(scripted_backend, tmp_path: Path) -> None:
