@@ -474,6 +474,12 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
 
 
 async def _read_limited(resp, idle_s: float, limit: int) -> bytes:  # type: ignore[no-untyped-def]
+    content = resp.content
+    if content.is_eof():  # the whole body came with the headers: no wait, so no timer
+        data = content.read_nowait()
+        if len(data) > limit:
+            raise ValueError("backend response exceeds the size limit")
+        return data
     chunks: list[bytes] = []
     size = 0
     async with asyncio.timeout(idle_s) as cm:

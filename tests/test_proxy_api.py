@@ -11,6 +11,7 @@ import json
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from tests.proxy_support import ADMITTED, ProxyUnderTest, make_proxy, proxy  # noqa: F401
 
@@ -204,6 +205,56 @@ async def test_unreachable_backend_is_a_clear_502(make_proxy) -> None:  # noqa: 
         await proxy.client().chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 502 and info.value.code == "backend_unreachable"
     assert proxy.metric("case_proxy_upstream_errors_total", kind="connect") == 1
+
+
+async def _backend_sending_bodies_in_parts(stall_after_first: bool) -> tuple[web.AppRunner, str]:
+    """A raw backend (test fixture) whose non-streaming answers arrive in two parts 0.2 s
+    apart; with ``stall_after_first`` every answer after the first stops mid-body."""
+    answered = 0
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": ADMITTED, "object": "model", "owned_by": "t"}]})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        nonlocal answered
+        answered += 1
+        body = json.dumps({"id": "c1", "object": "chat.completion", "created": 0, "model": ADMITTED,
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": "in parts"}}],
+                           "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}).encode()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[:25])
+        await asyncio.sleep(0.2 if answered == 1 or not stall_after_first else 30)
+        await resp.write(body[25:])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)  # the stalled handler is cut at cleanup
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/v1"
+
+
+async def test_a_body_in_parts_is_read_whole_and_a_stalled_one_times_out(make_proxy) -> None:  # noqa: F811
+    runner, url = await _backend_sending_bodies_in_parts(stall_after_first=True)
+    try:
+        proxy = await make_proxy(base_url=url, limits={"idle_timeout_s": 1.0})
+        done = await proxy.client().chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}])
+        assert done.choices[0].message.content == "in parts" and done.usage is not None
+        assert done.usage.total_tokens == 5
+        with pytest.raises(openai.InternalServerError) as info:
+            await proxy.client().chat.completions.create(model=ADMITTED, messages=[{"role": "user", "content": "x"}])
+        assert info.value.status_code == 504 and info.value.code == "backend_timeout"
+        assert [r["status"] for r in proxy.requests_evidence()] == [200, 504]
+    finally:
+        await runner.cleanup()
 
 
 async def test_first_byte_timeout_is_504(make_proxy) -> None:  # noqa: F811
