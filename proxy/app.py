@@ -321,9 +321,25 @@ async def websocket_refused(request: web.Request) -> web.Response:
                   "WebSocket transport is not offered; use POST /v1/responses", headers={"Allow": "POST"})
 
 
+def allowed_methods(path: str) -> str | None:
+    """The methods a known path takes (for 405 and ``Allow``), None for an unknown path."""
+    if path in FORWARDED:
+        return "POST"
+    if path in PUBLIC_PATHS or path == "/v1/models" or (path.startswith("/v1/models/") and len(path) > 11):
+        return "GET, HEAD"
+    return None
+
+
 async def not_found(request: web.Request) -> web.Response:
+    """Unknown paths are plain 404s; a known path with the wrong method is a 405 that
+    says which method it takes. Neither reaches the backend."""
     state = request.app[STATE]
     draft: Draft = request[DRAFT]
+    allow = allowed_methods(request.path)
+    if allow is not None:
+        return _error(state, draft, "method_not_allowed",
+                      f"method {request.method} is not allowed on {request.path[:200]}; use {allow}",
+                      headers={"Allow": allow})
     return _error(state, draft, "unknown_url", f"unknown endpoint {request.method} {request.path[:200]}")
 
 

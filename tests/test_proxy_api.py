@@ -169,6 +169,22 @@ async def test_side_door_paths_are_plain_404s(proxy: ProxyUnderTest, path: str) 
                         family="anthropic") == 0
 
 
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/embeddings", "POST"),
+    ("POST", "/v1/models", "GET, HEAD"), ("DELETE", "/v1/models/qwen3.6-35b-a3b", "GET, HEAD"),
+])
+async def test_a_known_path_with_the_wrong_method_is_a_405_naming_the_right_one(
+        proxy: ProxyUnderTest, method: str, path: str, allow: str) -> None:
+    before = len(proxy.backend.requests)
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, proxy.root_url + path, headers={"Authorization": f"Bearer {proxy.token}"}) as r:
+            assert r.status == 405 and r.headers["Allow"] == allow
+            err = (await r.json())["error"]
+    assert err["code"] == "method_not_allowed" and allow in err["message"]
+    assert len(proxy.backend.requests) == before
+    assert proxy.requests_evidence()[-1]["status"] == 405
+
+
 async def test_post_to_unknown_path_never_reaches_backend(proxy: ProxyUnderTest) -> None:
     before = len(proxy.backend.requests)
     with pytest.raises(openai.NotFoundError):
