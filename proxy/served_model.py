@@ -29,8 +29,16 @@ def _decode_json_string(raw: bytes) -> str:
 
 def scan_model(event: bytes) -> str | None:
     """The model an SSE event (or JSON body) names, or None if it names none."""
-    m = _MODEL_RE.search(event)
-    return _decode_json_string(m.group(1)) if m else None
+    start = event.find(b'"model"')  # the regex needs this literal: find it at C speed first
+    if start < 0:
+        return None
+    m = _MODEL_RE.search(event, start)
+    if m is None:
+        return None
+    raw = m.group(1)
+    # Without escapes a JSON string is its UTF-8 bytes; decoding them directly is what
+    # _decode_json_string returns for them too (invalid UTF-8 included).
+    return raw.decode("utf-8", "replace") if b"\\" not in raw else _decode_json_string(raw)
 
 
 @dataclass(slots=True)
@@ -71,7 +79,7 @@ def _find_usage(obj: object) -> object:
 
 def usage_from_event(event: bytes, totals: UsageTotals) -> None:
     """Parse an event only when its bytes carry a usage object (normally the last one)."""
-    if not _USAGE_MARK.search(event):
+    if b'"usage"' not in event or not _USAGE_MARK.search(event):
         return
     for line in event.splitlines():
         if line.startswith(b"data:"):
@@ -90,6 +98,10 @@ class SSESplitter:
     _buf: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes) -> list[bytes]:
+        # The usual read is exactly one whole event: hand it on without copying.
+        if (not self._buf and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2
+                and b"\r" not in data and len(data) <= self.max_event_bytes):
+            return [data]
         self._buf += data
         events: list[bytes] = []
         start = 0

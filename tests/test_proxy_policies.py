@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+import orjson
 import pytest
 
 from proxy.admission import Admission
@@ -118,6 +120,48 @@ def test_served_model_scan_and_sse_splitting() -> None:
     assert splitter.rest() == b""
     with pytest.raises(ValueError):
         SSESplitter(16).feed(b"data: " + b"x" * 32)
+
+
+def _reference_events(stream: bytes) -> tuple[list[bytes], bytes]:
+    """Whole events by the SSE rule (the earliest CRLFCRLF, LFLF or CRCR ends one)."""
+    events, start = [], 0
+    while (m := re.compile(rb"\r\n\r\n|\n\n|\r\r").search(stream, start)) is not None:
+        events.append(stream[start:m.end()])
+        start = m.end()
+    return events, stream[start:]
+
+
+def test_sse_splitting_matches_the_rule_for_any_cut_of_the_stream() -> None:
+    """The one-whole-event shortcut and the buffered path agree with the rule, wherever
+    the reads happen to cut the stream (seeded, so a failure reproduces)."""
+    rng = random.Random(20261125)
+    pieces = [b"data: {\"model\":\"m\",\"n\":%d}" % i for i in range(40)]
+    for trial in range(300):
+        seps = [rng.choice([b"\n\n", b"\n\n", b"\r\n\r\n", b"\r\r", b"\n"]) for _ in pieces]
+        stream = b"".join(p + sep for p, sep in zip(pieces, seps, strict=True))
+        if trial % 2:
+            cuts = sorted(rng.sample(range(1, len(stream)), 12))
+        else:  # mostly whole events per read, as engines send them
+            cuts = [i for i in range(1, len(stream)) if stream[i - 2:i] == b"\n\n" and rng.random() < 0.8]
+        splitter = SSESplitter(1 << 20)
+        got: list[bytes] = []
+        for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            got += splitter.feed(stream[a:b])
+        expected, rest = _reference_events(stream)
+        assert got == expected and splitter.rest() == rest
+
+
+@pytest.mark.parametrize("value", [b"qwen3.6-35b-a3b", b"claude\\u002dsonnet", b"caf\xc3\xa9", b"bad\xff",
+                                   b"tab\tin", b"q\\\"x", b""])
+def test_model_scan_decodes_as_json_would(value: bytes) -> None:
+    event = b'data: {"id":"x","model":"' + value + b'","choices":[]}\n\n'
+    raw = re.search(rb'"model"\s*:\s*"((?:[^"\\]|\\.){0,400})"', event)
+    assert raw is not None
+    try:
+        expected = orjson.loads(b'"' + raw.group(1) + b'"')
+    except orjson.JSONDecodeError:
+        expected = raw.group(1).decode("utf-8", "replace")
+    assert scan_model(event) == expected
 
 
 CLEAN_RECORD = {"kind": "request", "path": "/v1/chat/completions", "reason": "ok", "usage": {"prompt_tokens": 3},
