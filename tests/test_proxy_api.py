@@ -293,6 +293,17 @@ async def test_idle_stream_is_terminated_with_an_error_event(make_proxy) -> None
     assert proxy.requests_evidence()[-1]["reason"] == "backend_timeout"
 
 
+async def test_a_slow_steady_stream_outlives_the_idle_limit(make_proxy) -> None:  # noqa: F811
+    """Chunks 0.2 s apart under a 0.3 s idle limit: the stream lasts over a second and is
+    never cut, however lazily the deadline moves."""
+    proxy = await make_proxy(limits={"idle_timeout_s": 0.3})
+    proxy.backend.chunk_delay_s, proxy.backend.chunks = 0.2, 6
+    stream = await proxy.client().chat.completions.create(
+        model=ADMITTED, messages=[{"role": "user", "content": "x"}], stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text and proxy.requests_evidence()[-1]["reason"] == "ok"
+
+
 async def test_engine_killed_mid_stream_ends_the_stream_with_an_error(proxy: ProxyUnderTest) -> None:
     proxy.backend.drop_after_chunks = 2
     stream = await proxy.client().chat.completions.create(
