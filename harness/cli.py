@@ -20,15 +20,12 @@ from typing import TYPE_CHECKING
 
 from proxy.settings import env_path
 
+from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS
 from .profile import DEFAULT_FIXTURE, REFERENCE_PROFILE_PATH, ProfileError, RunProfile, load_run_profile
 
 if TYPE_CHECKING:
     from .report import Report
 
-EXIT_OK = 0
-EXIT_FAIL = 1
-EXIT_USAGE = 2
-EXIT_BLOCKED = 3
 
 ENV_PROFILE = "CASE_HARNESS_PROFILE"
 DEFAULT_RUNS_DIR = Path("harness-runs")
@@ -109,7 +106,7 @@ def cmd_preflight(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     result = preflight(env, profile)
     if result.ok:
         print(f"ok: every gate holds ({len(result.checked)} checked: {', '.join(result.checked)})")
-        return EXIT_OK
+        return EXIT_PASS
     for failure in result.failures:
         print(f"blocked: {failure.code}: {failure.message}")
     return EXIT_BLOCKED
@@ -147,7 +144,7 @@ def cmd_verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                         admission_path=args.admission_file or env_path(env, ENV_ADMISSION_FILE))
     if result.ok:
         print(f"ok: {args.run_dir}: the report recomputes from the evidence and both hash chains hold")
-        return EXIT_OK
+        return EXIT_PASS
     for problem in result.problems:
         print(f"problem: {problem}")
     return EXIT_FAIL
@@ -175,7 +172,7 @@ def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         args.html.parent.mkdir(parents=True, exist_ok=True)
         args.html.write_text(render_html(report), encoding="utf-8")
         print(f"html: {args.html}")
-    return EXIT_OK
+    return EXIT_PASS
 
 
 def cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -195,7 +192,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         return COMMANDS[args.command](args, env)
     except UsageError as exc:
         print(f"case-harness: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         print("case-harness: interrupted", file=sys.stderr)
         return 130

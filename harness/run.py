@@ -73,15 +73,11 @@ from .fixture_catalog import AcceptanceResult, Fixture, export_commit, head_comm
 from .gates import PreflightResult, run_preflight
 from .profile import CaseProfile, RunProfile
 from .report import collect_inputs, compute_report, render_text, report_json
+from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
 from .secret_scan import SecretSet, TextScanner, collect_secrets, scan_run_dir
 
 # --------------------------------------------------------------------------- constants
 
-EXIT_PASS = 0
-EXIT_FAIL = 1
-EXIT_CONFIG = 2
-EXIT_BLOCKED = 3
-STATUS_EXIT = {"pass": EXIT_PASS, "fail": EXIT_FAIL, "blocked": EXIT_BLOCKED}
 
 PROBE_TIMEOUT_S = 5.0
 PROBE_MAX_BYTES = 4 * 1024 * 1024
