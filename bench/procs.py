@@ -17,13 +17,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from harness.run import http_get  # loopback GET that ignores the environment's proxies
+from harness.run import http_get, http_request  # loopback HTTP that ignores the environment's proxies
 
 from .stats import proc_cpu_seconds, proc_status_kb
 
@@ -67,12 +65,7 @@ def http_post_json(url: str, body: bytes, token: str | None, timeout: float = 10
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    return http_request("POST", url, body=body, headers=headers, timeout_s=timeout)
 
 
 def cpu_seconds(pid: int) -> float:

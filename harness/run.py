@@ -154,7 +154,13 @@ def _utc_stamp() -> str:
 
 def http_get(url: str, *, headers: Mapping[str, str] | None = None, timeout_s: float = PROBE_TIMEOUT_S,
              max_bytes: int = PROBE_MAX_BYTES) -> tuple[int, bytes]:
-    """GET ``url`` with a total deadline, no redirects and no proxy from the environment.
+    """GET ``url``; see :func:`http_request`."""
+    return http_request("GET", url, headers=headers, timeout_s=timeout_s, max_bytes=max_bytes)
+
+
+def http_request(method: str, url: str, *, body: bytes | None = None, headers: Mapping[str, str] | None = None,
+                 timeout_s: float = PROBE_TIMEOUT_S, max_bytes: int = PROBE_MAX_BYTES) -> tuple[int, bytes]:
+    """One request with a total deadline, no redirects and no proxy from the environment.
 
     ``http.client`` directly: urllib would honour the harness's own HTTP(S)_PROXY, and a
     probe of the backend must reach the backend or nothing. Errors never carry the URL
@@ -168,7 +174,7 @@ def http_get(url: str, *, headers: Mapping[str, str] | None = None, timeout_s: f
     conn = cls(parts.hostname, parts.port, timeout=timeout_s)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        conn.request("GET", path, headers=dict(headers or {}))
+        conn.request(method, path, body=body, headers=dict(headers or {}))
         resp = conn.getresponse()
         chunks: list[bytes] = []
         size = 0
