@@ -174,7 +174,8 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
     if request.path in PUBLIC_PATHS:
         draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
         return await handler(request)
-    ext = external_endpoint(request.path)
+    # The forwarded routes are OpenAI paths by definition: only other paths need the scan.
+    ext = None if request.path in FORWARDED else external_endpoint(request.path)
     if ext is not None:
         return _refuse(state, draft, ext)
     token = bearer_token(request.headers.get("Authorization"))

@@ -131,12 +131,18 @@ class ServedCheck:
     message: str = ""
 
 
+_SERVED_OK: dict[str, ServedCheck] = {}
+
+
 def check_served(served: str | None, admitted: str) -> ServedCheck:
     if served is None:
         return ServedCheck(False, None, "the backend response does not name the model that served it")
     if served != admitted:
         return ServedCheck(False, served, "the backend reports a model other than the admitted one; response withheld")
-    return ServedCheck(True, served)
+    ok = _SERVED_OK.get(admitted)
+    if ok is None:  # one admitted model per proxy: built once, not per response
+        ok = _SERVED_OK[admitted] = ServedCheck(True, admitted)
+    return ok
 
 
 def check_json_body(body: bytes, admitted: str, totals: UsageTotals) -> ServedCheck:

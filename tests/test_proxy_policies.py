@@ -18,7 +18,14 @@ from proxy.evidence import PROXY_GENERATED_FIELDS, EvidenceLog, EvidenceRecord, 
 from proxy.hashchain import ChainError, HashChainWriter, read_chain
 from proxy.model_policy import Family, classify_family, decide_model
 from proxy.redact import REDACTED, Redactor
-from proxy.request_policy import Endpoint, forwardable_request_headers, provider_header, routing_override
+from proxy.request_policy import (
+    FORWARDED,
+    Endpoint,
+    external_endpoint,
+    forwardable_request_headers,
+    provider_header,
+    routing_override,
+)
 from proxy.served_model import SSESplitter, scan_model
 from proxy.upstream_policy import UpstreamRefusal, UpstreamTarget, check_resolved_address, classify_upstream
 
@@ -108,6 +115,12 @@ def test_known_provider_hosts_stay_refused_even_when_listed() -> None:
     local = classify_upstream("http://localhost:8000/v1")
     assert isinstance(local, UpstreamTarget)
     assert check_resolved_address(local, "127.0.0.1") and not check_resolved_address(local, "93.184.216.34")
+
+
+def test_forwarded_routes_are_never_other_providers_endpoints() -> None:
+    """_dispatch skips the endpoint scan for the forwarded routes on this ground."""
+    assert [p for p in FORWARDED if external_endpoint(p) is not None] == []
+    assert external_endpoint("/v1/messages") is not None
 
 
 def test_served_model_scan_and_sse_splitting() -> None:
