@@ -1,20 +1,21 @@
 """`case-proxy`: serve, check-config, verify-evidence.
 
 Exit codes: 0 ok; 1 evidence chain broken (verify-evidence) or a worker failed (serve
-with several workers); 2 usage or configuration error (check-config
-also for a failed gate); 3 serve refused to start because a gate blocks (decision record,
+with several workers); 2 usage or configuration error (check-config also for a failed
+gate or, with --probe, a backend that does not list the admitted model); 3 serve refused to start because a gate blocks (decision record,
 admission, upstream pin).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from pathlib import Path
 
 from .evidence import verify_evidence
-from .server import EXIT_CONFIG, check_static, run
+from .server import EXIT_CONFIG, check_static, probe_backend, run
 from .settings import ConfigError, load_settings
 
 
@@ -28,8 +29,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="worker processes sharing the port via SO_REUSEPORT (default 1; one evidence chain each)")
     serve.add_argument("--config", type=Path, default=None, help="TOML config file (see config/proxy.example.toml)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    check = sub.add_parser("check-config", help="validate configuration, artifacts and gates; exit 0 or 2/3")
+    check = sub.add_parser("check-config", help="validate configuration, artifacts and gates; exit 0 or 2")
     check.add_argument("--config", type=Path, default=None)
+    check.add_argument("--probe", action="store_true",
+                       help="also ask the backend (GET /v1/models, through the upstream pin) whether it serves "
+                            "the admitted model")
     verify = sub.add_parser("verify-evidence", help="verify evidence logs' hash chains and schema "
                                                     "(several files: one chain per worker)")
     verify.add_argument("files", type=Path, nargs="+", metavar="file")
@@ -74,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"case-proxy: {line}", file=sys.stderr)
         if problems or gates:
             return EXIT_CONFIG
+        if args.probe:
+            state = asyncio.run(probe_backend(settings))
+            if not state.ready:
+                print(f"case-proxy: backend_not_ready: {state.reason}", file=sys.stderr)
+                return EXIT_CONFIG
+            print("ok: configuration valid, every gate holds, and the backend lists the admitted model")
+            return 0
         print("ok: configuration valid and every gate holds")
         return 0
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

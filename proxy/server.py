@@ -25,7 +25,7 @@ from .app import ProxyState, create_app
 from .evidence import EvidenceLog, EvidenceRecord, utc_now_rfc3339
 from .hashchain import ChainError
 from .metrics import ProxyMetrics
-from .readiness import Readiness
+from .readiness import Readiness, ReadinessState
 from .redact import Redactor, install_log_redaction
 from .settings import ProxySettings
 from .upstream import Upstream
@@ -73,6 +73,22 @@ def check_static(settings: ProxySettings) -> tuple[list[str], list[str]]:
     elif not os.access(parent, os.W_OK):
         problems.append(f"CASE_PROXY_EVIDENCE_FILE: directory {parent} is not writable")
     return problems, gates
+
+
+async def probe_backend(settings: ProxySettings) -> ReadinessState:
+    """One readiness check, as the running proxy makes it: ``GET /v1/models`` through the
+    pinned upstream (address re-check, no redirects) must list the admitted model. For
+    ``check-config --probe``; call only after check_static found nothing."""
+    admission = load_admission(settings.admission_file)
+    target = classify_upstream(settings.base_url.get_secret_value(), set(settings.allow_hosts))
+    assert not isinstance(target, UpstreamRefusal)
+    upstream = Upstream(target, settings)
+    await upstream.start()
+    try:
+        return await Readiness(upstream, admission.model, settings.limits.readiness_interval_s,
+                               settings.limits.connect_timeout_s + 5).check_once()
+    finally:
+        await upstream.close()
 
 
 @dataclass(frozen=True)

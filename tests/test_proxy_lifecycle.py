@@ -50,6 +50,26 @@ def test_check_config_names_gate_failures_without_echoing_the_url(tmp_path: Path
     assert "api.anthropic.com" not in out.stderr + out.stdout
 
 
+async def test_check_config_probe_asks_the_backend_for_the_admitted_model(scripted_backend, tmp_path: Path) -> None:
+    """--probe makes the proxy's own readiness check once: it passes only when the backend
+    lists the admitted model, and never echoes the backend URL."""
+    env = proxy_env(tmp_path, scripted_backend.base_url)
+    ok = await asyncio.to_thread(cli, "check-config", "--probe", env=env)
+    assert ok.returncode == 0 and "the backend lists the admitted model" in ok.stdout, ok.stderr
+    probes = sum(1 for r in scripted_backend.requests if r.path == "/v1/models")
+    assert probes == 1
+    assert (await asyncio.to_thread(cli, "check-config", env=env)).returncode == 0
+    assert sum(1 for r in scripted_backend.requests if r.path == "/v1/models") == probes  # no flag, no probe
+    scripted_backend.model = "some-other-model"
+    other = await asyncio.to_thread(cli, "check-config", "--probe", env=env)
+    assert other.returncode == 2 and "backend_not_ready: backend does not list the admitted model" in other.stderr
+    await scripted_backend.stop()
+    gone = await asyncio.to_thread(cli, "check-config", "--probe", env=env)
+    assert gone.returncode == 2 and "backend /v1/models unreachable" in gone.stderr
+    port = scripted_backend.base_url.rsplit(":", 1)[1].split("/")[0]
+    assert port not in gone.stderr + gone.stdout + other.stderr + ok.stdout
+
+
 def test_serve_refuses_to_start_when_a_gate_blocks(tmp_path: Path) -> None:
     env = proxy_env(tmp_path, "http://127.0.0.1:8000/v1")
     Path(env["CTO_HARNESS_CASE_DECISION_FILE"]).write_text(json.dumps({
