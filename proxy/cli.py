@@ -2,8 +2,8 @@
 
 Exit codes: 0 ok; 1 evidence chain broken (verify-evidence) or a worker failed (serve
 with several workers); 2 usage or configuration error (check-config also for a failed
-gate or, with --probe, a backend that does not list the admitted model); 3 serve refused to start because a gate blocks (decision record,
-admission, upstream pin).
+gate or, with --probe, a backend that does not list the admitted model); 3 serve refused
+to start because a gate blocks (decision record, admission, upstream pin).
 """
 
 from __future__ import annotations
