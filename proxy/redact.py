@@ -137,25 +137,24 @@ class Redactor:
         """A redacted copy of a JSON-like value. One pre-check over all its strings at
         once (an evidence record is some 40 short strings): a clean record, the usual
         case, comes back as it is, without a regex run per string."""
-        try:
-            if self.json_clean(orjson.dumps(obj)):
-                return obj
-        except TypeError:
-            pass
+        if self._json_safe:
+            try:
+                blob = orjson.dumps(obj)
+                # Non-ASCII text goes the str way below, where case folding is complete.
+                if blob.isascii() and not self._may_match_json(blob):
+                    return obj
+            except TypeError:
+                pass
         if not self.may_match("\x00".join(_strings(obj, []))):
             return obj
         return self._redact_obj(obj)
 
-    def json_clean(self, blob: bytes) -> bool:
-        """True only when ``blob``, JSON text, cannot contain a finding: then a record
-        serialized once can be written as it is. False means "look closer", not "found"."""
-        if not self._json_safe or not blob.isascii():
-            return False  # non-ASCII takes the str way, where case folding is complete
+    def _may_match_json(self, blob: bytes) -> bool:
         for anchor in self._json_anchors:
             if anchor in blob:
-                return False
+                return True
         lowered = blob.lower()
-        return not any(anchor in lowered for anchor in _SHAPE_ANCHORS_LOWER_BYTES)
+        return any(anchor in lowered for anchor in _SHAPE_ANCHORS_LOWER_BYTES)
 
     def _redact_obj(self, obj: Any) -> Any:
         if isinstance(obj, str):
