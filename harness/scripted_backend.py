@@ -57,6 +57,8 @@ class ReceivedRequest:
     body: Any
     size: int
     time: float
+    # Every header line's name as received, lower-cased, repeats kept (``headers`` folds them).
+    header_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -122,7 +124,7 @@ class ScriptedBackend:
             body = None
         if self.record_requests:
             self.requests.append(ReceivedRequest(request.method, request.path, {str(k): v for k, v in request.headers.items()}, body,
-                                                 len(raw), time.time()))
+                                                 len(raw), time.time(), [str(k).lower() for k in request.headers]))
         if self.access_log is not None:
             with self.access_log.open("ab") as f:
                 f.write(orjson.dumps({"method": request.method, "path": request.path,

@@ -39,7 +39,14 @@ from .request_policy import (
     provider_header,
     routing_override,
 )
-from .served_model import SSESplitter, UsageTotals, check_json_body, check_served, scan_model, usage_from_event
+from .served_model import (
+    ModelScanner,
+    SSESplitter,
+    UsageTotals,
+    check_json_body,
+    check_served,
+    usage_from_event,
+)
 from .settings import ProxySettings
 from .upstream import Upstream, upstream_error_kind
 from .upstream_policy import UpstreamTarget, is_known_provider_host, normalize_host
@@ -93,6 +100,10 @@ class ProxyState:
     token: bytes
     in_flight: int = 0
     draining: bool = False
+    scanner: ModelScanner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scanner = ModelScanner(self.admission.model)
 
 
 STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
@@ -532,6 +543,7 @@ async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft, r
     out = web.StreamResponse(status=resp.status, headers={
         **forwardable_response_headers(resp.headers.items()), "X-Request-Id": draft.request_id})
     splitter = SSESplitter(_MAX_SSE_EVENT_BYTES)
+    scanner = state.scanner
     held: list[bytes] = []
     verified = False
     draft.stream = True
@@ -563,7 +575,7 @@ async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft, r
                 cm.reschedule(loop.time() + idle_s)
                 send: list[bytes] = []
                 for ev in splitter.feed(data):
-                    model = scan_model(ev)
+                    model = scanner.scan(ev)
                     if model is not None:
                         draft.served_model = model[:200]
                         if model != admitted:

@@ -143,7 +143,8 @@ def forwardable_request_headers(headers: Iterable[tuple[str, str]]) -> dict[str,
         low = name.lower()
         if low in _DROP_EXACT or low.startswith(_DROP_PREFIXES):
             continue
-        out[name] = value
+        # One spelling, so Upstream.headers can tell whether the client sent one.
+        out["User-Agent" if low == "user-agent" else name] = value
     return out
 
 

@@ -41,6 +41,28 @@ def scan_model(event: bytes) -> str | None:
     return raw.decode("utf-8", "replace") if b"\\" not in raw else _decode_json_string(raw)
 
 
+class ModelScanner:
+    """``scan_model`` with a shortcut for the usual event: one that names the admitted
+    model exactly as JSON writes it, once. Streams check every event, so this is on the
+    per-chunk path; any other event takes the full scan, and the answer is the same."""
+
+    __slots__ = ("admitted", "_needle")
+
+    def __init__(self, admitted: str) -> None:
+        self.admitted = admitted
+        encoded = orjson.dumps(admitted)
+        # Longer values are past the scan's 400-byte cap: never shortcut what it refuses.
+        self._needle = b'"model":' + encoded if len(encoded) <= 402 else None
+
+    def scan(self, event: bytes) -> str | None:
+        # The needle is a whole match of _MODEL_RE (value ended by its closing quote); with
+        # no other '"model"' in the event it is the match scan_model finds first.
+        needle = self._needle
+        if needle is not None and needle in event and event.count(b'"model"') == 1:
+            return self.admitted
+        return scan_model(event)
+
+
 @dataclass(slots=True)
 class UsageTotals:
     prompt_tokens: int | None = None

@@ -20,6 +20,10 @@ from .settings import ProxySettings
 from .upstream_policy import UpstreamTarget, check_resolved_address
 
 
+# Sent upstream only when the client sent no User-Agent of its own.
+USER_AGENT = "case-proxy"
+
+
 class AddressRefused(OSError):
     """The backend name resolved only to addresses the pin does not allow."""
 
@@ -62,7 +66,6 @@ class Upstream:
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=limits.connect_timeout_s, sock_read=None),
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
 
     async def close(self) -> None:
@@ -87,10 +90,15 @@ class Upstream:
         return url
 
     def headers(self, extra: dict[str, str]) -> dict[str, str]:
-        """Client headers (already filtered) plus the backend key from configuration."""
+        """Client headers (already filtered) plus the backend key from configuration.
+        Setting Accept-Encoding and User-Agent here (rather than ``skip_auto_headers``,
+        which aiohttp turns into a header-set copy per request) keeps aiohttp from adding
+        its own."""
         out = dict(extra)
         out.update(self._auth)
         out["Accept-Encoding"] = "identity"
+        if "User-Agent" not in out:
+            out["User-Agent"] = USER_AGENT
         return out
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:

@@ -147,6 +147,36 @@ async def test_raw_stream_bytes_are_relayed_unchanged(proxy: ProxyUnderTest) -> 
     assert via_proxy.rstrip().endswith(b"data: [DONE]")
 
 
+@pytest.mark.parametrize("agent", [b"my-agent/1.0", None])
+async def test_headers_the_proxy_sets_reach_the_backend_once(proxy: ProxyUnderTest, agent: bytes | None) -> None:
+    """Content-Type, X-Request-Id and User-Agent arrive once each, whatever case the
+    client wrote them in (raw bytes here: HTTP libraries canonicalize names); the
+    client's own User-Agent is kept, and without one the backend sees the proxy's
+    rather than the HTTP library's."""
+    body = json.dumps({"model": ADMITTED, "messages": [{"role": "user", "content": "x"}]}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n"
+            b"authorization: Bearer " + proxy.token.encode() + b"\r\ncontent-type: application/json; charset=utf-8\r\n"
+            b"x-request-id: case-run-7\r\ncontent-length: %d\r\n" % len(body))
+    if agent:
+        head += b"user-agent: " + agent + b"\r\n"
+    before = len(proxy.backend.requests)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.running.port)
+    writer.write(head + b"\r\n" + body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    sent = proxy.backend.requests[before:]
+    assert len(sent) == 1
+    names = sent[0].header_names
+    for name in ("content-type", "x-request-id", "user-agent", "accept-encoding"):
+        assert names.count(name) == 1, (name, names)
+    got = {k.lower(): v for k, v in sent[0].headers.items()}
+    assert got["x-request-id"] == "case-run-7" and got["accept-encoding"] == "identity"
+    assert got["user-agent"] == (agent or b"case-proxy").decode()
+    assert got["content-type"].startswith("application/json")
+
+
 async def test_websocket_upgrade_on_responses_is_refused_cleanly(proxy: ProxyUnderTest) -> None:
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:

@@ -26,7 +26,7 @@ from proxy.request_policy import (
     provider_header,
     routing_override,
 )
-from proxy.served_model import SSESplitter, scan_model
+from proxy.served_model import ModelScanner, SSESplitter, scan_model
 from proxy.upstream_policy import UpstreamRefusal, UpstreamTarget, check_resolved_address, classify_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +175,28 @@ def test_model_scan_decodes_as_json_would(value: bytes) -> None:
     except orjson.JSONDecodeError:
         expected = raw.group(1).decode("utf-8", "replace")
     assert scan_model(event) == expected
+
+
+@pytest.mark.parametrize("admitted", ["qwen3.6-35b-a3b", 'q"uote\\d', "caf\u00e9-model", "m" * 401])
+def test_model_scanner_shortcut_answers_as_the_full_scan(admitted: str) -> None:
+    """The per-chunk shortcut may only ever save time: on every event, including ones
+    made to fool a substring test, it returns what scan_model returns."""
+    enc = orjson.dumps(admitted)
+    events = [
+        b'data: {"id":"x","model":' + enc + b',"choices":[]}\n\n',               # the usual chunk
+        b'data: {"id":"x","model": ' + enc + b',"choices":[]}\n\n',              # spaced: full scan
+        b'data: {"model":"claude","note":' + orjson.dumps('"model":' + admitted) + b'}\n\n',
+        b'data: {"name":"model","model":' + enc + b'}\n\n',                      # "model" as a value first
+        b'data: {"model":"other","x":{"model":' + enc + b'}}\n\n',              # two keys: the first wins
+        b'data: {"model":' + enc[:-1] + b'-v2"}\n\n',                           # admitted as a prefix
+        b'data: {"model":"' + admitted.encode()[:1] + b'\\u00' + b"%02x" % ord(admitted[1]) + enc[3:] + b'}\n\n',
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',                  # names none
+        b"data: [DONE]\n\n",
+    ]
+    scanner = ModelScanner(admitted)
+    for event in events:
+        assert scanner.scan(event) == scan_model(event), event
+    assert (scanner.scan(events[0]) == admitted) is (len(enc) <= 402)
 
 
 CLEAN_RECORD = {"kind": "request", "path": "/v1/chat/completions", "reason": "ok", "usage": {"prompt_tokens": 3},
