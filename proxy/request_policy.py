@@ -120,8 +120,10 @@ def provider_header(headers: Iterable[str]) -> Refusal | None:
 
 # Never forwarded: hop-by-hop headers (RFC 9110 section 7.6.1), client credentials
 # (the client's token must never reach the backend; the backend key is added from
-# configuration), headers that could steer an upstream, and content encodings the
-# served-model check would have to undo.
+# configuration), headers that could steer an upstream, content encodings the
+# served-model check would have to undo, and the headers the proxy sets itself
+# (Content-Type, X-Request-Id: sent once, in the proxy's spelling). ``expect`` goes too:
+# the proxy sends the body it already holds at once.
 _DROP_EXACT: frozenset[str] = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
@@ -130,7 +132,7 @@ _DROP_EXACT: frozenset[str] = frozenset({
     "x-forwarded-host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-port",
     "x-forwarded-server", "forwarded", "x-real-ip", "x-original-url", "x-rewrite-url",
     "x-host", "x-http-host-override", "x-original-host", "x-http-method-override",
-    "accept-encoding", "content-encoding",
+    "accept-encoding", "content-encoding", "content-type", "x-request-id", "expect",
 })
 _DROP_PREFIXES: tuple[str, ...] = ("anthropic-", "x-goog-", "x-amz-", "x-litellm-", "x-portkey-", "cf-", "sec-websocket-")
 

@@ -184,6 +184,9 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
             problems.append(f"{ENV_TOKEN}: the proxy token must be at least 16 characters")
     api_key = _secret(env, ENV_API_KEY, ENV_API_KEY_FILE, files.get("api_key_file"), problems, required=False)
     if api_key is not None:
+        if any(c in api_key for c in "\r\n\x00"):
+            # It becomes a header value: a line break there would split the request.
+            problems.append(f"{ENV_API_KEY}: the backend API key holds a line break or NUL character")
         values["backend_api_key"] = api_key
     if problems:
         raise ConfigError(problems)

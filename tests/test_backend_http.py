@@ -1,0 +1,341 @@
+"""proxy.backend_http, the lean HTTP/1.1 client to the backend, against a raw asyncio
+server on 127.0.0.1 that answers with scripted bytes (so framing edge cases, broken
+responses and connection reuse can be produced exactly; no HTTP library in between)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from proxy.backend_http import (
+    AddressRefused,
+    BackendPool,
+    BackendProtocolError,
+    BackendResponse,
+    BackendUnreachable,
+)
+from proxy.upstream_policy import UpstreamTarget, classify_upstream
+
+
+@dataclass
+class RawBackend:
+    """Reads each request (head plus Content-Length body), then writes the next scripted
+    answer: a list of byte pieces, each sent with a short pause, then optionally closes."""
+
+    answers: list[tuple[list[bytes] | None, bool]] = field(default_factory=list)
+    requests: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    _server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def target(self) -> UpstreamTarget:
+        target = classify_upstream(f"http://127.0.0.1:{self.port}/v1")
+        assert isinstance(target, UpstreamTarget)
+        return target
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                self.requests.append(head + await reader.readexactly(length))
+                pieces, close = self.answers.pop(0)
+                if pieces is None:  # silent: answer nothing until the client hangs up (bounded)
+                    await asyncio.wait_for(reader.read(), 5)
+                    break
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawBackend]:
+    backend = RawBackend()
+    await backend.start()
+    yield backend
+    await backend.stop()
+
+
+async def _body(resp: BackendResponse) -> bytes:
+    return b"".join([chunk async for chunk in resp.chunks()])
+
+
+def _ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra + b"Content-Length: %d\r\n\r\n%s" % (
+        len(body), body)
+
+
+EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":22}\n\n']
+CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + b"%x;ext=1\r\n%s\r\n" % (len(EVENTS[0]), EVENTS[0]) + b"%X\r\n%s\r\n" % (len(EVENTS[1]), EVENTS[1])
+           + b"0\r\nX-Trailer: t\r\n\r\n")
+CHUNKED_BODY = b"".join(EVENTS)
+
+
+async def test_request_is_sent_as_written_and_the_connection_is_reused(raw: RawBackend) -> None:
+    raw.answers = [([_ok(b'{"x":1}')], False), ([_ok(b'{"y":2}')], False)]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        for expected in (b'{"x":1}', b'{"y":2}'):
+            resp = await pool.request("POST", "/v1/chat/completions", [("Content-Type", "application/json")], b"{}")
+            assert resp.status == 200 and resp.content_type == "application/json"
+            assert await _body(resp) == expected
+            resp.release()
+        assert raw.connections == 1  # kept alive and reused
+        assert raw.requests[0] == (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                   b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" % raw.port)
+    finally:
+        await pool.close()
+
+
+async def test_chunked_body_is_decoded_wherever_the_reads_cut_it(raw: RawBackend) -> None:
+    """Every cut of the response into pieces yields the same body: the parser keeps
+    partial chunk-size lines, payloads and CRLFs across reads (seeded)."""
+    rng = random.Random(20261125)
+    cuts_list = [sorted(rng.sample(range(1, len(CHUNKED)), k)) for k in (1, 3, 8, 20) for _ in range(3)]
+    cuts_list.append(list(range(1, len(CHUNKED))))  # one byte at a time
+    raw.answers = [([CHUNKED[a:b] for a, b in zip([0, *cuts], [*cuts, len(CHUNKED)], strict=True)], False)
+                   for cuts in cuts_list]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        for _ in cuts_list:
+            resp = await pool.request("POST", "/v1/chat/completions", [], b"{}")
+            assert await _body(resp) == CHUNKED_BODY
+            assert resp.complete()
+            resp.release()
+        assert raw.connections == 1
+    finally:
+        await pool.close()
+
+
+async def test_close_delimited_and_bodiless_answers(raw: RawBackend) -> None:
+    raw.answers = [([b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil", b" close"], True),
+                   ([b"HTTP/1.1 204 No Content\r\n\r\n"], False),
+                   ([b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", _ok(b"after hints")], False)]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        resp = await pool.request("GET", "/v1/models", [])
+        assert await _body(resp) == b"until close"
+        resp.release()
+        resp = await pool.request("GET", "/v1/models", [])
+        assert resp.status == 204 and resp.complete() and await _body(resp) == b""
+        resp.release()
+        resp = await pool.request("GET", "/v1/models", [])
+        assert resp.status == 200 and await _body(resp) == b"after hints"
+        resp.release()
+        assert raw.connections == 2  # the close-delimited answer used up its connection
+    finally:
+        await pool.close()
+
+
+async def test_connection_close_and_leftover_bytes_mean_no_reuse(raw: RawBackend) -> None:
+    raw.answers = [([_ok(b"a", b"Connection: close\r\n")], False), ([_ok(b"b") + b"junk"], False),
+                   ([_ok(b"c")], False)]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        for expected in (b"a", b"b", b"c"):
+            resp = await pool.request("GET", "/v1/models", [])
+            assert await _body(resp) == expected
+            await asyncio.sleep(0.01)  # let any bytes after the response arrive
+            resp.release()
+        assert raw.connections == 3
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"SMTP/1.0 200 OK\r\n\r\n",
+    b"HTTP/1.1 2x0 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+])
+async def test_malformed_heads_are_protocol_errors(raw: RawBackend, answer: bytes) -> None:
+    raw.answers = [([answer], False)]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        with pytest.raises(BackendProtocolError):
+            resp = await pool.request("GET", "/v1/models", [])
+            await _body(resp)
+        assert pool.open_connections == 0
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",      # not hex
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n",  # no CRLF after data
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",                      # closed early
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",              # closed mid-chunk
+])
+async def test_broken_bodies_are_protocol_errors(raw: RawBackend, answer: bytes) -> None:
+    raw.answers = [([answer], True)]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        resp = await pool.request("GET", "/v1/models", [])
+        with pytest.raises(BackendProtocolError):
+            await _body(resp)
+        resp.close()
+        assert pool.open_connections == 0
+    finally:
+        await pool.close()
+
+
+async def test_a_close_before_the_head_is_a_protocol_error(raw: RawBackend) -> None:
+    raw.answers = [([], True)]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        with pytest.raises(BackendProtocolError):
+            await pool.request("POST", "/v1/chat/completions", [], b"{}")
+    finally:
+        await pool.close()
+
+
+async def test_idle_connection_closed_by_the_backend_is_not_reused(raw: RawBackend) -> None:
+    raw.answers = [([_ok(b"1")], True), ([_ok(b"2")], False)]  # the backend closes after the first
+    pool = BackendPool(raw.target(), 5)
+    try:
+        resp = await pool.request("GET", "/v1/models", [])
+        assert await _body(resp) == b"1"
+        resp.release()
+        await asyncio.sleep(0.05)  # the FIN arrives: the pool drops the connection
+        assert pool.open_connections == 0
+        resp = await pool.request("GET", "/v1/models", [])
+        assert await _body(resp) == b"2"
+        resp.release()
+        assert raw.connections == 2
+    finally:
+        await pool.close()
+
+
+async def test_cancelled_wait_closes_the_connection(raw: RawBackend) -> None:
+    """A request given up while the backend is silent (client gone, first-byte timeout)
+    must close its connection so the backend sees it and stops."""
+    raw.answers = [(None, False)]  # reads the request, answers nothing
+    pool = BackendPool(raw.target(), 5)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await pool.request("POST", "/v1/chat/completions", [], b"{}")
+        assert pool.open_connections == 0
+    finally:
+        await pool.close()
+
+
+async def test_large_body_is_paused_and_resumed_without_loss(raw: RawBackend) -> None:
+    body = bytes(range(256)) * (4 * 4096 + 3)  # about 4 MiB: past the high-water mark
+    raw.answers = [([_ok(body)], False)]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        resp = await pool.request("GET", "/v1/models", [])
+        await asyncio.sleep(0.2)  # the reader is away: the body piles up to the mark, then reading pauses
+        assert await _body(resp) == body
+        resp.release()
+    finally:
+        await pool.close()
+
+
+async def test_connect_failures_and_the_pin() -> None:
+    closed = classify_upstream("http://127.0.0.1:9/v1")  # discard port: nothing listens
+    assert isinstance(closed, UpstreamTarget)
+    pool = BackendPool(closed, 2)
+    with pytest.raises(BackendUnreachable):
+        await pool.request("GET", "/v1/models", [])
+    # A name pinned to loopback that resolves elsewhere never gets a connection.
+    local = classify_upstream("http://localhost:9/v1")
+    assert isinstance(local, UpstreamTarget)
+    pool = BackendPool(local, 2)
+    real_resolve = pool._resolve
+
+    async def resolve_elsewhere(loop):  # type: ignore[no-untyped-def]
+        return [(*info[:4], ("10.0.0.1", 9)) for info in await real_resolve(loop)]
+
+    pool._resolve = resolve_elsewhere  # type: ignore[method-assign]
+    with pytest.raises(AddressRefused):
+        await pool.request("GET", "/v1/models", [])
+
+
+async def test_a_header_with_a_line_break_is_never_sent(raw: RawBackend) -> None:
+    pool = BackendPool(raw.target(), 5)
+    try:
+        with pytest.raises(ValueError):
+            await pool.request("POST", "/v1/chat/completions", [("X-Note", "a\r\nX-Injected: 1")], b"{}")
+        assert raw.requests == [] and raw.connections == 0
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def tls_files(tmp_path):  # type: ignore[no-untyped-def]
+    """A throwaway self-signed certificate for 127.0.0.1 (openssl, from install-system-deps)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+async def test_https_backend_is_verified(tls_files) -> None:  # type: ignore[no-untyped-def]
+    """An https backend is reached over TLS with the certificate checked: trusted, the
+    request goes through; untrusted (the system store), no connection is made."""
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(_ok(b"over tls"))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    target = classify_upstream(f"https://127.0.0.1:{port}/v1")
+    assert isinstance(target, UpstreamTarget)
+    try:
+        pool = BackendPool(target, 5, ssl_context=ssl.create_default_context(cafile=str(cert)))
+        resp = await pool.request("GET", "/v1/models", [])
+        assert await _body(resp) == b"over tls"
+        resp.close()
+        await pool.close()
+        untrusting = BackendPool(target, 5)
+        with pytest.raises(BackendUnreachable):
+            await untrusting.request("GET", "/v1/models", [])
+        await untrusting.close()
+    finally:
+        server.close()
+        await server.wait_closed()
