@@ -229,6 +229,13 @@ async def serve_forever(settings: ProxySettings, worker: WorkerRole | None = Non
     await stop.wait()
     log.info("stopping: draining open requests for up to %.0fs", settings.limits.drain_timeout_s)
     await proxy.stop()
+    # Stopped and recorded. A later stop signal (a supervisor and systemd both signal a
+    # worker) must not kill the process while the loop closes: that exit would read as a
+    # crash (-15), not a clean stop. Ignored process-wide, since a signal may land on any
+    # thread (libuv's workers do not block it); set directly rather than through the
+    # loop, whose removal would pass through the default action. uvloop keeps it.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

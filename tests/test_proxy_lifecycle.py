@@ -130,6 +130,26 @@ def _forms(secret: str) -> list[str]:
             urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)]
 
 
+async def test_repeated_stop_signals_still_end_in_a_clean_exit(scripted_backend, tmp_path: Path) -> None:
+    """Supervisors, systemd and Ctrl-C may signal twice: every later SIGTERM, up to the
+    moment the process is gone, leaves the exit clean (0) and the log closed."""
+    proc = ProxyProcess(proxy_env(tmp_path, scripted_backend.base_url), tmp_path / "proxy.log")
+    await proc.start()
+    assert proc.proc is not None
+    pid = proc.proc.pid
+    for _ in range(20_000):  # bounded: about 10 s at most
+        if proc.proc.poll() is not None:
+            break
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.0005)
+    assert proc.stop() == 0, (tmp_path / "proxy.log").read_text()[-2000:]
+    last = (tmp_path / "evidence.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last)["kind"] == "proxy_stop"
+
+
 async def test_canary_secrets_appear_nowhere(scripted_backend, tmp_path: Path) -> None:
     """A full session with streaming, refusals, errors and a backend that echoes headers;
     afterwards no canary (raw, base64 or URL-encoded) is in any log line, evidence record,

@@ -91,6 +91,8 @@ async def test_workers_share_the_port_record_their_own_chains_and_sum_metrics(sc
         per_worker.append([r for r in recs if r["kind"] == "request"])
     assert sum(len(r) for r in per_worker) == 31
     assert all(per_worker), "the kernel spread 31 fresh connections over both workers"
+    ids = [r["request_id"] for recs in per_worker for r in recs]
+    assert len(set(ids)) == 31 and all(len(i) == 32 for i in ids), "request ids are unique across workers"
     assert len({_records(f)[0]["pid"] for f in files}) == 2
     verified = cli("verify-evidence", *map(str, files), env=dict(os.environ))
     assert verified.returncode == 0 and verified.stdout.count("chain intact") == 2
