@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl
 from collections import deque
@@ -53,20 +54,24 @@ class AddressRefused(BackendError):
     """The backend name resolved only to addresses the pin does not allow."""
 
 
+# One header line: a token name, a colon, a value without line breaks or NUL, CRLF. The
+# anchor is a line start, so a malformed line can never match from its middle.
+_HEADER_LINE = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*?)[ \t]*\r\n", re.M)
+
+
 def _split_head(head: bytes) -> tuple[int, bool, list[tuple[str, str]]]:
     """(status, HTTP/1.1, headers) of a response head without its final blank line."""
-    lines = head.split(b"\r\n")
-    version, _, rest = lines[0].partition(b" ")
+    text = head.decode("latin-1") + "\r\n"
+    line_end = text.find("\r\n")
+    version, _, rest = text[:line_end].partition(" ")
     code = rest[:3]
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit() or rest[3:4] not in (b"", b" "):
+    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit() or rest[3:4] not in ("", " "):
         raise BackendProtocolError("the backend's status line is not HTTP/1.x")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name or b"\t" in name:
-            raise BackendProtocolError("the backend sent a malformed header line")
-        headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
-    return int(code), version == b"HTTP/1.1", headers
+    fields = text[line_end + 2:]
+    headers = _HEADER_LINE.findall(fields)
+    if len(headers) != fields.count("\n"):  # every line matched, none skipped
+        raise BackendProtocolError("the backend sent a malformed header line")
+    return int(code), version == "HTTP/1.1", headers
 
 
 class BackendResponse:
@@ -75,13 +80,11 @@ class BackendResponse:
     __slots__ = ("status", "headers", "content_type", "_conn", "_pieces", "_buffered", "_done", "_error",
                  "_waiter", "_reusable", "_finished")
 
-    def __init__(self, conn: _Connection, status: int, headers: list[tuple[str, str]], reusable: bool) -> None:
+    def __init__(self, conn: _Connection, status: int, headers: list[tuple[str, str]], content_type: str,
+                 reusable: bool) -> None:
         self.status = status
         self.headers = headers
-        self.content_type = ""
-        for name, value in headers:
-            if name.lower() == "content-type":
-                self.content_type = value
+        self.content_type = content_type
         self._conn = conn
         self._pieces: deque[bytes] = deque()
         self._buffered = 0
@@ -242,10 +245,10 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None and self._state == _DONE
         self._state, self._buf, self._response = _HEAD, b"", None
         waiter = self._head_waiter = asyncio.get_running_loop().create_future()
-        if body:
-            self.transport.writelines((head, body))
+        if len(body) > 65536:
+            self.transport.writelines((head, body))  # no copy of a large body
         else:
-            self.transport.write(head)
+            self.transport.write(head + body)  # one send for the usual small request
         return waiter
 
     def finished(self, reuse: bool) -> None:
@@ -348,9 +351,12 @@ class _Connection(asyncio.Protocol):
         length: int | None = None
         chunked = False
         keep_alive = http11
+        content_type = ""
         for name, value in headers:
             low = name.lower()
-            if low == "content-length":
+            if low == "content-type":
+                content_type = value
+            elif low == "content-length":
                 if not value.isdigit() or (length is not None and int(value) != length):
                     raise BackendProtocolError("the backend sent an invalid Content-Length")
                 length = int(value)
@@ -365,7 +371,7 @@ class _Connection(asyncio.Protocol):
                     keep_alive = False
                 elif "keep-alive" in tokens:
                     keep_alive = True
-        resp = self._response = BackendResponse(self, status, headers, keep_alive)
+        resp = self._response = BackendResponse(self, status, headers, content_type, keep_alive)
         if status in _NO_BODY_STATUS:
             self._state = _DONE
             resp._done = True

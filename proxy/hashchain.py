@@ -84,6 +84,7 @@ def read_chain_bytes(data: bytes) -> tuple[ChainVerdict, list[dict[str, Any]]]:
 class HashChainWriter:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._path_str = str(self.path)  # for the per-request stat: no __fspath__ call
         self._fd: int | None = None
         self._prev = GENESIS
         self._seq = 0
@@ -123,7 +124,7 @@ class HashChainWriter:
             raise ChainError("evidence writer is not open or a previous write failed")
         try:
             st = os.fstat(self._fd)
-            on_disk = os.stat(self.path)
+            on_disk = os.stat(self._path_str)
         except OSError as exc:
             self._failed = True
             raise ChainError(f"evidence file unavailable: {exc.strerror}") from None

@@ -179,6 +179,9 @@ async def test_connection_close_and_leftover_bytes_mean_no_reuse(raw: RawBackend
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",            # NUL in a value
+    b"HTTP/1.1 200 OK\r\nX-A: a\nX-B: b\r\nContent-Length: 0\r\n\r\n",           # bare LF
+    b"HTTP/1.1 200 OK\r\nX-A: a\r\n folded\r\nContent-Length: 0\r\n\r\n",        # obsolete line folding
 ])
 async def test_malformed_heads_are_protocol_errors(raw: RawBackend, answer: bytes) -> None:
     raw.answers = [([answer], False)]
