@@ -94,13 +94,6 @@ class BackendResponse:
         self._reusable = reusable
         self._finished = False
 
-    def header(self, name: str) -> str | None:
-        low = name.lower()
-        for key, value in self.headers:
-            if key.lower() == low:
-                return value
-        return None
-
     # -- fed by the connection
 
     def _feed(self, data: bytes) -> None:
