@@ -21,6 +21,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import cast
@@ -396,9 +397,15 @@ class _Connection(asyncio.Protocol):
 class BackendPool:
     """Keep-alive connections to the pinned target; most recently used first."""
 
-    def __init__(self, target: UpstreamTarget, connect_timeout_s: float, keepalive_s: float = 30.0,
+    def __init__(self, target: UpstreamTarget, connect_timeout_s: float, keepalive_s: float = 4.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        # keepalive_s: an idle connection is closed by us before the engines' own 5 s
+        # keep-alive limit (uvicorn under vLLM and SGLang, cpp-httplib under llama.cpp)
+        # closes it, so a request is never sent on a connection the backend is closing.
         self.target = target
+        # The configured path as a request target: anything outside RFC 3986's path
+        # characters is percent-encoded (existing escapes kept).
+        self._base_path = urllib.parse.quote(target.base_path, safe="/:@!$&'()*+,;=-._~%")
         self._connect_timeout = connect_timeout_s
         self._keepalive = keepalive_s
         self._idle: list[_Connection] = []
@@ -429,7 +436,7 @@ class BackendPool:
             raise
 
     def _head(self, method: str, path: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
-        lines = [f"{method} {self.target.base_path}{path} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        lines = [f"{method} {self._base_path}{path} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
         for name, value in headers:
             lines.append(f"{name}: {value}\r\n")
         if body or method == "POST":

@@ -342,3 +342,26 @@ async def test_https_backend_is_verified(tls_files) -> None:  # type: ignore[no-
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_base_path_is_encoded_and_idle_connections_expire(raw: RawBackend) -> None:
+    """A configured path prefix reaches the backend as a valid request target; a pooled
+    connection idle past the keep-alive limit is closed by the proxy, not reused."""
+    raw.answers = [([_ok(b"1")], False), ([_ok(b"2")], False)]
+    target = classify_upstream(f"http://127.0.0.1:{raw.port}/my models/v1")
+    assert isinstance(target, UpstreamTarget)
+    pool = BackendPool(target, 5, keepalive_s=0.05)
+    try:
+        resp = await pool.request("GET", "/v1/models", [])
+        assert await _body(resp) == b"1"
+        resp.release()
+        assert pool.open_connections == 1
+        await asyncio.sleep(0.2)
+        assert pool.open_connections == 0
+        resp = await pool.request("GET", "/v1/models", [])
+        assert await _body(resp) == b"2"
+        resp.release()
+        assert raw.connections == 2
+        assert raw.requests[0].startswith(b"GET /my%20models/v1/models HTTP/1.1\r\n")
+    finally:
+        await pool.close()
