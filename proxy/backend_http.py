@@ -276,11 +276,8 @@ class _Connection(asyncio.Protocol):
         while pos < n:
             state = self._state
             if state == _HEAD:
-                end = data.find(b"\r\n\r\n", pos)
+                end = self._find_or_keep(data, pos, b"\r\n\r\n", _MAX_HEAD_BYTES, "response head is too large")
                 if end < 0:
-                    if n - pos > _MAX_HEAD_BYTES:
-                        raise BackendProtocolError("the backend's response head is too large")
-                    self._buf = data[pos:]
                     return
                 status, http11, headers = _split_head(data[pos:end])
                 pos = end + 4
@@ -297,11 +294,8 @@ class _Connection(asyncio.Protocol):
                 if not self._remaining:
                     self._finish_body()
             elif state == _CHUNK_SIZE:
-                end = data.find(b"\r\n", pos)
+                end = self._find_or_keep(data, pos, b"\r\n", _MAX_CHUNK_LINE, "chunk size line is too long")
                 if end < 0:
-                    if n - pos > _MAX_CHUNK_LINE:
-                        raise BackendProtocolError("the backend sent a malformed chunk")
-                    self._buf = data[pos:]
                     return
                 size_text = data[pos:end].split(b";", 1)[0].strip()
                 if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
@@ -325,11 +319,8 @@ class _Connection(asyncio.Protocol):
                 pos += 2
                 self._state = _CHUNK_SIZE
             elif state == _TRAILERS:
-                end = data.find(b"\r\n", pos)
+                end = self._find_or_keep(data, pos, b"\r\n", _MAX_HEAD_BYTES, "trailers are too large")
                 if end < 0:
-                    if n - pos > _MAX_HEAD_BYTES:
-                        raise BackendProtocolError("the backend's trailers are too large")
-                    self._buf = data[pos:]
                     return
                 line_empty = end == pos
                 pos = end + 2
@@ -340,6 +331,16 @@ class _Connection(asyncio.Protocol):
                 return
             else:  # _DONE: more bytes after a whole response
                 raise BackendProtocolError("the backend sent more than one response")
+
+    def _find_or_keep(self, data: bytes, pos: int, sep: bytes, limit: int, too_long: str) -> int:
+        """Where ``sep`` starts in ``data`` from ``pos``; or -1, with the rest kept for the
+        next read (refused once it is longer than ``limit`` without ``sep``)."""
+        end = data.find(sep, pos)
+        if end < 0:
+            if len(data) - pos > limit:
+                raise BackendProtocolError(f"the backend's {too_long}")
+            self._buf = data[pos:]
+        return end
 
     def _start_body(self, status: int, http11: bool, headers: list[tuple[str, str]]) -> None:
         length: int | None = None

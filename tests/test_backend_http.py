@@ -365,3 +365,19 @@ async def test_base_path_is_encoded_and_idle_connections_expire(raw: RawBackend)
         assert raw.requests[0].startswith(b"GET /my%20models/v1/models HTTP/1.1\r\n")
     finally:
         await pool.close()
+
+
+async def test_oversized_heads_and_chunk_lines_are_refused(raw: RawBackend) -> None:
+    """Bytes without the line end they need are buffered only up to a limit."""
+    raw.answers = [([b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (70 * 1024)], False),
+                   ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 2048], False)]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        with pytest.raises(BackendProtocolError, match="head is too large"):
+            await pool.request("GET", "/v1/models", [])
+        resp = await pool.request("GET", "/v1/models", [])
+        with pytest.raises(BackendProtocolError, match="chunk size line is too long"):
+            await _body(resp)
+        resp.close()
+    finally:
+        await pool.close()
