@@ -248,25 +248,36 @@ def _finish(state: ProxyState, draft: Draft) -> bool:
             if state.settings.metrics_enabled:
                 state.metrics.evidence_write_failures.inc()
     if state.settings.metrics_enabled and draft.path not in PUBLIC_PATHS:
-        m = state.metrics
-        m.count_request(draft.endpoint, draft.outcome if ok else "unavailable")
-        if draft.fallback_reason:
-            m.fallback_rejections.labels(draft.fallback_reason, draft.family or "other").inc()
-        if draft.reason == "served_model_mismatch":
-            m.served_model_mismatches.labels(draft.endpoint).inc()
-        if draft.upstream_error:
-            m.upstream_errors.labels(draft.upstream_error).inc()
-        if draft.forwarded:
-            m.observe_duration(draft.endpoint, elapsed)
-            if draft.ttft_s is not None:
-                m.ttft.labels(draft.endpoint).observe(draft.ttft_s)
-            if draft.usage.prompt_tokens:
-                m.count_tokens("prompt", draft.usage.prompt_tokens)
-            if draft.usage.completion_tokens:
-                m.count_tokens("completion", draft.usage.completion_tokens)
+        if ok:
+            # Counted right after this task step, once the response is on its way: off the
+            # client's wait (some 10 us at one connection, profiled), and before the next
+            # event is read, so a scrape never sees the count late. The draft is final
+            # here; a failed record is counted at once.
+            asyncio.get_running_loop().call_soon(_count, state.metrics, draft, elapsed, draft.outcome)
+        else:
+            _count(state.metrics, draft, elapsed, "unavailable")
     if draft.decision == "refused" or draft.outcome in ("upstream_error", "unavailable"):
         log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, draft.path, draft.status, draft.reason)
     return ok
+
+
+def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: str) -> None:
+    """One request's metrics."""
+    m.count_request(draft.endpoint, outcome)
+    if draft.fallback_reason:
+        m.fallback_rejections.labels(draft.fallback_reason, draft.family or "other").inc()
+    if draft.reason == "served_model_mismatch":
+        m.served_model_mismatches.labels(draft.endpoint).inc()
+    if draft.upstream_error:
+        m.upstream_errors.labels(draft.upstream_error).inc()
+    if draft.forwarded:
+        m.observe_duration(draft.endpoint, elapsed)
+        if draft.ttft_s is not None:
+            m.ttft.labels(draft.endpoint).observe(draft.ttft_s)
+        if draft.usage.prompt_tokens:
+            m.count_tokens("prompt", draft.usage.prompt_tokens)
+        if draft.usage.completion_tokens:
+            m.count_tokens("completion", draft.usage.completion_tokens)
 
 
 # ---------------------------------------------------------------- public endpoints
@@ -452,8 +463,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     headers["X-Request-Id"] = draft.request_id
     draft.forwarded = True
     try:
-        async with asyncio.timeout(limits.first_byte_timeout_s):
-            resp = await state.upstream.post(path, body, headers)
+        resp = await state.upstream.post(path, body, headers, limits.first_byte_timeout_s)
     except (OSError, ValueError, BackendError) as exc:
         return _upstream_failure(state, draft, exc)
     completed = False

@@ -65,8 +65,8 @@ class Upstream:
             out["User-Agent"] = USER_AGENT
         return out
 
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> BackendResponse:
-        return await self.pool.request("POST", path, self.headers(headers).items(), body)
+    async def post(self, path: str, body: bytes, headers: dict[str, str], head_timeout_s: float) -> BackendResponse:
+        return await self.pool.request("POST", path, self.headers(headers).items(), body, head_timeout_s)
 
     async def get_json(self, path: str, timeout_s: float) -> tuple[int, Any]:
         """(status, parsed JSON or None) of a GET, all of it within ``timeout_s``."""

@@ -381,3 +381,16 @@ async def test_oversized_heads_and_chunk_lines_are_refused(raw: RawBackend) -> N
         resp.close()
     finally:
         await pool.close()
+
+
+async def test_head_timeout_covers_the_wait_and_closes_the_connection(raw: RawBackend) -> None:
+    raw.answers = [(None, False)]  # reads the request, answers nothing
+    pool = BackendPool(raw.target(), 5)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await pool.request("POST", "/v1/chat/completions", [], b"{}", head_timeout_s=0.2)
+        assert 0.15 < asyncio.get_running_loop().time() - started < 2
+        assert pool.open_connections == 0
+    finally:
+        await pool.close()
