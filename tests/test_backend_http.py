@@ -394,3 +394,32 @@ async def test_head_timeout_covers_the_wait_and_closes_the_connection(raw: RawBa
         assert pool.open_connections == 0
     finally:
         await pool.close()
+
+
+async def test_ipv6_loopback_backend() -> None:
+    """An IPv6 literal backend: connected by address, Host header in brackets."""
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(_ok(b"v6"))
+        await writer.drain()
+        writer.close()
+
+    try:
+        server = await asyncio.start_server(answer, "::1", 0)
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    port = server.sockets[0].getsockname()[1]
+    target = classify_upstream(f"http://[::1]:{port}/v1")
+    assert isinstance(target, UpstreamTarget)
+    pool = BackendPool(target, 5)
+    try:
+        resp = await pool.request("GET", "/v1/models", [])
+        assert await _body(resp) == b"v6"
+        resp.release()
+        assert seen[0].startswith(b"GET /v1/models HTTP/1.1\r\nHost: [::1]:%d\r\n" % port)
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
