@@ -81,7 +81,7 @@ class BackendResponse:
     """Status and headers as soon as the head has arrived; the body as it arrives."""
 
     __slots__ = ("status", "headers", "content_type", "_conn", "_pieces", "_buffered", "_done", "_error",
-                 "_waiter", "_reusable", "_finished")
+                 "_waiter", "_reusable", "_finished", "_waiting_since", "_idle_s", "_idle_timer")
 
     def __init__(self, conn: _Connection, status: int, headers: list[tuple[str, str]], content_type: str,
                  reusable: bool) -> None:
@@ -96,6 +96,9 @@ class BackendResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._reusable = reusable
         self._finished = False
+        self._waiting_since = 0.0
+        self._idle_s = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- fed by the connection
 
@@ -139,21 +142,44 @@ class BackendResponse:
         self._buffered = 0
         return data
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive (chunked framing removed), until the body ends."""
-        while True:
-            if self._pieces:
-                yield self.take()
-            elif self._done:
-                return
-            elif self._error is not None:
-                raise self._error
-            else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+    async def chunks(self, idle_s: float | None = None) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive (chunked framing removed), until the body ends.
+        With ``idle_s``, TimeoutError once the reader has waited that long for the
+        backend. One watchdog timer per response, re-armed only when it fires, instead
+        of a deadline moved on every chunk (a timer cancelled and made per event)."""
+        loop = asyncio.get_running_loop()
+        if idle_s is not None:
+            self._idle_s = idle_s
+            self._idle_timer = loop.call_at(loop.time() + idle_s, self._watch_idle)
+        try:
+            while True:
+                if self._pieces:
+                    yield self.take()
+                elif self._done:
+                    return
+                elif self._error is not None:
+                    raise self._error
+                else:
+                    self._waiting_since = loop.time()
+                    self._waiter = loop.create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+        finally:
+            self._stop_watch()
+
+    def _watch_idle(self) -> None:
+        """Time is counted only while the reader waits for the backend: a reader that is
+        busy (writing to a slow client) is not the backend going quiet."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._waiter is not None and now - self._waiting_since >= self._idle_s:
+            self._idle_timer = None
+            self._fail(TimeoutError("the backend sent nothing for the idle limit"))
+            return
+        since = self._waiting_since if self._waiter is not None else now
+        self._idle_timer = loop.call_at(since + self._idle_s, self._watch_idle)
 
     def release(self) -> None:
         """Done with the response: its connection goes back to the pool if the body was
@@ -161,6 +187,7 @@ class BackendResponse:
         if self._finished:
             return
         self._finished = True
+        self._stop_watch()
         if self._done and not self._pieces and self._reusable:
             self._conn.finished(reuse=True)
         else:
@@ -171,7 +198,15 @@ class BackendResponse:
         close, so a generation nobody reads stops."""
         if not self._finished:
             self._finished = True
+            self._stop_watch()
             self._conn.finished(reuse=False)
+
+    def _stop_watch(self) -> None:
+        # Also here, not only when chunks() ends: a reader that stops iterating early
+        # leaves the generator to be closed later.
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
 
 class _Connection(asyncio.Protocol):

@@ -423,3 +423,29 @@ async def test_ipv6_loopback_backend() -> None:
         await pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_idle_limit_counts_only_time_spent_waiting_for_the_backend(raw: RawBackend) -> None:
+    """A backend that goes quiet mid-body times out; a reader that is itself slow between
+    reads (a slow client downstream) while the backend keeps sending does not."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    raw.answers = [([head + b"2\r\nab\r\n"], False),                      # then silence
+                   ([head] + [b"1\r\nx\r\n"] * 5 + [b"0\r\n\r\n"], False)]
+    pool = BackendPool(raw.target(), 5)
+    try:
+        resp = await pool.request("GET", "/v1/models", [])
+        got = []
+        with pytest.raises(TimeoutError):
+            async for chunk in resp.chunks(0.2):
+                got.append(chunk)
+        assert got == [b"ab"]
+        resp.close()
+        resp = await pool.request("GET", "/v1/models", [])
+        body = b""
+        async for chunk in resp.chunks(0.2):
+            body += chunk
+            await asyncio.sleep(0.3)  # busy longer than the idle limit after every read
+        assert body == b"xxxxx"
+        resp.release()
+    finally:
+        await pool.close()
