@@ -127,7 +127,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     if s2:
         out += ["", f"## 2. Streaming ({s2['chunks_per_stream']} chunks per stream, {s2['chunk_delay_ms']:g} ms apart)",
                 "", f"Backend: {s2['backend']}. It shares the cores with the proxy and the client, so at high stream "
-                "counts it is itself late; the added figures compare proxy and direct runs against the same backend.",
+                "counts it is itself late; the added figures compare proxy and direct runs against the same backend. "
+                "Streams open evenly over min(2 s, streams / 500) unless the row says otherwise; the target is "
+                "judged on the 1000 row.",
                 "", "| streams | TTFT p50 direct / proxy | added TTFT p50 | gap p50 direct / proxy | gap p99 direct / "
                 "proxy | added gap p99 | proxy CPU s per 10k chunks | proxy peak RSS | completed direct / proxy |",
                 "|---|---|---|---|---|---|---|---|---|"]
