@@ -474,7 +474,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
                           "the backend answered with a redirect; redirects are never followed")
         ctype = resp.content_type
         if resp.status >= 400:
-            data = await _read_limited(resp, limits.idle_timeout_s, 4 * 1024 * 1024)
+            data = await resp.read(4 * 1024 * 1024, limits.idle_timeout_s)
             draft.upstream_error = "status_4xx" if resp.status < 500 else "status_5xx"
             draft.outcome, draft.reason = "upstream_error", f"backend_status_{resp.status}"
             draft.status = resp.status
@@ -486,7 +486,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
             out = await _relay_stream(request, state, draft, resp)
             completed = draft.outcome == "ok"
             return out
-        data = await _read_limited(resp, limits.idle_timeout_s, max(limits.max_body_bytes, 64 * 1024 * 1024))
+        data = await resp.read(max(limits.max_body_bytes, 64 * 1024 * 1024), limits.idle_timeout_s)
         check = check_json_body(data, state.admission.model, draft.usage)
         draft.served_model = check.served_model[:200] if check.served_model else None
         completed = True
@@ -508,22 +508,6 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
         else:
             # Cancelled or failed mid-way: close the connection so the backend stops generating.
             resp.close()
-
-
-async def _read_limited(resp: BackendResponse, idle_s: float, limit: int) -> bytes:
-    if resp.complete():  # the whole body came with the headers: no wait, so no timer
-        data = resp.take()
-        if len(data) > limit:
-            raise ValueError("backend response exceeds the size limit")
-        return data
-    chunks: list[bytes] = []
-    size = 0
-    async for data in resp.chunks(idle_s):
-        size += len(data)
-        if size > limit:
-            raise ValueError("backend response exceeds the size limit")
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 def _stream_error_event(code: str, message: str) -> bytes:

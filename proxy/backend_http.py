@@ -142,6 +142,23 @@ class BackendResponse:
         self._buffered = 0
         return data
 
+    async def read(self, limit: int | None = None, idle_s: float | None = None) -> bytes:
+        """The whole body; ValueError past ``limit`` bytes, TimeoutError after ``idle_s``
+        spent waiting for the backend (see ``chunks``)."""
+        if self._done:  # it all came with the head: no wait, so no timer
+            data = self.take()
+            if limit is not None and len(data) > limit:
+                raise ValueError("backend response exceeds the size limit")
+            return data
+        parts: list[bytes] = []
+        size = 0
+        async for data in self.chunks(idle_s):
+            size += len(data)
+            if limit is not None and size > limit:
+                raise ValueError("backend response exceeds the size limit")
+            parts.append(data)
+        return b"".join(parts)
+
     async def chunks(self, idle_s: float | None = None) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (chunked framing removed), until the body ends.
         With ``idle_s``, TimeoutError once the reader has waited that long for the
@@ -449,15 +466,13 @@ class BackendPool:
         # The configured path as a request target: anything outside RFC 3986's path
         # characters is percent-encoded (existing escapes kept).
         self._base_path = urllib.parse.quote(target.base_path, safe="/:@!$&'()*+,;=-._~%")
+        self._authority = target.authority
         self._connect_timeout = connect_timeout_s
         self._keepalive = keepalive_s
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
         # https: certificates and host names verified against the system's trust store.
         self._ssl = (ssl_context or ssl.create_default_context()) if target.scheme == "https" else None
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        default_port = 443 if target.scheme == "https" else 80
-        self.host_header = host if target.port == default_port else f"{host}:{target.port}"
         # An address literal needs no resolver round trip (the pin checked it already,
         # and checks it again here so the rule lives in one place).
         try:
@@ -493,7 +508,7 @@ class BackendPool:
                 timer.cancel()
 
     def _head(self, method: str, path: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
-        lines = [f"{method} {self._base_path}{path} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        lines = [f"{method} {self._base_path}{path} HTTP/1.1\r\nHost: {self._authority}\r\n"]
         for name, value in headers:
             lines.append(f"{name}: {value}\r\n")
         if body or method == "POST":

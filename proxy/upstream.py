@@ -73,7 +73,7 @@ class Upstream:
         async with asyncio.timeout(timeout_s):
             resp = await self.pool.request("GET", path, self.headers({"Accept": "application/json"}).items())
             try:
-                chunks = [chunk async for chunk in resp.chunks()]
+                body = await resp.read()
             except BaseException:
                 resp.close()
                 raise
@@ -81,7 +81,7 @@ class Upstream:
         if resp.status != 200:
             return resp.status, None
         try:
-            return resp.status, orjson.loads(b"".join(chunks))
+            return resp.status, orjson.loads(body)
         except orjson.JSONDecodeError:
             return resp.status, None
 

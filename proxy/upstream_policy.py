@@ -56,6 +56,9 @@ KNOWN_PROVIDER_HOST_SUFFIXES: tuple[str, ...] = (
 )
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 class UpstreamClass(StrEnum):
     LOOPBACK = "loopback"
     PRIVATE = "private"
@@ -80,9 +83,12 @@ class UpstreamTarget:
     upstream_class: UpstreamClass
     fingerprint: str
 
-    def url(self, path: str) -> str:
+    @property
+    def authority(self) -> str:
+        """``host[:port]`` as a Host header writes it: IPv6 in brackets, the scheme's
+        default port left out."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}{self.base_path}{path}"
+        return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
 
 
 def normalize_host(host: str) -> str:
@@ -166,7 +172,7 @@ def classify_upstream(url: str, allow_hosts: frozenset[str] | set[str] = frozens
     return UpstreamTarget(
         scheme=parts.scheme,
         host=host,
-        port=port or (443 if parts.scheme == "https" else 80),
+        port=port or _DEFAULT_PORTS[parts.scheme],
         base_path=base_path,
         upstream_class=upstream_class,
         fingerprint=fingerprint_url(raw),

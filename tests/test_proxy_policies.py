@@ -117,6 +117,17 @@ def test_known_provider_hosts_stay_refused_even_when_listed() -> None:
     assert check_resolved_address(local, "127.0.0.1") and not check_resolved_address(local, "93.184.216.34")
 
 
+@pytest.mark.parametrize(("url", "authority"), [
+    ("http://localhost/v1", "localhost"), ("http://localhost:8000/v1", "localhost:8000"),
+    ("http://[::1]:8000/v1", "[::1]:8000"), ("http://[::1]/v1", "[::1]"), ("http://10.0.0.5:443/v1", "10.0.0.5:443"),
+])
+def test_target_authority_is_the_host_header(url: str, authority: str) -> None:
+    """The Host header the backend client sends: IPv6 bracketed, the scheme's default
+    port left out (and only that port)."""
+    target = classify_upstream(url)
+    assert isinstance(target, UpstreamTarget) and target.authority == authority
+
+
 def test_forwarded_routes_are_never_other_providers_endpoints() -> None:
     """_dispatch skips the endpoint scan for the forwarded routes on this ground."""
     assert [p for p in FORWARDED if external_endpoint(p) is not None] == []
