@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .hashchain import ChainVerdict, HashChainWriter, read_chain_bytes
@@ -94,7 +93,7 @@ def utc_now_rfc3339() -> str:
 
 class EvidenceLog:
     def __init__(self, path: Path, redactor: Redactor) -> None:
-        self._chain = HashChainWriter(path)
+        self._chain = HashChainWriter(path, watch=True)
         self._redactor = redactor
 
     def open(self) -> None:
@@ -112,20 +111,24 @@ class EvidenceLog:
 
     def write_fields(self, fields: dict[str, Any]) -> str:
         """The per-request hot path: the fields of an EvidenceRecord as a plain dict
-        without None values, no model built. The secret pre-check reads only the fields
-        a client or backend can influence (see PROXY_GENERATED_FIELDS); a record that
-        might hold a secret takes the full redaction. Readers still validate every line
+        without None values, no model built; the dict is extended with the chain fields.
+        The secret pre-check reads only the fields a client or backend can influence (see
+        PROXY_GENERATED_FIELDS) and skips values the redactor has vetted (``vet_clean``:
+        the admitted model, the routes); a record that might hold a secret takes the
+        full redaction. Readers still validate every line
         against EvidenceRecord; a test pins that they agree."""
+        clean = self._redactor.clean
         texts: list[str] = []
         for key, value in fields.items():
             if key in PROXY_GENERATED_FIELDS:
                 continue
-            if not isinstance(value, str):
+            if value.__class__ is not str:
                 return self.write_redacted(fields)
-            texts.append(value)
-        if self._redactor.may_match("\x00".join(texts)):
+            if value not in clean:
+                texts.append(value)
+        if texts and self._redactor.may_match("\x00".join(texts)):
             return self.write_redacted(fields)
-        return self._chain.append_json(orjson.dumps(fields))
+        return self._chain.append_fields(fields)
 
     def write_redacted(self, fields: dict[str, Any]) -> str:
         return self._chain.append(self._redactor.redact_obj({k: v for k, v in fields.items() if v is not None}))

@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
+from .path_watch import PathWatch
+
 GENESIS = "0" * 64
 
 
@@ -82,8 +84,12 @@ def read_chain_bytes(data: bytes) -> tuple[ChainVerdict, list[dict[str, Any]]]:
 
 
 class HashChainWriter:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, watch: bool = False) -> None:
+        """``watch``: keep an inotify watch on the path so that ``check`` stats only
+        after something may have changed (see proxy.path_watch)."""
         self.path = Path(path)
+        self._want_watch = watch
+        self._watch: PathWatch | None = None
         self._path_str = str(self.path)  # for the per-request stat: no __fspath__ call
         self._fd: int | None = None
         self._prev = GENESIS
@@ -104,6 +110,8 @@ class HashChainWriter:
         except OSError as exc:
             raise ChainError(f"cannot open {self.path}: {exc.strerror}") from None
         self._ident = (st.st_dev, st.st_ino)
+        if self._want_watch:
+            self._watch = PathWatch.open(self.path)  # its first changed() is True: stat once
 
     @property
     def healthy(self) -> bool:
@@ -119,9 +127,13 @@ class HashChainWriter:
 
     def check(self) -> None:
         """Raise ChainError unless the next append can land in the file we opened: the
-        descriptor and the path must both still name that (dev, inode), still linked."""
+        descriptor and the path must both still name that (dev, inode), still linked.
+        With a watch, the stat comparison runs only once something on the path may
+        have changed since the last time it passed."""
         if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
+        if self._watch is not None and not self._watch.changed():
+            return
         try:
             st = os.fstat(self._fd)
             on_disk = os.stat(self._path_str)
@@ -136,22 +148,23 @@ class HashChainWriter:
         body = dict(record)
         body["seq"] = self._seq
         body["prev_sha256"] = self._prev
-        return self._write_line(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+        return self._write_line(orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE))
 
-    def append_json(self, blob: bytes) -> str:
-        """Append a record already serialized as a JSON object (``b"{...}"``) that has no
-        ``seq`` or ``prev_sha256`` key: the chain fields are spliced in before the closing
-        brace, so the per-request path serializes each record once."""
-        if blob[:1] != b"{" or blob[-1:] != b"}":
-            raise ChainError("append_json needs a serialized JSON object")
-        sep = b"," if len(blob) > 2 else b""
-        return self._write_line(b"%s%s\"seq\":%d,\"prev_sha256\":\"%s\"}" % (
-            blob[:-1], sep, self._seq, self._prev.encode()))
+    def append_fields(self, fields: dict[str, Any]) -> str:
+        """The per-request path: ``append`` without the copy and the key sort. The chain
+        fields are set in ``fields`` itself, so it must not carry its own ``seq`` or
+        ``prev_sha256``."""
+        if "seq" in fields or "prev_sha256" in fields:
+            raise ChainError("a record must not carry its own seq or prev_sha256")
+        fields["seq"] = self._seq
+        fields["prev_sha256"] = self._prev
+        return self._write_line(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
 
-    def _write_line(self, line: bytes) -> str:
+    def _write_line(self, data: bytes) -> str:
+        """Write one serialized record that ends in its newline; the hash covers the
+        line without it."""
         if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
-        data = line + b"\n"
         try:
             written = os.write(self._fd, data)
         except OSError as exc:
@@ -160,7 +173,7 @@ class HashChainWriter:
         if written != len(data):
             self._failed = True
             raise ChainError("short write: the chain is now broken")
-        sha = line_sha256(line)
+        sha = hashlib.sha256(memoryview(data)[:-1]).hexdigest()
         self._prev, self._seq = sha, self._seq + 1
         return sha
 
@@ -168,6 +181,8 @@ class HashChainWriter:
         if self._fd is None or self._closed:
             return
         self._closed = True
+        if self._watch is not None:
+            self._watch.close()
         try:
             os.fsync(self._fd)
         except OSError:

@@ -39,6 +39,7 @@ _SHAPES: list[tuple[str, str]] = [
 _SHAPE_ANCHORS = ("-----BEGIN", "sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "AKIA", "ASIA",
                   "eyJ", "earer ", "://")
 _SHAPE_ANCHORS_LOWER = ("aws_secret_access_key",)
+assert all("_" in a for a in _SHAPE_ANCHORS_LOWER)  # may_match relies on it
 _SHAPE_ANCHORS_LOWER_BYTES = tuple(a.encode() for a in _SHAPE_ANCHORS_LOWER)
 
 
@@ -74,6 +75,7 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self._clean: frozenset[str] = frozenset()
         for s in secrets:
             self.add_secret(s)
         if self._pattern is None:
@@ -106,13 +108,26 @@ class Redactor:
         # a character JSON escapes (a quote, a backslash, a control character).
         self._json_anchors = tuple(a.encode() for a in self._anchors)
         self._json_safe = not any(c in '"\\' or ord(c) < 0x20 for a in self._anchors for c in a)
+        self._clean = frozenset()  # vetted against the old secrets only
+
+    def vet_clean(self, values: Iterable[str]) -> None:
+        """Remember the values among ``values`` that hold no finding. Meant for strings a
+        hot path sees on every call (the admitted model, route paths): checked once here,
+        they can be skipped there (see ``clean``). Forgotten when a secret is added."""
+        self._clean = self._clean | {v for v in values if not self.may_match(v)}
+
+    @property
+    def clean(self) -> frozenset[str]:
+        """Values vetted by ``vet_clean``: none of them holds a finding."""
+        return self._clean
 
     def may_match(self, text: str) -> bool:
         """Cheap and sound pre-check: False only when ``text`` cannot contain a finding."""
         for anchor in self._anchors:
             if anchor in text:
                 return True
-        if len(text) >= len(_SHAPE_ANCHORS_LOWER[0]):
+        # Every case-insensitive anchor has underscores, which have no case variants.
+        if len(text) >= len(_SHAPE_ANCHORS_LOWER[0]) and "_" in text:
             # casefold, not lower: (?i) also matches folded look-alikes such as 'ſ' for 's'.
             folded = text.casefold()
             return any(anchor in folded for anchor in _SHAPE_ANCHORS_LOWER)

@@ -27,6 +27,7 @@ from .hashchain import ChainError
 from .metrics import ProxyMetrics
 from .readiness import Readiness, ReadinessState
 from .redact import Redactor, install_log_redaction
+from .request_policy import FORWARDED
 from .settings import ProxySettings
 from .upstream import Upstream
 from .upstream_policy import UpstreamRefusal, classify_upstream
@@ -131,6 +132,9 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
     assert not isinstance(target, UpstreamRefusal)
     redactor = Redactor(settings.secret_values())
     install_log_redaction(redactor)
+    # The values most request records repeat, vetted once so the per-request secret
+    # pre-check can skip them.
+    redactor.vet_clean([admission.model, *admission.aliases, *FORWARDED, "POST", "ok"])
     evidence: EvidenceLog | None = None
     if settings.evidence_enabled:
         evidence = EvidenceLog(settings.evidence_file, redactor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -285,18 +286,20 @@ def test_a_secret_in_any_free_text_field_is_redacted_on_the_hot_path(tmp_path: P
     assert verdict.ok and len(records) == 3
 
 
-def test_append_json_splices_the_chain_fields(tmp_path: Path) -> None:
+def test_append_fields_adds_the_chain_fields(tmp_path: Path) -> None:
     writer = HashChainWriter(tmp_path / "c.jsonl")
     writer.open()
-    writer.append_json(b'{"a":1}')
-    writer.append_json(b"{}")
+    writer.append_fields({"a": 1})
+    writer.append_fields({})
     writer.append({"b": 2})
     with pytest.raises(ChainError):
-        writer.append_json(b"[1]")
+        writer.append_fields({"seq": 7})
     writer.close()
     verdict, records = read_chain(tmp_path / "c.jsonl")
     assert verdict.ok and [r["seq"] for r in records] == [0, 1, 2]
     assert records[0]["a"] == 1 and records[1] == {"seq": 1, "prev_sha256": records[1]["prev_sha256"]}
+    lines = (tmp_path / "c.jsonl").read_bytes().splitlines()
+    assert records[2]["prev_sha256"] == hashlib.sha256(lines[1]).hexdigest()
 
 
 def test_evidence_time_is_rfc3339_utc_with_milliseconds() -> None:
@@ -323,3 +326,23 @@ def test_every_token_shape_passes_the_pre_check(kind: str, sample: str) -> None:
     r = Redactor()
     assert r.may_match(f"before {sample} after")
     assert kind in {f.kind for f in r.find(f"before {sample} after")}
+
+
+def test_vetted_values_hold_no_secret_and_are_forgotten_with_a_new_secret() -> None:
+    r = Redactor([SECRET])
+    r.vet_clean(["qwen3.6-35b-a3b", "/v1/chat/completions", f"model-{SECRET}", "sk-ant-" + "q" * 24])
+    assert r.clean == {"qwen3.6-35b-a3b", "/v1/chat/completions"}
+    r.add_secret("qwen3.6-35b-a3b")
+    assert r.clean == frozenset()
+
+
+def test_a_vetted_value_is_written_as_is_and_others_still_redacted(tmp_path: Path) -> None:
+    r = Redactor([SECRET])
+    r.vet_clean(["qwen3.6-35b-a3b"])
+    log = EvidenceLog(tmp_path / "e.jsonl", r)
+    log.open()
+    base = {"kind": "request", "time": "2026-11-25T00:00:00.000Z", "request_id": "r1"}
+    log.write_fields({**base, "requested_model": "qwen3.6-35b-a3b", "served_model": f"x-{SECRET}"})
+    log.close()
+    _, records = records_from_bytes((tmp_path / "e.jsonl").read_bytes())
+    assert records[0].requested_model == "qwen3.6-35b-a3b" and records[0].served_model == f"x-{REDACTED}"

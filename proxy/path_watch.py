@@ -1,0 +1,156 @@
+"""Tell cheaply whether a path may have stopped naming the file opened from it (inotify).
+
+Before forwarding, the proxy proves that its evidence path still names the log it writes
+to. Two stat calls per request cost more than the rest of the record. What a path names
+depends only on the entries of the directories along it, so an inotify watch on each of
+them makes the usual answer ("nothing changed since the last proof") one poll that does
+not wait. Any event at all, relevant or not,
+only means "prove it again": the caller then does the full stat comparison, so a missed
+filter can never turn into a missed change.
+
+The watch is used only where it sees every change a stat would: on Linux, on local
+filesystems (a network filesystem does not report other hosts' changes), for a path
+without symlinks (a link's target directories are not on the path to watch). Anywhere
+else ``PathWatch.open`` returns None and the caller stats every time. Once the kernel
+drops a watch (its directory deleted, its filesystem unmounted) or the event queue
+overflows, the watch reports a possible change on every call. Not seen, as by any
+inotify user: a filesystem mounted over a directory of the path or over the file (root
+only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import struct
+import sys
+from pathlib import Path
+
+_IN_MOVED_FROM = 0x40
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_IN_UNMOUNT = 0x2000
+_IN_Q_OVERFLOW = 0x4000
+_IN_IGNORED = 0x8000
+_IN_ONLYDIR = 0x01000000
+_IN_DONT_FOLLOW = 0x02000000
+
+_DIR_MASK = (_IN_CREATE | _IN_DELETE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF
+             | _IN_ONLYDIR | _IN_DONT_FOLLOW)
+# The watch can no longer vouch for the path: a watch was dropped or events were lost.
+_BROKEN = _IN_IGNORED | _IN_Q_OVERFLOW | _IN_UNMOUNT
+
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+
+# statfs f_type of filesystems whose changes all happen in this kernel, so inotify sees them.
+LOCAL_FILESYSTEMS = frozenset({
+    0xEF53,      # ext2/3/4
+    0x58465342,  # xfs
+    0x9123683E,  # btrfs
+    0x01021994,  # tmpfs
+    0x794C7630,  # overlayfs
+    0xF2F52010,  # f2fs
+    0x2FC12FC1,  # zfs
+})
+
+
+def watched_directories(path: Path) -> list[str] | None:
+    """Every directory from the root down to the file's own: whose entries must stay put
+    for ``path`` to keep naming the same file. None if the path runs through a symlink
+    (or a ``..`` that a symlink would resolve differently)."""
+    absolute = os.path.abspath(path)
+    if os.path.realpath(absolute) != absolute:
+        return None
+    parts = Path(absolute).parts
+    return [str(Path(*parts[:n])) for n in range(1, len(parts))]
+
+
+def broken(events: bytes) -> bool:
+    """True if the events read from an inotify descriptor include one after which the
+    watch no longer covers the path."""
+    offset = 0
+    while offset + _EVENT.size <= len(events):
+        _wd, mask, _cookie, name_len = _EVENT.unpack_from(events, offset)
+        if mask & _BROKEN:
+            return True
+        offset += _EVENT.size + name_len
+    return False
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_init1, libc.inotify_add_watch, libc.statfs  # noqa: B018 - present?
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _filesystem_type(libc: ctypes.CDLL, path: str) -> int | None:
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if libc.statfs(path.encode(), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # f_type is the first field
+
+
+class PathWatch:
+    """An inotify watch on the directories of one file's path. ``changed()`` is True
+    when anything may have changed since its previous call (and on the first call)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self._changed = True
+        self._broken = False
+
+    @classmethod
+    def open(cls, path: Path) -> PathWatch | None:
+        """A watch on ``path``, or None where a watch would not see every change."""
+        dirs = watched_directories(path)
+        libc = _libc()
+        if dirs is None or libc is None:
+            return None
+        if any(_filesystem_type(libc, d) not in LOCAL_FILESYSTEMS for d in dirs):
+            return None
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            return None
+        watch = cls(fd)
+        for d in dirs:
+            if libc.inotify_add_watch(fd, d.encode(), _DIR_MASK) < 0:  # e.g. out of watches
+                watch.close()
+                return None
+        return watch
+
+    def changed(self) -> bool:
+        if self._broken:
+            return True
+        if self._poll.poll(0):
+            self._changed = True
+            self._drain()
+        changed, self._changed = self._changed, False
+        return changed
+
+    def _drain(self) -> None:
+        for _ in range(64):  # bounded; an event storm leaves the rest for the next call
+            try:
+                events = os.read(self._fd, 64 * 1024)
+            except BlockingIOError:
+                return
+            if broken(events):
+                self._broken = True
+                return
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._poll.unregister(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            self._broken = True
