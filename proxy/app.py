@@ -273,7 +273,7 @@ def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: str) -> None:
     if draft.forwarded:
         m.observe_duration(draft.endpoint, elapsed)
         if draft.ttft_s is not None:
-            m.ttft.labels(draft.endpoint).observe(draft.ttft_s)
+            m.observe_ttft(draft.endpoint, draft.ttft_s)
         if draft.usage.prompt_tokens:
             m.count_tokens("prompt", draft.usage.prompt_tokens)
         if draft.usage.completion_tokens:

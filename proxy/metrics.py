@@ -1,23 +1,87 @@
 """Prometheus metrics: conventional names, bounded labels, one registry per proxy app
 (so several apps can live in one test process without clashing).
 
-With several workers (``proxy.workers``) each worker process writes its values to files
-in a shared directory (prometheus-client's multiprocess mode) and whichever worker
-answers a scrape renders the sum over all of them: a scrape never shows one worker's
-share of the traffic as the whole."""
+The series every request updates (requests, duration, time to first token, tokens) are
+kept by a one-process proxy as plain numbers in a ``RequestTally`` and rendered when
+scraped: prometheus-client's own objects take a lock and a few calls per update, which
+was most of the metrics' cost per request (profiled). With several workers
+(``proxy.workers``) each worker process writes its values to files in a shared directory
+(prometheus-client's multiprocess mode) and whichever worker answers a scrape renders the
+sum over all of them: a scrape never shows one worker's share of the traffic as the
+whole."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .admission import Admission
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+# The per-request series: (name, help, label names), the same in both modes.
+REQUESTS = ("case_proxy_requests", "Requests by endpoint and outcome.", ("endpoint", "outcome"))
+DURATION = ("case_proxy_request_duration_seconds", "Time from request to last byte.", ("endpoint",))
+TTFT = ("case_proxy_time_to_first_token_seconds",
+        "Time from request to the first streamed event sent to the client.", ("endpoint",))
+TOKENS = ("case_proxy_tokens", "Tokens reported by the backend's usage objects.", ("kind",))
+TOKEN_KINDS = ("prompt", "completion")
+
+
+class TallyHistogram:
+    """One label set of a histogram as plain numbers: a count per bucket (not yet
+    cumulative) and the sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # A bucket counts values <= its bound: the first bound not below the value.
+        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, n in zip((*_LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+class RequestTally(Collector):
+    """The per-request series of a one-process proxy, updated without locks: the event
+    loop's thread both updates them and (through ``/metrics``) collects them."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str], int] = {}
+        self.duration: dict[str, TallyHistogram] = {}
+        self.ttft: dict[str, TallyHistogram] = {}
+        self.tokens = dict.fromkeys(TOKEN_KINDS, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(REQUESTS[0], REQUESTS[1], labels=REQUESTS[2])
+        for labels, n in self.requests.items():
+            requests.add_metric(labels, n)
+        tokens = CounterMetricFamily(TOKENS[0], TOKENS[1], labels=TOKENS[2])
+        for kind, n in self.tokens.items():
+            tokens.add_metric((kind,), n)
+        yield from (requests, tokens)
+        for (name, help_text, label_names), series in ((DURATION, self.duration), (TTFT, self.ttft)):
+            family = HistogramMetricFamily(name, help_text, labels=label_names)
+            for endpoint, hist in series.items():
+                family.add_metric((endpoint,), hist.cumulative(), hist.sum)
+            yield family
 
 
 class ProxyMetrics:
@@ -25,8 +89,6 @@ class ProxyMetrics:
                  in_flight: Callable[[], float] | None = None) -> None:
         self._multiprocess_dir = multiprocess_dir
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("case_proxy_requests", "Requests by endpoint and outcome.",
-                                ["endpoint", "outcome"], registry=r)
         self.fallback_rejections = Counter(
             "case_proxy_fallback_rejections",
             "Requests refused because they tried to reach another model, provider or upstream.",
@@ -39,13 +101,6 @@ class ProxyMetrics:
         self.evidence_write_failures = Counter(
             "case_proxy_evidence_write_failures", "Evidence records that could not be written (requests refused).",
             registry=r)
-        self.duration = Histogram("case_proxy_request_duration_seconds", "Time from request to last byte.",
-                                  ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("case_proxy_time_to_first_token_seconds",
-                              "Time from request to the first streamed event sent to the client.",
-                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("case_proxy_tokens", "Tokens reported by the backend's usage objects.",
-                              ["kind"], registry=r)
         # multiprocess_mode only matters with several workers: in flight sums, ready holds
         # only if every live worker sees the backend ready.
         self.in_flight = Gauge("case_proxy_in_flight_requests", "Requests being proxied now.", registry=r,
@@ -63,7 +118,20 @@ class ProxyMetrics:
                        "external_provider_header", "forward_proxy_refused"):
             for family in ("anthropic", "openai", "google", "other"):
                 self.fallback_rejections.labels(reason, family)
-        self._token_children = {kind: self.tokens.labels(kind) for kind in ("prompt", "completion")}
+        # The per-request series: a tally in one process; prometheus-client's objects,
+        # which write the shared files, with several workers.
+        self._tally: RequestTally | None = None
+        self._children: dict[tuple[str, ...], Any] = {}
+        if multiprocess_dir is None:
+            self._tally = RequestTally()
+            r.register(self._tally)
+        else:
+            self._requests = Counter(*REQUESTS, registry=r)
+            self._duration = Histogram(*DURATION, buckets=_LATENCY_BUCKETS, registry=r)
+            self._ttft = Histogram(*TTFT, buckets=_LATENCY_BUCKETS, registry=r)
+            self._tokens = Counter(*TOKENS, registry=r)
+            for kind in TOKEN_KINDS:
+                self._children[("tokens", kind)] = self._tokens.labels(kind)
 
         # One process: the gauge reads the proxy's own count at scrape time, nothing per
         # request. Several workers: multiprocess files only see explicit updates.
@@ -71,11 +139,6 @@ class ProxyMetrics:
         if not self._in_flight_by_request:
             assert in_flight is not None
             self.in_flight.set_function(in_flight)
-
-        # Children of the per-request series, looked up once: .labels() takes a lock and
-        # builds tuples on every call, a measurable share of the proxy's CPU per request.
-        self._request_children: dict[tuple[str, str], Any] = {}
-        self._duration_children: dict[str, Any] = {}
 
     def request_started(self) -> None:
         if self._in_flight_by_request:
@@ -86,19 +149,41 @@ class ProxyMetrics:
             self.in_flight.dec()
 
     def count_request(self, endpoint: str, outcome: str) -> None:
-        child = self._request_children.get((endpoint, outcome))
-        if child is None:
-            child = self._request_children[(endpoint, outcome)] = self.requests.labels(endpoint, outcome)
-        child.inc()
+        if (tally := self._tally) is not None:
+            key = (endpoint, outcome)
+            tally.requests[key] = tally.requests.get(key, 0) + 1
+        else:
+            self._child("requests", endpoint, outcome).inc()
 
     def count_tokens(self, kind: str, n: int) -> None:
-        self._token_children[kind].inc(n)
+        if (tally := self._tally) is not None:
+            tally.tokens[kind] += n
+        else:
+            self._children[("tokens", kind)].inc(n)
 
     def observe_duration(self, endpoint: str, seconds: float) -> None:
-        child = self._duration_children.get(endpoint)
+        if (tally := self._tally) is not None:
+            hist = tally.duration.get(endpoint) or tally.duration.setdefault(endpoint, TallyHistogram())
+            hist.observe(seconds)
+        else:
+            self._child("duration", endpoint).observe(seconds)
+
+    def observe_ttft(self, endpoint: str, seconds: float) -> None:
+        if (tally := self._tally) is not None:
+            hist = tally.ttft.get(endpoint) or tally.ttft.setdefault(endpoint, TallyHistogram())
+            hist.observe(seconds)
+        else:
+            self._child("ttft", endpoint).observe(seconds)
+
+    def _child(self, series: str, *labels: str) -> Any:
+        """A multiprocess series' child, looked up once: ``.labels()`` takes a lock and
+        builds tuples on every call."""
+        key = (series, *labels)
+        child = self._children.get(key)
         if child is None:
-            child = self._duration_children[endpoint] = self.duration.labels(endpoint)
-        child.observe(seconds)
+            metric = {"requests": self._requests, "duration": self._duration, "ttft": self._ttft}[series]
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def render(self) -> bytes:
         if self._multiprocess_dir is None:
