@@ -55,6 +55,10 @@ class AddressRefused(BackendError):
     """The backend name resolved only to addresses the pin does not allow."""
 
 
+class BodyTooLarge(ValueError):
+    """A body read whole was longer than the reader's limit."""
+
+
 # One header line: a token name, a colon, a value without line breaks or NUL, CRLF. The
 # anchor is a line start, so a malformed line can never match from its middle.
 # (The value is spelled as words between blanks rather than a lazy match: no backtracking.)
@@ -143,19 +147,19 @@ class BackendResponse:
         return data
 
     async def read(self, limit: int | None = None, idle_s: float | None = None) -> bytes:
-        """The whole body; ValueError past ``limit`` bytes, TimeoutError after ``idle_s``
+        """The whole body; BodyTooLarge past ``limit`` bytes, TimeoutError after ``idle_s``
         spent waiting for the backend (see ``chunks``)."""
         if self._done:  # it all came with the head: no wait, so no timer
             data = self.take()
             if limit is not None and len(data) > limit:
-                raise ValueError("backend response exceeds the size limit")
+                raise BodyTooLarge("backend response exceeds the size limit")
             return data
         parts: list[bytes] = []
         size = 0
         async for data in self.chunks(idle_s):
             size += len(data)
             if limit is not None and size > limit:
-                raise ValueError("backend response exceeds the size limit")
+                raise BodyTooLarge("backend response exceeds the size limit")
             parts.append(data)
         return b"".join(parts)
 

@@ -115,8 +115,8 @@ class EvidenceLog:
         The secret pre-check reads only the fields a client or backend can influence (see
         PROXY_GENERATED_FIELDS) and skips values the redactor has vetted (``vet_clean``:
         the admitted model, the routes); a record that might hold a secret takes the
-        full redaction. Readers still validate every line
-        against EvidenceRecord; a test pins that they agree."""
+        full redaction. Readers still validate every line against EvidenceRecord; a test
+        pins that they agree."""
         clean = self._redactor.clean
         texts: list[str] = []
         for key, value in fields.items():

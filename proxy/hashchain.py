@@ -128,8 +128,9 @@ class HashChainWriter:
     def check(self) -> None:
         """Raise ChainError unless the next append can land in the file we opened: the
         descriptor and the path must both still name that (dev, inode), still linked.
-        With a watch, the stat comparison runs only once something on the path may
-        have changed since the last time it passed."""
+        With a watch, that comparison runs only once something on the path may have
+        changed since it last passed (a descriptor swapped inside this process then shows
+        only when a write fails)."""
         if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
         if self._watch is not None and not self._watch.changed():

@@ -4,9 +4,8 @@ Before forwarding, the proxy proves that its evidence path still names the log i
 to. Two stat calls per request cost more than the rest of the record. What a path names
 depends only on the entries of the directories along it, so an inotify watch on each of
 them makes the usual answer ("nothing changed since the last proof") one poll that does
-not wait. Any event at all, relevant or not,
-only means "prove it again": the caller then does the full stat comparison, so a missed
-filter can never turn into a missed change.
+not wait. Any event at all, relevant or not, only means "prove it again": the caller
+then does the full stat comparison, so no event needs to be understood to be safe.
 
 The watch is used only where it sees every change a stat would: on Linux, on local
 filesystems (a network filesystem does not report other hosts' changes), for a path
@@ -86,7 +85,8 @@ def _libc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.inotify_init1, libc.inotify_add_watch, libc.statfs  # noqa: B018 - present?
+        for name in ("inotify_init1", "inotify_add_watch", "statfs"):
+            getattr(libc, name)
     except (OSError, AttributeError):
         return None
     return libc

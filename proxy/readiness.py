@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .upstream import Upstream
+from .upstream import BodyTooLarge, Upstream
 
 log = logging.getLogger("case_proxy.readiness")
 
@@ -42,6 +42,10 @@ def listed_models(payload: object) -> tuple[list[str], dict[str, str]]:
     return ids, owners
 
 
+# A model listing is a few kilobytes even with many adapters; the probe never holds more.
+MAX_LISTING_BYTES = 4 * 1024 * 1024
+
+
 class Readiness:
     def __init__(self, upstream: Upstream, admitted_model: str, interval_s: float, timeout_s: float,
                  busy: Callable[[], bool] = lambda: False) -> None:
@@ -57,7 +61,9 @@ class Readiness:
     async def check_once(self) -> ReadinessState:
         was = self.state.ready
         try:
-            status, payload = await self._upstream.get_json("/v1/models", self._timeout)
+            status, payload = await self._upstream.get_json("/v1/models", self._timeout, MAX_LISTING_BYTES)
+        except BodyTooLarge:
+            self._set(False, f"backend /v1/models answer is larger than {MAX_LISTING_BYTES} bytes", (), None)
         except (TimeoutError, OSError, Exception) as exc:  # noqa: BLE001 - any failure means not ready
             self._set(False, f"backend /v1/models unreachable ({type(exc).__name__})", (), None)
         else:

@@ -20,11 +20,12 @@ from .backend_http import (
     BackendPool,
     BackendResponse,
     BackendUnreachable,
+    BodyTooLarge,
 )
 from .settings import ProxySettings
 from .upstream_policy import UpstreamTarget
 
-__all__ = ["AddressRefused", "BackendError", "BackendResponse", "Upstream", "upstream_error_kind"]
+__all__ = ["AddressRefused", "BackendError", "BackendResponse", "BodyTooLarge", "Upstream", "upstream_error_kind"]
 
 # Sent upstream only when the client sent no User-Agent of its own.
 USER_AGENT = "case-proxy"
@@ -68,12 +69,13 @@ class Upstream:
     async def post(self, path: str, body: bytes, headers: dict[str, str], head_timeout_s: float) -> BackendResponse:
         return await self.pool.request("POST", path, self.headers(headers).items(), body, head_timeout_s)
 
-    async def get_json(self, path: str, timeout_s: float) -> tuple[int, Any]:
-        """(status, parsed JSON or None) of a GET, all of it within ``timeout_s``."""
+    async def get_json(self, path: str, timeout_s: float, limit: int) -> tuple[int, Any]:
+        """(status, parsed JSON or None) of a GET, all of it within ``timeout_s``;
+        BodyTooLarge for a body over ``limit`` bytes."""
         async with asyncio.timeout(timeout_s):
             resp = await self.pool.request("GET", path, self.headers({"Accept": "application/json"}).items())
             try:
-                body = await resp.read()
+                body = await resp.read(limit)
             except BaseException:
                 resp.close()
                 raise

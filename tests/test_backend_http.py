@@ -449,3 +449,28 @@ async def test_idle_limit_counts_only_time_spent_waiting_for_the_backend(raw: Ra
         resp.release()
     finally:
         await pool.close()
+
+
+async def test_readiness_probe_reads_at_most_a_bounded_model_listing(raw: RawBackend, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A backend whose /v1/models answer never ends in size cannot make the probe hold it
+    all: past the limit the backend is not ready, and says why."""
+    from proxy.readiness import MAX_LISTING_BYTES, Readiness
+    from proxy.settings import ProxySettings
+    from proxy.upstream import Upstream
+
+    listing = b'{"object":"list","data":[{"id":"m","object":"model"}]}'
+    huge = b'{"object":"list","data":[' + b'{"id":"x"},' * (MAX_LISTING_BYTES // 10) + b'{"id":"m"}]}'
+    raw.answers += [([_ok(listing)], False), ([_ok(huge)], False), ([_ok(listing)], False)]
+    settings = ProxySettings(decision_file=tmp_path / "d", admission_file=tmp_path / "a", evidence_file=tmp_path / "e",
+                             base_url=f"http://127.0.0.1:{raw.port}/v1", proxy_token="t" * 16)
+    upstream = Upstream(raw.target(), settings)
+    await upstream.start()
+    readiness = Readiness(upstream, "m", interval_s=60, timeout_s=10)
+    try:
+        assert (await readiness.check_once()).ready
+        state = await readiness.check_once()
+        assert not state.ready and state.reason == f"backend /v1/models answer is larger than {MAX_LISTING_BYTES} bytes"
+        assert (await readiness.check_once()).ready
+        assert raw.connections == 2  # the oversized answer's connection was closed, not reused
+    finally:
+        await upstream.close()

@@ -205,7 +205,7 @@ class _CountingUpstream:
     def __init__(self) -> None:
         self.probes = 0
 
-    async def get_json(self, path: str, timeout_s: float) -> tuple[int, object]:
+    async def get_json(self, path: str, timeout_s: float, limit: int) -> tuple[int, object]:
         self.probes += 1
         return 200, {"object": "list", "data": [{"id": ADMITTED, "object": "model"}]}
 
