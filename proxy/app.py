@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,9 +101,20 @@ class ProxyState:
     in_flight: int = 0
     draining: bool = False
     scanner: ModelScanner = field(init=False)
+    # Made inside the loop that serves it (each worker makes its own): the loop is kept
+    # because on Python 3.11 each asyncio.get_running_loop() is a getpid system call;
+    # request ids come from a generator seeded once from the OS, not one getrandom
+    # system call per request (ids must be unique, not secret).
+    loop: asyncio.AbstractEventLoop = field(init=False)
+    _ids: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
         self.scanner = ModelScanner(self.admission.model)
+        self.loop = asyncio.get_running_loop()
+        self._ids = random.Random(os.urandom(32))
+
+    def new_request_id(self) -> str:
+        return f"{self._ids.getrandbits(128):032x}"
 
 
 STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
@@ -147,7 +159,7 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
     started streaming."""
     state = request.app[STATE]
     rid = request.headers.get("X-Request-Id", "")
-    rid = rid if 0 < len(rid) <= 64 and rid.replace("-", "").isalnum() else os.urandom(16).hex()
+    rid = rid if 0 < len(rid) <= 64 and rid.replace("-", "").isalnum() else state.new_request_id()
     draft = Draft(rid, time.perf_counter(), request.method, request.path[:200])
     request[DRAFT] = draft
     try:
@@ -253,7 +265,7 @@ def _finish(state: ProxyState, draft: Draft) -> bool:
             # client's wait (some 10 us at one connection, profiled), and before the next
             # event is read, so a scrape never sees the count late. The draft is final
             # here; a failed record is counted at once.
-            asyncio.get_running_loop().call_soon(_count, state.metrics, draft, elapsed, draft.outcome)
+            state.loop.call_soon(_count, state.metrics, draft, elapsed, draft.outcome)
         else:
             _count(state.metrics, draft, elapsed, "unavailable")
     if draft.decision == "refused" or draft.outcome in ("upstream_error", "unavailable"):

@@ -168,7 +168,7 @@ class BackendResponse:
         With ``idle_s``, TimeoutError once the reader has waited that long for the
         backend. One watchdog timer per response, re-armed only when it fires, instead
         of a deadline moved on every chunk (a timer cancelled and made per event)."""
-        loop = asyncio.get_running_loop()
+        loop = self._conn.loop
         if idle_s is not None:
             self._idle_s = idle_s
             self._idle_timer = loop.call_at(loop.time() + idle_s, self._watch_idle)
@@ -193,14 +193,13 @@ class BackendResponse:
     def _watch_idle(self) -> None:
         """Time is counted only while the reader waits for the backend: a reader that is
         busy (writing to a slow client) is not the backend going quiet."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._conn.loop.time()
         if self._waiter is not None and now - self._waiting_since >= self._idle_s:
             self._idle_timer = None
             self._fail(TimeoutError("the backend sent nothing for the idle limit"))
             return
         since = self._waiting_since if self._waiter is not None else now
-        self._idle_timer = loop.call_at(since + self._idle_s, self._watch_idle)
+        self._idle_timer = self._conn.loop.call_at(since + self._idle_s, self._watch_idle)
 
     def release(self) -> None:
         """Done with the response: its connection goes back to the pool if the body was
@@ -235,6 +234,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: BackendPool) -> None:
         self._pool = pool
+        self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._buf = b""
@@ -296,7 +296,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes) -> asyncio.Future[BackendResponse]:
         assert self.transport is not None and self._state == _DONE
         self._state, self._buf, self._response = _HEAD, b"", None
-        waiter = self._head_waiter = asyncio.get_running_loop().create_future()
+        waiter = self._head_waiter = self.loop.create_future()
         if len(body) > 65536:
             self.transport.writelines((head, body))  # no copy of a large body
         else:
@@ -459,10 +459,13 @@ def _expire(waiter: asyncio.Future[BackendResponse]) -> None:
 
 
 class BackendPool:
-    """Keep-alive connections to the pinned target; most recently used first."""
+    """Keep-alive connections to the pinned target; most recently used first. Made
+    inside the event loop it serves, which it keeps: on Python 3.11 every
+    ``asyncio.get_running_loop()`` is a getpid system call (three per request here)."""
 
     def __init__(self, target: UpstreamTarget, connect_timeout_s: float, keepalive_s: float = 4.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
         # keepalive_s: an idle connection is closed by us before the engines' own 5 s
         # keep-alive limit (uvicorn under vLLM and SGLang, cpp-httplib under llama.cpp)
         # closes it, so a request is never sent on a connection the backend is closing.
@@ -492,7 +495,7 @@ class BackendPool:
         (connecting included) or raise TimeoutError. The caller must ``release`` or
         ``close`` the response."""
         head = self._head(method, path, headers, body)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         deadline = None if head_timeout_s is None else loop.time() + head_timeout_s
         conn = self._idle_connection()
         if conn is None:
@@ -537,7 +540,7 @@ class BackendPool:
         return None
 
     async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         target = self.target
         async with asyncio.timeout(self._connect_timeout):
             addresses = self._literal or [
@@ -568,7 +571,7 @@ class BackendPool:
             raise BackendUnreachable("the backend name does not resolve") from exc
 
     def put_back(self, conn: _Connection) -> None:
-        conn.idle_handle = asyncio.get_running_loop().call_later(self._keepalive, conn.close)
+        conn.idle_handle = self.loop.call_later(self._keepalive, conn.close)
         self._idle.append(conn)
 
     def forget(self, conn: _Connection) -> None:

@@ -427,10 +427,14 @@ async def test_ipv6_loopback_backend() -> None:
 
 async def test_idle_limit_counts_only_time_spent_waiting_for_the_backend(raw: RawBackend) -> None:
     """A backend that goes quiet mid-body times out; a reader that is itself slow between
-    reads (a slow client downstream) while the backend keeps sending does not."""
+    reads (a slow client downstream) while the backend keeps sending does not; and the
+    watchdog that fired while the reader was busy is re-armed, so a backend that goes
+    quiet after that still times out."""
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     raw.answers = [([head + b"2\r\nab\r\n"], False),                      # then silence
-                   ([head] + [b"1\r\nx\r\n"] * 5 + [b"0\r\n\r\n"], False)]
+                   ([head] + [b"1\r\nx\r\n"] * 5 + [b"0\r\n\r\n"], False),
+                   ([head + b"1\r\ny\r\n"], False),                        # then silence
+                   (None, False)]  # keeps the connection open: waits for a request never sent
     pool = BackendPool(raw.target(), 5)
     try:
         resp = await pool.request("GET", "/v1/models", [])
@@ -447,6 +451,14 @@ async def test_idle_limit_counts_only_time_spent_waiting_for_the_backend(raw: Ra
             await asyncio.sleep(0.3)  # busy longer than the idle limit after every read
         assert body == b"xxxxx"
         resp.release()
+        resp = await pool.request("GET", "/v1/models", [])
+        chunks = resp.chunks(0.2)
+        assert await anext(chunks) == b"y"
+        await asyncio.sleep(0.3)  # the watchdog fires while the reader is busy
+        async with asyncio.timeout(5):  # bounds the test if the watchdog were lost
+            with pytest.raises(TimeoutError, match="the backend sent nothing for the idle limit"):
+                await anext(chunks)
+        resp.close()
     finally:
         await pool.close()
 

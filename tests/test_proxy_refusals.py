@@ -256,6 +256,18 @@ async def test_evidence_failure_fails_closed(proxy: ProxyUnderTest) -> None:
             assert r.status == 503
 
 
+async def test_a_log_renamed_away_refuses_before_anything_is_forwarded(proxy: ProxyUnderTest) -> None:
+    """The log rotated under a running proxy: the next request is refused before it
+    reaches the backend, and so is every one after."""
+    await proxy.client().chat.completions.create(model=ADMITTED, messages=MSG)
+    proxy.evidence_path.rename(proxy.evidence_path.with_name("rotated.jsonl"))
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as info:
+            await proxy.client().chat.completions.create(model=ADMITTED, messages=MSG)
+        assert info.value.status_code == 503 and info.value.code == "evidence_unavailable"
+    assert len(generation_requests(proxy)) == 1
+
+
 async def test_response_is_withheld_when_its_record_cannot_be_written(proxy: ProxyUnderTest,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The pre-check passes, the backend answers, then the record fails: the client gets
