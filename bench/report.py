@@ -18,6 +18,11 @@ def _median(d: dict[str, Any] | None) -> float:
     return float(d["median"])
 
 
+def _spread_pct(d: dict[str, Any]) -> str:
+    lo, hi = d.get("min"), d.get("max")
+    return "n/a" if lo is None or hi is None else f"{lo * 100:.1f} to {hi * 100:.1f} %"
+
+
 def _target(name: str, value: float, limit: float, higher_is_better: bool, fmt: str, why_missing: str) -> dict[str, Any]:
     if math.isnan(value):
         return {"target": name, "value": None, "limit": limit, "met": None, "note": why_missing}
@@ -160,7 +165,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"| proof off | {_cell(off['rps'], 'n')} | {_cell(off['p50_us'])} | "
                 f"{_cell(off['cpu_us_per_request'])} |",
                 "", f"Evidence and metrics take {share * 100:.1f} % of the proxy's CPU per request "
-                f"(median over rounds)." if not math.isnan(share) else "Proof share: n/a."]
+                f"(median of the per-round shares over {s4.get('round_count', '?')} alternating rounds of "
+                f"{s4.get('duration_s', math.nan):g} s; spread {_spread_pct(s4['proof_share_of_proxy_cpu'])})."
+                if not math.isnan(share) else "Proof share: n/a."]
     s5 = results.get("scenario5")
     if s5 and not s5.get("measured"):
         out += ["", "## 5. Cores", "", f"Not measured: {s5['reason']}."]

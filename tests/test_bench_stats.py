@@ -125,3 +125,20 @@ def test_cores_section_shows_each_worker_count_and_the_scaling() -> None:
     assert "| 64 | 1 | 3,000 |" in text and "| 64 | 2 | 5,400 |" in text
     assert "At 64 connections, 2 workers serve 1.80x the requests/s of one" in text
     assert "Not measured" not in text
+
+
+def test_proof_section_says_how_its_share_was_measured() -> None:
+    def row(cpu: float) -> dict:
+        one = {"median": cpu, "min": cpu, "max": cpu, "rounds": 9}
+        return {"rps": dict(one, median=6000.0), "p50_us": dict(one, median=9000.0), "cpu_us_per_request": one}
+
+    results = _results(250.0, 3000.0, None)
+    del results["scenario1"], results["scenario5"]
+    results["targets"] = []
+    results["scenario4"] = {"connections": 64, "round_count": 9, "duration_s": 3.0,
+                            "summary": {"proof_on": row(150.0), "proof_off": row(120.0)},
+                            "proof_share_of_proxy_cpu": {"median": 0.2, "min": 0.125, "max": 0.31, "rounds": 9}}
+    text = render_markdown(results)
+    assert "| proof on | 6,000 | 9.00 ms | 150 µs |" in text
+    assert ("Evidence and metrics take 20.0 % of the proxy's CPU per request (median of the per-round shares "
+            "over 9 alternating rounds of 3 s; spread 12.5 to 31.0 %).") in text
