@@ -15,6 +15,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -23,6 +24,7 @@ from aiohttp import web
 from .admission import Admission
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
+from .group_commit import GroupCommit
 from .hashchain import ChainError
 from .metrics import ProxyMetrics
 from .model_policy import Family, classify_family, decide_model
@@ -107,11 +109,17 @@ class ProxyState:
     # system call per request (ids must be unique, not secret).
     loop: asyncio.AbstractEventLoop = field(init=False)
     _ids: random.Random = field(init=False)
+    batch: GroupCommit | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.scanner = ModelScanner(self.admission.model)
         self.loop = asyncio.get_running_loop()
         self._ids = random.Random(os.urandom(32))
+        self.batch = None if self.evidence is None else GroupCommit(self.evidence, self.loop, self._records_lost)
+
+    def _records_lost(self, n: int) -> None:
+        if self.settings.metrics_enabled:
+            self.metrics.evidence_write_failures.inc(n)
 
     def new_request_id(self) -> str:
         return f"{self._ids.getrandbits(128):032x}"
@@ -168,7 +176,7 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         draft.client_disconnected = True
         if draft.reason == "unhandled":
             draft.reason = "client_disconnected"
-        _finish(state, draft)
+        _finish(state, draft)  # no answer left to hold back: the record is not awaited
         raise
     except Exception:
         log.exception("internal error handling request %s", draft.request_id)
@@ -176,7 +184,10 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         response = _error(state, draft, "internal_error", "internal error in the proxy; request not completed")
     if not draft.status:
         draft.status = response.status
-    if not _finish(state, draft) and not response.prepared:
+    recorded = _finish(state, draft)
+    if not isinstance(recorded, bool):
+        recorded = await recorded  # the batch's write (see proxy.group_commit)
+    if not recorded and not response.prepared:
         draft.outcome = "unavailable"
         response = _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
     return response
@@ -247,30 +258,48 @@ def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> di
     return rec
 
 
-def _finish(state: ProxyState, draft: Draft) -> bool:
-    """Metrics and the evidence record for one request. False if recording failed."""
+def _finish(state: ProxyState, draft: Draft) -> bool | asyncio.Future[bool]:
+    """Metrics and the evidence record for one request: whether the record is written,
+    or a future that will say so once its batch is (see proxy.group_commit)."""
     elapsed = time.perf_counter() - draft.started
-    ok = True
+    counted = state.settings.metrics_enabled and draft.path not in PUBLIC_PATHS
+    recorded: bool | asyncio.Future[bool] = True
     if state.evidence is not None and draft.path not in PUBLIC_PATHS:
-        try:
-            state.evidence.write_fields(request_record_fields(state, draft, elapsed))
-        except (ChainError, OSError, ValueError):
-            log.error("evidence record could not be written; the proxy refuses traffic until restarted")
-            ok = False
-            if state.settings.metrics_enabled:
-                state.metrics.evidence_write_failures.inc()
-    if state.settings.metrics_enabled and draft.path not in PUBLIC_PATHS:
-        if ok:
+        recorded = _record(state, draft, elapsed, counted)
+    if counted:
+        if recorded is True:
             # Counted right after this task step, once the response is on its way: off the
             # client's wait (some 10 us at one connection, profiled), and before the next
             # event is read, so a scrape never sees the count late. The draft is final
             # here; a failed record is counted at once.
             state.loop.call_soon(_count, state.metrics, draft, elapsed, draft.outcome)
-        else:
+        elif recorded is False:
             _count(state.metrics, draft, elapsed, "unavailable")
+        # else: counted once its batch is written (_count_written)
     if draft.decision == "refused" or draft.outcome in ("upstream_error", "unavailable"):
         log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, draft.path, draft.status, draft.reason)
-    return ok
+    return recorded
+
+
+def _record(state: ProxyState, draft: Draft, elapsed: float, counted: bool) -> bool | asyncio.Future[bool]:
+    """Write the record now when nothing else is in flight to share the write with;
+    otherwise chain it into the batch written at the next turn of the loop."""
+    assert state.evidence is not None and state.batch is not None
+    fields = request_record_fields(state, draft, elapsed)
+    try:
+        if state.in_flight or state.batch.pending:
+            return state.batch.stage(fields, partial(_count_written, state.metrics, draft, elapsed) if counted else None)
+        state.evidence.write_fields(fields)
+        return True
+    except (ChainError, OSError, ValueError):
+        log.error("evidence record could not be written; the proxy refuses traffic until restarted")
+        if state.settings.metrics_enabled:
+            state.metrics.evidence_write_failures.inc()
+        return False
+
+
+def _count_written(m: ProxyMetrics, draft: Draft, elapsed: float, written: bool) -> None:
+    _count(m, draft, elapsed, draft.outcome if written else "unavailable")
 
 
 def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: str) -> None:

@@ -110,8 +110,15 @@ class EvidenceLog:
         return self.write_redacted(record.model_dump(exclude_none=True))
 
     def write_fields(self, fields: dict[str, Any]) -> str:
+        """``stage_fields``, then written at once (with anything staged before it)."""
+        sha = self.stage_fields(fields)
+        self._chain.flush()
+        return sha
+
+    def stage_fields(self, fields: dict[str, Any]) -> str:
         """The per-request hot path: the fields of an EvidenceRecord as a plain dict
-        without None values, no model built; the dict is extended with the chain fields.
+        without None values, no model built; chained now, written by the next ``flush``
+        (see proxy.group_commit); the dict is extended with the chain fields.
         The secret pre-check reads only the fields a client or backend can influence (see
         PROXY_GENERATED_FIELDS) and skips values the redactor has vetted (``vet_clean``:
         the admitted model, the routes); a record that might hold a secret takes the
@@ -123,15 +130,21 @@ class EvidenceLog:
             if key in PROXY_GENERATED_FIELDS:
                 continue
             if value.__class__ is not str:
-                return self.write_redacted(fields)
+                return self._chain.stage_fields(self._redacted(fields))
             if value not in clean:
                 texts.append(value)
         if texts and self._redactor.may_match("\x00".join(texts)):
-            return self.write_redacted(fields)
-        return self._chain.append_fields(fields)
+            return self._chain.stage_fields(self._redacted(fields))
+        return self._chain.stage_fields(fields)
+
+    def flush(self) -> None:
+        self._chain.flush()
 
     def write_redacted(self, fields: dict[str, Any]) -> str:
-        return self._chain.append(self._redactor.redact_obj({k: v for k, v in fields.items() if v is not None}))
+        return self._chain.append(self._redacted(fields))
+
+    def _redacted(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return self._redactor.redact_obj({k: v for k, v in fields.items() if v is not None})
 
     def close(self) -> None:
         self._chain.close()

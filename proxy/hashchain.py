@@ -97,6 +97,7 @@ class HashChainWriter:
         self._failed = False
         self._closed = False
         self._ident: tuple[int, int] | None = None
+        self._staged: list[bytes] = []  # chained, not yet written (see flush)
 
     def open(self) -> None:
         if self.path.exists():
@@ -146,25 +147,51 @@ class HashChainWriter:
             raise ChainError("evidence file was removed or replaced since it was opened")
 
     def append(self, record: Mapping[str, Any]) -> str:
+        """Write one record now (after any staged ones)."""
         body = dict(record)
         body["seq"] = self._seq
         body["prev_sha256"] = self._prev
-        return self._write_line(orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE))
+        sha = self._stage(orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE))
+        self.flush()
+        return sha
 
     def append_fields(self, fields: dict[str, Any]) -> str:
-        """The per-request path: ``append`` without the copy and the key sort. The chain
-        fields are set in ``fields`` itself, so it must not carry its own ``seq`` or
-        ``prev_sha256``."""
+        """``append`` without the copy and the key sort (see ``stage_fields``)."""
+        sha = self.stage_fields(fields)
+        self.flush()
+        return sha
+
+    def stage_fields(self, fields: dict[str, Any]) -> str:
+        """Chain one record into the next ``flush``: it takes its place (seq, previous
+        hash) now, reaches the file with the flush. The chain fields are set in
+        ``fields`` itself, so it must not carry its own ``seq`` or ``prev_sha256``."""
         if "seq" in fields or "prev_sha256" in fields:
             raise ChainError("a record must not carry its own seq or prev_sha256")
         fields["seq"] = self._seq
         fields["prev_sha256"] = self._prev
-        return self._write_line(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
+        return self._stage(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
 
-    def _write_line(self, data: bytes) -> str:
-        """Write one serialized record that ends in its newline; the hash covers the
-        line without it."""
+    def _stage(self, data: bytes) -> str:
+        """One serialized record that ends in its newline; the hash covers the line
+        without it."""
         if not self.healthy or self._fd is None:
+            raise ChainError("evidence writer is not open or a previous write failed")
+        self._staged.append(data)
+        sha = hashlib.sha256(memoryview(data)[:-1]).hexdigest()
+        self._prev, self._seq = sha, self._seq + 1
+        return sha
+
+    def flush(self) -> None:
+        """Write every staged record in one system call. A failure (or a short write)
+        leaves the writer failed: the chain on disk may now end in a gap."""
+        if not self._staged:
+            if self._failed:
+                raise ChainError("a previous write failed")
+            return
+        data = self._staged[0] if len(self._staged) == 1 else b"".join(self._staged)
+        self._staged.clear()
+        if not self.healthy or self._fd is None:
+            self._failed = True
             raise ChainError("evidence writer is not open or a previous write failed")
         try:
             written = os.write(self._fd, data)
@@ -174,13 +201,15 @@ class HashChainWriter:
         if written != len(data):
             self._failed = True
             raise ChainError("short write: the chain is now broken")
-        sha = hashlib.sha256(memoryview(data)[:-1]).hexdigest()
-        self._prev, self._seq = sha, self._seq + 1
-        return sha
 
     def close(self) -> None:
         if self._fd is None or self._closed:
             return
+        if self._staged and not self._failed:
+            try:
+                self.flush()
+            except ChainError:
+                pass
         self._closed = True
         if self._watch is not None:
             self._watch.close()

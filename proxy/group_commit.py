@@ -1,0 +1,69 @@
+"""Evidence records of concurrent requests, written together (group commit).
+
+An answer is released only after its record is in the log, so the write sits on every
+request's path. Under load most of its cost is the system call and the kernel's file
+path behind it, not the bytes: the records of the requests that finish in one turn of
+the event loop are chained and serialized as each request finishes, then written by one
+``os.write`` at the start of the next turn, and only then are their answers released.
+Measured on the benchmark's 64 connections: the proxy's CPU per request fell by about a
+fifth. A request that finishes with nothing else in flight gains nothing from waiting,
+so the caller writes it at once (``EvidenceLog.write_fields``).
+
+If that one write fails, every answer of the batch is withheld and the log refuses
+everything after, as for a single record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .evidence import EvidenceLog
+from .hashchain import ChainError
+
+log = logging.getLogger("case_proxy.evidence")
+
+
+class GroupCommit:
+    def __init__(self, evidence: EvidenceLog, loop: asyncio.AbstractEventLoop,
+                 on_failure: Callable[[int], None]) -> None:
+        """``on_failure(n)``: called once per failed write with the number of records
+        it held (each a request refused)."""
+        self._evidence = evidence
+        self._loop = loop
+        self._on_failure = on_failure
+        self._waiters: list[tuple[asyncio.Future[bool], Callable[[bool], None] | None]] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._waiters)
+
+    def stage(self, fields: dict[str, Any], then: Callable[[bool], None] | None = None) -> asyncio.Future[bool]:
+        """Chain ``fields`` into the next write. The returned future (one per record, so
+        a waiter cancelled by its client disturbs no other) and ``then`` both learn
+        whether that write succeeded. Raises ChainError when the log cannot take a
+        record at all."""
+        self._evidence.stage_fields(fields)
+        if not self._waiters:
+            self._loop.call_soon(self._flush)
+        done: asyncio.Future[bool] = self._loop.create_future()
+        self._waiters.append((done, then))
+        return done
+
+    def _flush(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        try:
+            self._evidence.flush()
+            ok = True
+        except (ChainError, OSError) as exc:
+            log.error("evidence records could not be written (%s); the proxy refuses traffic until restarted",
+                      type(exc).__name__)
+            self._on_failure(len(waiters))
+            ok = False
+        for done, then in waiters:
+            if then is not None:
+                then(ok)
+            if not done.done():
+                done.set_result(ok)
