@@ -121,3 +121,22 @@ async def test_a_failed_batch_write_withholds_every_answer_of_the_batch(
     assert 1 <= len(writes) < n
     assert proxy.metric("case_proxy_evidence_write_failures_total") == n
     assert proxy.metric("case_proxy_requests_total", endpoint="chat_completions", outcome="unavailable") == n
+
+
+async def test_a_failing_callback_leaves_no_request_waiting(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    log = EvidenceLog(tmp_path / "e.jsonl", Redactor())
+    log.open()
+    commit = GroupCommit(log, loop, lambda n: None)
+
+    def broken(ok: bool) -> None:
+        raise RuntimeError("a metrics bug")
+
+    futures = [commit.stage(_fields(0), broken), commit.stage(_fields(1))]
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(*futures) == [True, True]
+    assert errors and isinstance(errors[0].get("exception"), RuntimeError)
+    loop.set_exception_handler(None)
+    log.close()
