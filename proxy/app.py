@@ -115,9 +115,10 @@ class ProxyState:
         self.scanner = ModelScanner(self.admission.model)
         self.loop = asyncio.get_running_loop()
         self._ids = random.Random(os.urandom(32))
-        self.batch = None if self.evidence is None else GroupCommit(self.evidence, self.loop, self._records_lost)
+        self.batch = None if self.evidence is None else GroupCommit(self.evidence, self.loop, self.evidence_failed)
 
-    def _records_lost(self, n: int) -> None:
+    def evidence_failed(self, n: int = 1) -> None:
+        """Count ``n`` requests refused because the evidence log could not record."""
         if self.settings.metrics_enabled:
             self.metrics.evidence_write_failures.inc(n)
 
@@ -293,8 +294,7 @@ def _record(state: ProxyState, draft: Draft, elapsed: float, counted: bool) -> b
         return True
     except (ChainError, OSError, ValueError):
         log.error("evidence record could not be written; the proxy refuses traffic until restarted")
-        if state.settings.metrics_enabled:
-            state.metrics.evidence_write_failures.inc()
+        state.evidence_failed()
         return False
 
 
@@ -462,8 +462,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             state.evidence.check()
         except ChainError:
             draft.outcome = "unavailable"
-            if state.settings.metrics_enabled:
-                state.metrics.evidence_write_failures.inc()
+            state.evidence_failed()
             return _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
     if not state.readiness.state.ready:
         draft.outcome = "unavailable"

@@ -155,12 +155,6 @@ class HashChainWriter:
         self.flush()
         return sha
 
-    def append_fields(self, fields: dict[str, Any]) -> str:
-        """``append`` without the copy and the key sort (see ``stage_fields``)."""
-        sha = self.stage_fields(fields)
-        self.flush()
-        return sha
-
     def stage_fields(self, fields: dict[str, Any]) -> str:
         """Chain one record into the next ``flush``: it takes its place (seq, previous
         hash) now, reaches the file with the flush. The chain fields are set in

@@ -286,14 +286,14 @@ def test_a_secret_in_any_free_text_field_is_redacted_on_the_hot_path(tmp_path: P
     assert verdict.ok and len(records) == 3
 
 
-def test_append_fields_adds_the_chain_fields(tmp_path: Path) -> None:
+def test_stage_fields_adds_the_chain_fields(tmp_path: Path) -> None:
     writer = HashChainWriter(tmp_path / "c.jsonl")
     writer.open()
-    writer.append_fields({"a": 1})
-    writer.append_fields({})
-    writer.append({"b": 2})
+    writer.stage_fields({"a": 1})
+    writer.stage_fields({})
+    writer.append({"b": 2})  # writes the staged records first
     with pytest.raises(ChainError):
-        writer.append_fields({"seq": 7})
+        writer.stage_fields({"seq": 7})
     writer.close()
     verdict, records = read_chain(tmp_path / "c.jsonl")
     assert verdict.ok and [r["seq"] for r in records] == [0, 1, 2]
