@@ -106,6 +106,16 @@ class EvidenceLog:
     def healthy(self) -> bool:
         return self._chain.healthy
 
+    @property
+    def count(self) -> int:
+        """Records chained so far: the next record's seq."""
+        return self._chain.count
+
+    @property
+    def written(self) -> int:
+        """Records whole in the file (see HashChainWriter.written)."""
+        return self._chain.written
+
     def write(self, record: EvidenceRecord) -> str:
         return self.write_redacted(record.model_dump(exclude_none=True))
 

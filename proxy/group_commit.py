@@ -9,8 +9,11 @@ several times what timers put on the write call itself, so a write per request a
 slowed the rest of the request. A request that finishes with nothing else in flight
 gains nothing from waiting, so the caller writes it at once (``EvidenceLog.write_fields``).
 
-If that one write fails, every answer of the batch is withheld and the log refuses
-everything after, as for a single record.
+If that one write fails, the log refuses everything after, as for a single record, and
+every answer whose record is not whole in the file is withheld. A short write (a disk
+filling up mid-batch) can complete some records and not others: exactly the requests
+whose records made it are answered, so no record on disk speaks for an answer that was
+withheld.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ class GroupCommit:
         self._evidence = evidence
         self._loop = loop
         self._on_failure = on_failure
-        self._waiters: list[tuple[asyncio.Future[bool], Callable[[bool], None] | None]] = []
+        # (seq of the record, its waiter, its callback), in chain order.
+        self._waiters: list[tuple[int, asyncio.Future[bool], Callable[[bool], None] | None]] = []
 
     @property
     def pending(self) -> bool:
@@ -43,31 +47,35 @@ class GroupCommit:
     def stage(self, fields: dict[str, Any], then: Callable[[bool], None] | None = None) -> asyncio.Future[bool]:
         """Chain ``fields`` into the next write. The returned future (one per record, so
         a waiter cancelled by its client disturbs no other) and ``then`` both learn
-        whether that write succeeded. Raises ChainError when the log cannot take a
+        whether the record reached the file whole. Raises ChainError when the log cannot take a
         record at all."""
+        seq = self._evidence.count
         self._evidence.stage_fields(fields)
         if not self._waiters:
             self._loop.call_soon(self._flush)
         done: asyncio.Future[bool] = self._loop.create_future()
-        self._waiters.append((done, then))
+        self._waiters.append((seq, done, then))
         return done
 
     def _flush(self) -> None:
         waiters, self._waiters = self._waiters, []
         try:
             self._evidence.flush()
-            ok = True
         except (ChainError, OSError) as exc:
             log.error("evidence records could not be written (%s); the proxy refuses traffic until restarted",
                       type(exc).__name__)
-            ok = False
-        # Every waiter learns the outcome first, so a failing callback below cannot
+        # Judged by the file, not by who flushed: a record written whole (by this write,
+        # a part of it, or an earlier write of the log) releases its answer.
+        written = self._evidence.written
+        outcomes = [seq < written for seq, _, _ in waiters]
+        # Every waiter learns its outcome first, so a failing callback below cannot
         # leave a request waiting; the callbacks still run before any waiter resumes.
-        for done, _ in waiters:
+        for ok, (_, done, _) in zip(outcomes, waiters, strict=True):
             if not done.done():
                 done.set_result(ok)
-        if not ok:
-            self._on_failure(len(waiters))
-        for _, then in waiters:
+        lost = outcomes.count(False)
+        if lost:
+            self._on_failure(lost)
+        for ok, (_, _, then) in zip(outcomes, waiters, strict=True):
             if then is not None:
                 then(ok)

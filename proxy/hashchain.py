@@ -94,6 +94,7 @@ class HashChainWriter:
         self._fd: int | None = None
         self._prev = GENESIS
         self._seq = 0
+        self._written = 0  # records whole in the file: seq below this (see flush)
         self._failed = False
         self._closed = False
         self._ident: tuple[int, int] | None = None
@@ -105,6 +106,7 @@ class HashChainWriter:
             if not verdict.ok:
                 raise ChainError(f"{self.path} is not an intact chain; refusing to extend it: {verdict.problems[0]}")
             self._prev, self._seq = verdict.last_sha256, verdict.records
+            self._written = verdict.records
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             st = os.fstat(self._fd)
@@ -124,7 +126,15 @@ class HashChainWriter:
 
     @property
     def count(self) -> int:
+        """Records chained so far, staged ones included."""
         return self._seq
+
+    @property
+    def written(self) -> int:
+        """Records whole in the file: every record whose seq is below this. A short
+        write counts the records it completed, so a caller can release exactly the
+        answers whose records made it."""
+        return self._written
 
     def check(self) -> None:
         """Raise ChainError unless the next append can land in the file we opened: the
@@ -177,13 +187,14 @@ class HashChainWriter:
 
     def flush(self) -> None:
         """Write every staged record in one system call. A failure (or a short write)
-        leaves the writer failed: the chain on disk may now end in a gap."""
+        leaves the writer failed: the chain on disk may now end in a partial line, and
+        ``written`` says which records are whole."""
         if not self._staged:
             if self._failed:
                 raise ChainError("a previous write failed")
             return
-        data = self._staged[0] if len(self._staged) == 1 else b"".join(self._staged)
-        self._staged.clear()
+        staged, self._staged = self._staged, []
+        data = staged[0] if len(staged) == 1 else b"".join(staged)
         if not self.healthy or self._fd is None:
             self._failed = True
             raise ChainError("evidence writer is not open or a previous write failed")
@@ -192,9 +203,16 @@ class HashChainWriter:
         except OSError as exc:
             self._failed = True
             raise ChainError(f"write failed: {exc.strerror}") from None
-        if written != len(data):
-            self._failed = True
-            raise ChainError("short write: the chain is now broken")
+        if written == len(data):
+            self._written = self._seq
+            return
+        self._failed = True
+        for line in staged:  # the staged records are the last len(staged) of the chain
+            written -= len(line)
+            if written < 0:
+                break
+            self._written += 1
+        raise ChainError("short write: the chain is now broken")
 
     def close(self) -> None:
         if self._fd is None or self._closed:

@@ -28,16 +28,21 @@ def _fields(n: int) -> dict[str, object]:
             "path": "/v1/chat/completions", "decision": "admitted", "reason": "ok", "status": 200}
 
 
-def _count_writes(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[int]:
+def _count_writes(monkeypatch: pytest.MonkeyPatch, fail: bool = False, short: bool = False) -> list[int]:
     """Sizes of the writes the chain writer makes (each one system call); with ``fail``,
-    each fails as a full disk would."""
+    each fails as a full disk would; with ``short``, the first write of several records
+    stops as a disk filling up would: after its first line and ten bytes of the next."""
     sizes: list[int] = []
     real_write = os.write
+    shorted: list[bool] = []
 
     def write(fd: int, data: bytes) -> int:
         sizes.append(len(data))
         if fail:
             raise OSError(errno.ENOSPC, "No space left on device")
+        if short and not shorted and data.count(b"\n") >= 2:
+            shorted.append(True)
+            return real_write(fd, data[:data.index(b"\n") + 11])
         return real_write(fd, data)
 
     monkeypatch.setattr(hashchain.os, "write", write)
@@ -90,6 +95,22 @@ async def test_a_failed_batch_write_fails_every_record_in_it_and_the_log(tmp_pat
     log.close()
 
 
+async def test_a_short_batch_write_releases_exactly_the_records_it_completed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = EvidenceLog(tmp_path / "e.jsonl", Redactor())
+    log.open()
+    lost: list[int] = []
+    commit = GroupCommit(log, asyncio.get_running_loop(), lost.append)
+    told: list[bool] = []
+    _count_writes(monkeypatch, short=True)
+    futures = [commit.stage(_fields(n), told.append) for n in range(4)]
+    assert await asyncio.gather(*futures) == [True, False, False, False]
+    assert told == [True, False, False, False] and lost == [3] and not log.healthy and log.written == 1
+    verdict, records = records_from_bytes((tmp_path / "e.jsonl").read_bytes())
+    assert [r.request_id for r in records] == ["r0"] and not verdict.ok  # the torn second line shows
+    log.close()
+
+
 async def test_concurrent_requests_share_writes_and_every_answer_has_its_record(
         proxy: ProxyUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     proxy.backend.first_byte_delay_s = 0.2  # the answers arrive together
@@ -121,6 +142,27 @@ async def test_a_failed_batch_write_withholds_every_answer_of_the_batch(
     assert 1 <= len(writes) < n
     assert proxy.metric("case_proxy_evidence_write_failures_total") == n
     assert proxy.metric("case_proxy_requests_total", endpoint="chat_completions", outcome="unavailable") == n
+
+
+async def test_a_short_batch_write_answers_exactly_the_requests_whose_records_are_whole(
+        proxy: ProxyUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """No record on disk speaks for an answer the client did not get."""
+    proxy.backend.first_byte_delay_s = 0.2
+    _count_writes(monkeypatch, short=True)
+    client = proxy.client()
+    n = 6
+    results = await asyncio.gather(*(client.chat.completions.with_raw_response.create(model=ADMITTED, messages=MSG)
+                                     for _ in range(n)), return_exceptions=True)
+    answered = {r.headers["x-request-id"] for r in results if not isinstance(r, BaseException)}
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert answered and refused and len(answered) + len(refused) == n
+    for r in refused:
+        assert isinstance(r, openai.InternalServerError) and r.code == "evidence_unavailable"
+    verdict, records = records_from_bytes(proxy.evidence_path.read_bytes())
+    assert not verdict.ok  # the torn line shows
+    assert {r.request_id for r in records if r.kind == "request"} == answered
+    assert proxy.metric("case_proxy_evidence_write_failures_total") == len(refused)
+    assert proxy.metric("case_proxy_requests_total", endpoint="chat_completions", outcome="ok") == len(answered)
 
 
 async def test_a_failing_callback_leaves_no_request_waiting(tmp_path: Path) -> None:
