@@ -20,7 +20,7 @@ from typing import Any
 from .loads import chat_body, measured_wrk, run_streams, run_wrk, write_body
 from .procs import (Proc, litellm_available, peak_rss_mb, start_litellm, start_nginx, start_proxy,
                     start_scripted_backend)
-from .stats import WrkResult, added, ratio, summarize
+from .stats import WrkResult, added, ratio, stream_stretch, summarize
 
 Log = Callable[[str], None]
 
@@ -187,6 +187,8 @@ class Bench:
                                                                                   strict=True)).to_dict()
             entry["proxy_cpu_s_per_10k_chunks"] = summarize(
                 r["proxy_cpu_s_per_10k_chunks"] for r in rows["proxy"]).to_dict()
+            entry["direct_stretch"] = summarize(
+                stream_stretch(r, min_s) for r in rows["direct"]).to_dict()
             entry["completed"] = {k: [r["completed"] for r in v] for k, v in rows.items()}
             entry["streams"], entry["opened_over_s"] = n, ramp
             out["by_streams"][key] = entry

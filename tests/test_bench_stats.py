@@ -11,7 +11,7 @@ import pytest
 
 from bench.report import evaluate_targets, json_clean, render_markdown, write_results
 from bench.stats import (added, parse_wrk, parse_wrk_text, percentile, proc_cpu_seconds, proc_status_kb, ratio,
-                         summarize)
+                         stream_stretch, summarize)
 
 WRK_TEXT = """Running 2s test @ http://127.0.0.1:8080/v1/chat/completions
   2 threads and 64 connections
@@ -90,6 +90,26 @@ def test_targets_are_judged_on_this_runs_figures_only() -> None:
     no_litellm = {t["target"]: t for t in evaluate_targets(_results(400.0, 5000.0, None))}
     assert no_litellm["non-streaming, 64 connections: throughput >= 40x LiteLLM's"]["met"] is None
     assert no_litellm["non-streaming, 1 connection: added latency p50 <= 0.3 ms"]["met"] is False
+
+
+def _stream_point(added_p99_us: float, direct_p50_s: list[float]) -> dict:
+    direct = [{"stream_duration_s": {"50": d, "99": d}} for d in direct_p50_s]
+    return {"added_gap_us_p99": {"median": added_p99_us},
+            "direct_stretch": summarize(stream_stretch(r, 1.0) for r in direct).to_dict()}
+
+
+def test_a_stream_point_the_machine_cannot_carry_without_the_proxy_says_so_and_still_fails() -> None:
+    name = "1,000 concurrent streams: added inter-chunk delay p99 <= 1 ms"
+    results = _results(250.0, 5000.0, 45.0)
+    results["scenario2"] = {"by_streams": {"1000": _stream_point(17_500.0, [2.4, 2.6, 2.5])}}
+    overloaded = {t["target"]: t for t in evaluate_targets(results)}[name]
+    assert overloaded["met"] is False and "2.50x their scheduled time" in overloaded["note"]
+    results["scenario2"] = {"by_streams": {"1000": _stream_point(17_500.0, [1.01, 1.02, 1.03])}}
+    on_schedule = {t["target"]: t for t in evaluate_targets(results)}[name]
+    assert on_schedule["met"] is False and "note" not in on_schedule  # the proxy alone is to blame here
+    results["scenario2"] = {"by_streams": {"1000": _stream_point(800.0, [1.01])}}
+    assert {t["target"]: t for t in evaluate_targets(results)}[name]["met"] is True
+    assert math.isnan(stream_stretch({"stream_duration_s": {"50": None}}, 1.0))
 
 
 def test_results_are_written_whole_and_as_strict_json(tmp_path: Path) -> None:
