@@ -1,8 +1,8 @@
 """The processes the bench starts (all on 127.0.0.1), and what it reads about them.
 
 nginx (the canned-JSON backend), the proxy (``python -m proxy serve``), LiteLLM's proxy
-(in its own venv, .cache/litellm-venv) and the scripted streaming backend (a test
-fixture). Every process writes its output to files in the bench's temporary directory,
+(in its own venv, .cache/litellm-venv) and the canned streaming backend
+(``bench.sse_backend``, a bench fixture). Every process writes its output to files in the bench's temporary directory,
 is stopped by its own pid, and is killed if it does not stop in time.
 """
 
@@ -355,20 +355,13 @@ general_settings:
     return p
 
 
-def start_scripted_backend(tmp: Path, chunks: int, delay_ms: float) -> Proc:
-    """The scripted OpenAI-compatible backend (a TEST FIXTURE) replaying one answer of
-    ``chunks`` content chunks spaced ``delay_ms``."""
-    d = tmp / "scripted"
-    d.mkdir(exist_ok=True)
-    script = d / f"session-{chunks}.json"
-    # Two characters per chunk: the fixture cuts the content into `chunks` pieces.
-    text = ("ab" * chunks)[: 2 * chunks]
-    script.write_text(json.dumps({"description": "bench: one answer of fixed length",
-                                  "steps": [{"content": text}]}))
-    name = f"scripted-{chunks}x{delay_ms:g}ms"
-    popen = _spawn(name, [sys.executable, "-m", "harness.scripted_backend", "--host", "127.0.0.1", "--port", "0",
-                          "--chunk-delay-ms", str(delay_ms), "--chunks", str(chunks), "--script", str(script)], tmp)
-    url = _wait_line(tmp / f"{name}.stdout.log", "SCRIPTED_BACKEND_READY", 30, popen)
+def start_sse_backend(tmp: Path, chunks: int, delay_ms: float) -> Proc:
+    """The canned SSE backend (a BENCH FIXTURE, ``bench.sse_backend``): ``chunks`` content
+    events per answer, spaced ``delay_ms`` on an absolute schedule."""
+    name = f"sse-{chunks}x{delay_ms:g}ms"
+    popen = _spawn(name, [sys.executable, "-m", "bench.sse_backend", "--host", "127.0.0.1", "--port", "0",
+                          "--model", MODEL, "--chunks", str(chunks), "--delay-ms", str(delay_ms)], tmp)
+    url = _wait_line(tmp / f"{name}.stdout.log", "SSE_BACKEND_READY", 30, popen)
     return Proc(name, popen, tmp, port=int(url.rsplit(":", 1)[1].split("/")[0]), url=url)
 
 

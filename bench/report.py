@@ -143,11 +143,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     s2 = results.get("scenario2")
     if s2:
         out += ["", f"## 2. Streaming ({s2['chunks_per_stream']} chunks per stream, {s2['chunk_delay_ms']:g} ms apart)",
-                "", f"Backend: {s2['backend']}. It shares the cores with the proxy and the client, so at high stream "
-                "counts it is itself late; the added figures compare proxy and direct runs against the same backend. "
+                "", f"Backend: {s2['backend']}. It shares the cores with the proxy and the client; the added figures "
+                "compare proxy and direct runs against the same backend. "
                 "Streams open evenly over min(2 s, streams / 500) unless the row says otherwise; the target is "
                 "judged on the 1000 row. The last column is how much longer the direct streams (no proxy) took "
-                f"than scheduled (about 1.1x unloaded: the fixture sleeps after each write); from "
+                f"than scheduled (about 1.0x on schedule); from "
                 f"{OVERLOAD_STRETCH:.1f}x on, the backend and the client alone could not keep the schedule, and the "
                 "proxy's added gap there is mostly queueing on the machine.",
                 "", "| streams | TTFT p50 direct / proxy | added TTFT p50 | gap p50 direct / proxy | gap p99 direct / "

@@ -19,7 +19,7 @@ from typing import Any
 
 from .loads import chat_body, measured_wrk, run_streams, run_wrk, write_body
 from .procs import (Proc, litellm_available, peak_rss_mb, start_litellm, start_nginx, start_proxy,
-                    start_scripted_backend)
+                    start_sse_backend)
 from .stats import WrkResult, added, ratio, stream_stretch, summarize
 
 Log = Callable[[str], None]
@@ -151,13 +151,14 @@ class Bench:
         chunks, delay = self.s.stream_chunks, self.s.stream_delay_ms
         body = write_body(self.tmp, "stream.json", chat_body("Stream a long answer.", stream=True))
         out: dict[str, Any] = {"chunks_per_stream": chunks, "chunk_delay_ms": delay,
-                               "backend": "harness.scripted_backend (a test fixture, Python/aiohttp)",
+                               "backend": "bench.sse_backend (a bench fixture: canned SSE events on an absolute schedule, raw "
+                                          "asyncio on uvloop)",
                                "by_streams": {}}
         min_s = chunks * delay / 1000
         points = [(str(n), n, min(2.0, n / 500)) for n in self.s.stream_counts]
         points += [(f"{n} over {ramp:g} s", n, ramp) for n, ramp in self.s.stream_spread]
         for key, n, ramp in points:
-            backend = self.keep(start_scripted_backend(self.tmp, chunks, delay))
+            backend = self.keep(start_sse_backend(self.tmp, chunks, delay))
             proxy = self.proxy(f"proxy-s2-{n}-{ramp:g}", backend.url, max_concurrency=max(4096, 2 * n))
             timeout = min_s * 20 + 60
             rows: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
