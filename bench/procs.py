@@ -2,8 +2,9 @@
 
 nginx (the canned-JSON backend), the proxy (``python -m proxy serve``), LiteLLM's proxy
 (in its own venv, .cache/litellm-venv) and the canned streaming backend
-(``bench.sse_backend``, a bench fixture). Every process writes its output to files in the bench's temporary directory,
-is stopped by its own pid, and is killed if it does not stop in time.
+(``bench.sse_backend``, a bench fixture). Every process writes its output to files in
+the bench's temporary directory, is stopped by its own pid, and is killed if it does not
+stop in time.
 """
 
 from __future__ import annotations

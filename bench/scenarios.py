@@ -150,9 +150,9 @@ class Bench:
     def streaming(self) -> dict[str, Any]:
         chunks, delay = self.s.stream_chunks, self.s.stream_delay_ms
         body = write_body(self.tmp, "stream.json", chat_body("Stream a long answer.", stream=True))
-        out: dict[str, Any] = {"chunks_per_stream": chunks, "chunk_delay_ms": delay,
-                               "backend": "bench.sse_backend (a bench fixture: canned SSE events on an absolute schedule, raw "
-                                          "asyncio on uvloop)",
+        backend_name = ("bench.sse_backend (a bench fixture: canned SSE events on an absolute schedule, "
+                        "raw asyncio on uvloop)")
+        out: dict[str, Any] = {"chunks_per_stream": chunks, "chunk_delay_ms": delay, "backend": backend_name,
                                "by_streams": {}}
         min_s = chunks * delay / 1000
         points = [(str(n), n, min(2.0, n / 500)) for n in self.s.stream_counts]
