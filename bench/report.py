@@ -175,14 +175,16 @@ def render_markdown(results: dict[str, Any]) -> str:
     if s4:
         on, off = s4["summary"]["proof_on"], s4["summary"]["proof_off"]
         share = _median(s4["proof_share_of_proxy_cpu"])
+        how = (f"{s4.get('round_count', '?')} rounds of {s4.get('duration_s', math.nan):g} s, both proxies loaded at "
+               f"the same time with {s4.get('connections_each', '?')} connections each" if s4.get("simultaneous")
+               else f"{s4.get('round_count', '?')} alternating rounds of {s4.get('duration_s', math.nan):g} s")
         out += ["", f"## 4. Proof cost (evidence log and metrics on against off, {s4['connections']} connections)", "",
                 "| proxy | requests/s | p50 | CPU per request |", "|---|---|---|---|",
                 f"| proof on | {_cell(on['rps'], 'n')} | {_cell(on['p50_us'])} | {_cell(on['cpu_us_per_request'])} |",
                 f"| proof off | {_cell(off['rps'], 'n')} | {_cell(off['p50_us'])} | "
                 f"{_cell(off['cpu_us_per_request'])} |",
                 "", f"Evidence and metrics take {share * 100:.1f} % of the proxy's CPU per request "
-                f"(median of the per-round shares over {s4.get('round_count', '?')} alternating rounds of "
-                f"{s4.get('duration_s', math.nan):g} s; spread {_spread_pct(s4['proof_share_of_proxy_cpu'])})."
+                f"(median of the per-round shares over {how}; spread {_spread_pct(s4['proof_share_of_proxy_cpu'])})."
                 if not math.isnan(share) else "Proof share: n/a."]
     s5 = results.get("scenario5")
     if s5 and not s5.get("measured"):

@@ -162,3 +162,7 @@ def test_proof_section_says_how_its_share_was_measured() -> None:
     assert "| proof on | 6,000 | 9.00 ms | 150 µs |" in text
     assert ("Evidence and metrics take 20.0 % of the proxy's CPU per request (median of the per-round shares "
             "over 9 alternating rounds of 3 s; spread 12.5 to 31.0 %).") in text
+    results["scenario4"].update(simultaneous=True, connections_each=32)
+    assert ("Evidence and metrics take 20.0 % of the proxy's CPU per request (median of the per-round shares "
+            "over 9 rounds of 3 s, both proxies loaded at the same time with 32 connections each; spread 12.5 to "
+            "31.0 %).") in render_markdown(results)
