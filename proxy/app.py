@@ -115,7 +115,10 @@ class ProxyState:
         self.scanner = ModelScanner(self.admission.model)
         self.loop = asyncio.get_running_loop()
         self._ids = random.Random(os.urandom(32))
-        self.batch = None if self.evidence is None else GroupCommit(self.evidence, self.loop, self.evidence_failed)
+        self.batch = None
+        if self.evidence is not None:
+            self.batch = GroupCommit(self.evidence, self.loop, self.evidence_failed)
+            self.evidence.attach(self.loop)
 
     def evidence_failed(self, n: int = 1) -> None:
         """Count ``n`` requests refused because the evidence log could not record."""

@@ -6,6 +6,7 @@ redactor before it is written.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from pathlib import Path
@@ -101,6 +102,10 @@ class EvidenceLog:
 
     def check(self) -> None:
         self._chain.check()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let the serving loop read the path watch's events (see proxy.path_watch)."""
+        self._chain.attach_watch(loop)
 
     @property
     def healthy(self) -> bool:

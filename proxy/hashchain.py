@@ -9,6 +9,7 @@ closed): a gap in the evidence must never be papered over.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Mapping
@@ -115,6 +116,11 @@ class HashChainWriter:
         self._ident = (st.st_dev, st.st_ino)
         if self._want_watch:
             self._watch = PathWatch.open(self.path)  # its first changed() is True: stat once
+
+    def attach_watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let ``loop`` read the path watch's events (see proxy.path_watch)."""
+        if self._watch is not None:
+            self._watch.attach(loop)
 
     @property
     def healthy(self) -> bool:

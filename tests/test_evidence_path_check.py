@@ -4,6 +4,7 @@ log rotator would make it, with the inotify watch on and with plain stats."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -146,3 +147,65 @@ def test_events_that_end_the_watch_are_recognised_among_others() -> None:
     assert broken(_event(create, b"some-long-file-name.jsonl") + _event(ignored))
     assert broken(_event(overflow))
     assert not broken(b"")
+
+
+class _NoPoll:
+    """Stands in for the watch's poll object: proves a check made no poll call."""
+
+    def poll(self, timeout: int) -> list[tuple[int, int]]:
+        raise AssertionError("the watch polled although the loop reads its events")
+
+    def unregister(self, fd: int) -> None:
+        pass
+
+
+async def _noticed(w: HashChainWriter) -> bool:
+    """Whether a check fails within a second of loop iterations (bounded)."""
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        try:
+            w.check()
+        except ChainError:
+            return True
+    return False
+
+
+async def test_with_the_loop_reading_events_a_check_makes_no_system_call(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    w = HashChainWriter(tmp_path / "e.jsonl", watch=True)
+    w.open()
+    w.attach_watch(asyncio.get_running_loop())
+    w.check()  # the first check proves the path
+    assert w._watch is not None
+    w._watch._poll = _NoPoll()  # type: ignore[assignment]
+    stats: list[str] = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: stats.append(str(p)) or real_stat(p, *a, **k))
+    for _ in range(5):
+        w.check()
+    await asyncio.sleep(0.01)
+    w.check()
+    assert stats == []
+    (tmp_path / "e.jsonl").rename(tmp_path / "rotated.jsonl")
+    assert await _noticed(w)  # the loop read the rename's event; the next check proved the path gone
+    w.close()
+
+
+async def test_a_watch_the_kernel_dropped_stops_waking_the_loop_and_stats_every_time(tmp_path: Path) -> None:
+    path = tmp_path / "d" / "e.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b"")
+    watch = PathWatch.open(path)
+    assert watch is not None
+    loop = asyncio.get_running_loop()
+    watch.attach(loop)
+    assert watch.changed() and not watch.changed()  # the first call, then nothing new
+    os.unlink(path)
+    os.rmdir(path.parent)  # the kernel drops the directory's watch (IN_IGNORED)
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if watch._loop is None:
+            break
+    assert watch._loop is None and not loop.remove_reader(watch._fd)  # no reader left behind
+    assert watch.changed() and watch.changed()  # from now on every check stats
+    watch.close()
