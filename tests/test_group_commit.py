@@ -28,6 +28,14 @@ def _fields(n: int) -> dict[str, object]:
             "path": "/v1/chat/completions", "decision": "admitted", "reason": "ok", "status": 200}
 
 
+def _open_commit(tmp_path: Path) -> tuple[EvidenceLog, GroupCommit, list[int]]:
+    """A fresh log and its group commit; the list collects the failure counts it reports."""
+    log = EvidenceLog(tmp_path / "e.jsonl", Redactor())
+    log.open()
+    lost: list[int] = []
+    return log, GroupCommit(log, asyncio.get_running_loop(), lost.append), lost
+
+
 def _count_writes(monkeypatch: pytest.MonkeyPatch, fail: bool = False, short: bool = False) -> list[int]:
     """Sizes of the writes the chain writer makes (each one system call); with ``fail``,
     each fails as a full disk would; with ``short``, the first write of several records
@@ -51,10 +59,7 @@ def _count_writes(monkeypatch: pytest.MonkeyPatch, fail: bool = False, short: bo
 
 async def test_records_staged_in_one_turn_reach_the_log_in_one_write(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    log = EvidenceLog(tmp_path / "e.jsonl", Redactor())
-    log.open()
-    lost: list[int] = []
-    commit = GroupCommit(log, asyncio.get_running_loop(), lost.append)
+    log, commit, lost = _open_commit(tmp_path)
     told: list[bool] = []
     writes = _count_writes(monkeypatch)
     futures = [commit.stage(_fields(n), told.append) for n in range(5)]
@@ -69,9 +74,7 @@ async def test_records_staged_in_one_turn_reach_the_log_in_one_write(tmp_path: P
 
 async def test_a_record_written_at_once_takes_the_staged_ones_first(tmp_path: Path) -> None:
     """Order on disk is chain order even when a lone request writes while a batch waits."""
-    log = EvidenceLog(tmp_path / "e.jsonl", Redactor())
-    log.open()
-    commit = GroupCommit(log, asyncio.get_running_loop(), lambda n: None)
+    log, commit, _ = _open_commit(tmp_path)
     staged = commit.stage(_fields(0))
     log.write_fields(_fields(1))
     assert await staged is True  # its line went out with the later one's write
@@ -82,10 +85,7 @@ async def test_a_record_written_at_once_takes_the_staged_ones_first(tmp_path: Pa
 
 async def test_a_failed_batch_write_fails_every_record_in_it_and_the_log(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    log = EvidenceLog(tmp_path / "e.jsonl", Redactor())
-    log.open()
-    lost: list[int] = []
-    commit = GroupCommit(log, asyncio.get_running_loop(), lost.append)
+    log, commit, lost = _open_commit(tmp_path)
     _count_writes(monkeypatch, fail=True)
     futures = [commit.stage(_fields(n)) for n in range(3)]
     assert await asyncio.gather(*futures) == [False, False, False]
@@ -97,10 +97,7 @@ async def test_a_failed_batch_write_fails_every_record_in_it_and_the_log(tmp_pat
 
 async def test_a_short_batch_write_releases_exactly_the_records_it_completed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log = EvidenceLog(tmp_path / "e.jsonl", Redactor())
-    log.open()
-    lost: list[int] = []
-    commit = GroupCommit(log, asyncio.get_running_loop(), lost.append)
+    log, commit, lost = _open_commit(tmp_path)
     told: list[bool] = []
     _count_writes(monkeypatch, short=True)
     futures = [commit.stage(_fields(n), told.append) for n in range(4)]
@@ -169,9 +166,7 @@ async def test_a_failing_callback_leaves_no_request_waiting(tmp_path: Path) -> N
     loop = asyncio.get_running_loop()
     errors: list[dict[str, object]] = []
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    log = EvidenceLog(tmp_path / "e.jsonl", Redactor())
-    log.open()
-    commit = GroupCommit(log, loop, lambda n: None)
+    log, commit, _ = _open_commit(tmp_path)
 
     def broken(ok: bool) -> None:
         raise RuntimeError("a metrics bug")
