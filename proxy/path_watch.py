@@ -12,16 +12,16 @@ filesystems (a network filesystem does not report other hosts' changes), for a p
 without symlinks (a link's target directories are not on the path to watch). Anywhere
 else ``PathWatch.open`` returns None and the caller stats every time. Once the kernel
 drops a watch (its directory deleted, its filesystem unmounted) or the event queue
-overflows, the watch reports a possible change on every call.
+overflows, the watch reports a possible change on every call. Not seen, as by any
+inotify user: a filesystem mounted over a directory of the path or over the file (root
+only).
 
 In the proxy the event loop reads the events (``attach``) as it polls its descriptors,
 once per iteration, so the usual answer is a flag test with no system call at all (the
 poll per request was a quarter of the proof's cost in py-spy). A change made while the
 current iteration runs is then seen at the next one: the same window as a change made
 between a check and the write after it, which no check closes. Such a record lands in
-the file the descriptor still names, and the next check fails the log. Not seen, as by any
-inotify user: a filesystem mounted over a directory of the path or over the file (root
-only).
+the file the descriptor still names, and the next check fails the log.
 """
 
 from __future__ import annotations
