@@ -105,7 +105,9 @@ class HashChainWriter:
         if self.path.exists():
             verdict = verify_chain(self.path)
             if not verdict.ok:
-                raise ChainError(f"{self.path} is not an intact chain; refusing to extend it: {verdict.problems[0]}")
+                raise ChainError(f"{self.path} is not an intact chain; refusing to extend it: {verdict.problems[0]}. "
+                                 "Keep it as evidence (verify-evidence lists every problem) and start a new "
+                                 "log under another name")
             self._prev, self._seq = verdict.last_sha256, verdict.records
             self._written = verdict.records
         try:

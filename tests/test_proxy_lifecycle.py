@@ -70,6 +70,27 @@ async def test_check_config_probe_asks_the_backend_for_the_admitted_model(script
     assert port not in gone.stderr + gone.stdout + other.stderr + ok.stdout
 
 
+def test_a_torn_log_stops_the_start_names_the_problem_and_stays_as_it_was(tmp_path: Path) -> None:
+    """After a disk filled up mid-write the log ends in a partial line: the proxy will not
+    chain onto it, says what is wrong and what to do, and changes nothing in it."""
+    from proxy.hashchain import HashChainWriter
+
+    env = proxy_env(tmp_path, "http://127.0.0.1:9/v1")
+    log = Path(env["CASE_PROXY_EVIDENCE_FILE"])
+    w = HashChainWriter(log)
+    w.open()
+    w.append({"kind": "request", "time": "2026-11-26T00:00:00.000Z", "request_id": "r0", "status": 200})
+    w.close()
+    log.write_bytes(log.read_bytes() + b'{"kind":"request","time":"2026-11-2')
+    before = log.read_bytes()
+    out = subprocess.run([sys.executable, "-m", "proxy", "serve", "--port", "0"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "CASE_PROXY_LISTENING" not in out.stdout
+    assert "CASE_PROXY_EVIDENCE_FILE: cannot record evidence" in out.stderr
+    assert "line 2: partial last line" in out.stderr and "start a new log under another name" in out.stderr
+    assert log.read_bytes() == before
+
+
 def test_serve_refuses_to_start_when_a_gate_blocks(tmp_path: Path) -> None:
     env = proxy_env(tmp_path, "http://127.0.0.1:8000/v1")
     Path(env["CTO_HARNESS_CASE_DECISION_FILE"]).write_text(json.dumps({
