@@ -172,7 +172,6 @@ def _parse_head(head: bytes) -> tuple[str, str, int, bool]:
 
 
 async def serve(host: str, port: int, model: str, chunks: int, delay_ms: float) -> None:
-    assert host in ("127.0.0.1", "::1"), "the bench fixture listens on loopback only"
     loop = asyncio.get_running_loop()
     answers = _Answers(model, chunks, delay_ms / 1000)
     server = await loop.create_server(lambda: _Connection(answers, loop), host, port, backlog=4096)
@@ -195,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.chunks < 1 or args.delay_ms < 0:
         p.error("--chunks must be >= 1 and --delay-ms >= 0")
+    if args.host not in ("127.0.0.1", "::1"):
+        p.error(f"--host must be 127.0.0.1 or ::1 (a bench fixture listens on loopback only), not {args.host!r}")
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import openai
 import pytest
 
 from bench.loads import chat_body, run_streams, write_body
-from bench.procs import MODEL, Proc, start_proxy, start_sse_backend
+from bench.procs import MODEL, ROOT, Proc, start_proxy, start_sse_backend
 
 CHUNKS = 20
 
@@ -62,6 +64,12 @@ def test_a_request_it_cannot_read_gets_400_and_a_closed_connection(sse: Proc) ->
     chunked = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     assert _raw(sse.port, chunked).startswith(b"HTTP/1.1 400 Bad Request")
     assert _raw(sse.port, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request")
+
+
+def test_it_refuses_to_listen_beyond_loopback_with_a_clear_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "bench.sse_backend", "--host", "0.0.0.0", "--port", "0"],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 2 and "--host must be 127.0.0.1 or ::1" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_the_stream_scenario_pieces_run_end_to_end_through_the_proxy(sse: Proc, tmp_path: Path) -> None:
