@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .procs import ROOT, machine_info
+from .procs import ROOT, code_version, machine_info
 from .report import evaluate_targets, write_results
 from .scenarios import Bench, BenchSettings
 
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"schema_version": 1, "settings": vars(settings).copy()}
     try:
         results["machine"] = machine_info()
+        results["code"] = code_version(ROOT)
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

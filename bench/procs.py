@@ -414,6 +414,23 @@ def machine_info() -> dict[str, object]:
     return info
 
 
+def code_version(root: Path) -> dict[str, object]:
+    """Which code a run measured: the commit checked out at ``root`` and whether tracked
+    files differ from it (the bench's own results files aside, which a run rewrites).
+    ``commit`` is None outside a git checkout."""
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--verify", "HEAD")
+        if head.returncode != 0:
+            return {"commit": None, "modified": None}
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "modified": None}
+    return {"commit": head.stdout.strip(), "modified": bool(status.stdout.strip()) if status.returncode == 0 else None}
+
+
 def _os_release() -> str:
     try:
         for line in Path("/etc/os-release").read_text().splitlines():

@@ -99,6 +99,14 @@ def _cell(d: dict[str, Any] | None, kind: str = "us") -> str:
     return f(d["median"])
 
 
+def _code_line(code: dict[str, Any] | None) -> str:
+    if not code or not code.get("commit"):
+        return "Code: not a git checkout, so the commit measured is unknown."
+    state = {False: "tracked files as committed", True: "with uncommitted changes to tracked files",
+             None: "tree state unknown"}[code.get("modified")]
+    return f"Code: commit {code['commit'][:12]} ({state})."
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     st = results["settings"]
@@ -108,6 +116,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Measured {m['date_utc']} on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}, "
         f"Linux {m['kernel']}; Python {m['python']}, aiohttp {m['aiohttp']}, uvloop {m.get('uvloop')}, "
         f"{m['nginx']}, {m['wrk']}" + (f", LiteLLM {m['litellm']}" if m.get("litellm") else "") + ".",
+        _code_line(results.get("code")),
         f"Mode: {'quick' if st['quick'] else 'full'}; {st['rounds']} rounds of {st['duration_s']:g} s per point, "
         "rounds interleaved across the things compared. Figures are medians over rounds with the spread "
         "(min to max) in brackets; every comparison is computed per round within this run.",

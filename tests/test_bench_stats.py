@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from bench.procs import code_version
 from bench.report import evaluate_targets, json_clean, render_markdown, write_results
 from bench.stats import (added, parse_wrk, parse_wrk_text, percentile, proc_cpu_seconds, proc_status_kb, ratio,
                          stream_stretch, summarize)
@@ -166,3 +169,32 @@ def test_proof_section_says_how_its_share_was_measured() -> None:
     assert ("Evidence and metrics take 20.0 % of the proxy's CPU per request (median of the per-round shares "
             "over 9 rounds of 3 s, both proxies loaded at the same time with 32 connections each; spread 12.5 to "
             "31.0 %).") in render_markdown(results)
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+def test_results_name_the_commit_they_measured_and_whether_the_tree_differed(tmp_path: Path) -> None:
+    """A real git repository: the commit, a change to a tracked file, and the bench's own
+    results (rewritten by every run) not counted as a change to the code."""
+    assert code_version(tmp_path) == {"commit": None, "modified": None}  # not a checkout
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "proxy.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "latest.md").write_text("old\n")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "c1")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    (tmp_path / "bench" / "results" / "latest.md").write_text("new\n")
+    (tmp_path / "untracked.txt").write_text("scratch\n")
+    assert code_version(tmp_path) == {"commit": head, "modified": False}
+    (tmp_path / "proxy.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == {"commit": head, "modified": True}
+    results = _results(250.0, 3000.0, None)
+    results["code"] = code_version(tmp_path)
+    assert f"Code: commit {head[:12]} (with uncommitted changes to tracked files)." in render_markdown(
+        {**results, "targets": [], "scenario1": None, "scenario4": None})
