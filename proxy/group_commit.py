@@ -47,8 +47,8 @@ class GroupCommit:
     def stage(self, fields: dict[str, Any], then: Callable[[bool], None] | None = None) -> asyncio.Future[bool]:
         """Chain ``fields`` into the next write. The returned future (one per record, so
         a waiter cancelled by its client disturbs no other) and ``then`` both learn
-        whether the record reached the file whole. Raises ChainError when the log cannot take a
-        record at all."""
+        whether the record reached the file whole. Raises ChainError when the log cannot
+        take a record at all."""
         seq = self._evidence.count
         self._evidence.stage_fields(fields)
         if not self._waiters:

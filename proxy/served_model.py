@@ -141,7 +141,7 @@ class SSESplitter:
                 start = m.end()
         if start:
             del buf[:start]
-        if len(self._buf) > self.max_event_bytes:
+        if len(buf) > self.max_event_bytes:
             raise ValueError("backend sent an SSE event larger than the limit")
         return events
 
