@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import os
 import secrets
+import select
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -256,3 +260,35 @@ async def test_readiness_probes_pause_while_requests_are_in_flight() -> None:
         assert upstream.probes > paused_at
     finally:
         await readiness.stop()
+
+
+async def test_a_burst_of_connections_waits_in_the_listen_queue(scripted_backend, tmp_path: Path) -> None:
+    """While the proxy's loop is busy (here: stopped outright), the kernel completes new
+    connections into its listen queue. With aiohttp's default queue of 128, connections
+    past it had their SYNs dropped and waited 1 s, then 3 s, for a retry."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    burst = min(400, somaxconn)
+    assert burst > 200, f"net.core.somaxconn is {somaxconn}: too small to tell a 128 queue from a large one"
+    proc = ProxyProcess(proxy_env(tmp_path, scripted_backend.base_url), tmp_path / "proxy.log")
+    await proc.start()
+    assert proc.proc is not None
+    port = int(proc.base_url.split(":")[2].split("/")[0])
+    socks: list[socket.socket] = []
+    os.kill(proc.proc.pid, signal.SIGSTOP)
+    try:
+        for _ in range(burst):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            socks.append(s)
+            assert s.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+        pending = set(socks)
+        deadline = time.monotonic() + 0.8  # under the first SYN retry (1 s)
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], 0.1)
+            pending -= {s for s in writable if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0}
+        assert len(pending) == 0, f"{len(pending)} of {burst} connections not completed by the kernel"
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        for s in socks:
+            s.close()
+    assert await asyncio.to_thread(proc.stop) == 0
