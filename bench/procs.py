@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import platform
 import shutil
 import signal
@@ -204,22 +205,40 @@ def nginx_binary() -> str:
     return found
 
 
-def start_nginx(tmp: Path) -> Proc:
-    """nginx with two servers: the fast canned backend and the body-reading one."""
-    d = tmp / "nginx"
+def _nginx_dir(tmp: Path, name: str) -> Path:
+    d = tmp / name
     d.mkdir()
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (d / sub).mkdir()
-    port, body_port = free_port(), free_port()
-    template = (Path(__file__).parent / "nginx.conf.template").read_text()
+    return d
+
+
+def _render_nginx(template: str, d: Path, values: dict[str, str]) -> Path:
+    """The template with its placeholders (``@@NAME@@``) filled; refuses to leave any behind."""
+    text = (Path(__file__).parent / template).read_text()
     # As root, nginx would switch its worker to 'nobody', who cannot use our 0700 temp dir.
-    user_line = "user root;" if os.geteuid() == 0 else ""
-    conf = (template.replace("@@DIR@@", str(d)).replace("@@PORT@@", str(port))
-            .replace("@@BODY_PORT@@", str(body_port)).replace("@@USER_LINE@@", user_line)
-            .replace("@@MODELS_JSON@@", MODELS_JSON).replace("@@CHAT_JSON@@", CHAT_JSON))
-    (d / "nginx.conf").write_text(conf)
-    popen = _spawn("nginx", [nginx_binary(), "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
-                   tmp)
+    values = {"DIR": str(d), "USER_LINE": "user root;" if os.geteuid() == 0 else "", **values}
+    for key, value in values.items():
+        text = text.replace(f"@@{key}@@", value)
+    left = re.search(r"@@[A-Z_]+@@", text)
+    if left:
+        raise RuntimeError(f"{template}: placeholder {left.group()} left unfilled")
+    conf = d / "nginx.conf"
+    conf.write_text(text)
+    return conf
+
+
+def _spawn_nginx(name: str, d: Path, conf: Path, tmp: Path) -> subprocess.Popen:
+    return _spawn(name, [nginx_binary(), "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")], tmp)
+
+
+def start_nginx(tmp: Path) -> Proc:
+    """nginx with two servers: the fast canned backend and the body-reading one."""
+    d = _nginx_dir(tmp, "nginx")
+    port, body_port = free_port(), free_port()
+    conf = _render_nginx("nginx.conf.template", d, {"PORT": str(port), "BODY_PORT": str(body_port),
+                                                    "MODELS_JSON": MODELS_JSON, "CHAT_JSON": CHAT_JSON})
+    popen = _spawn_nginx("nginx", d, conf, tmp)
     p = Proc("nginx", popen, tmp, port=port, url=f"http://127.0.0.1:{port}/v1")
     p.extra["body_port"] = body_port
     p.extra["body_url"] = f"http://127.0.0.1:{body_port}/v1"
@@ -229,6 +248,18 @@ def start_nginx(tmp: Path) -> Proc:
     if status != 200 or MODEL.encode() not in body:
         raise RuntimeError(f"nginx /v1/models answered {status}")
     return p
+
+
+def start_nginx_proxy(tmp: Path, name: str, upstream: Proc) -> Proc:
+    """nginx as a plain reverse proxy (one worker, keep-alive upstream pool, no buffering)
+    in front of ``upstream``: the reference for what any proxy adds on this machine. It
+    checks nothing and records nothing, so it is a floor, not a competitor."""
+    d = _nginx_dir(tmp, name)
+    port = free_port()
+    conf = _render_nginx("nginx-proxy.conf.template", d, {"PORT": str(port), "UPSTREAM_PORT": str(upstream.port)})
+    popen = _spawn_nginx(name, d, conf, tmp)
+    wait_port(port, 15, popen)
+    return Proc(name, popen, tmp, port=port, url=f"http://127.0.0.1:{port}/v1")
 
 
 def start_proxy(tmp: Path, name: str, backend_url: str, token: str, *, metrics: bool = True,

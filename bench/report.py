@@ -23,11 +23,16 @@ def _spread_pct(d: dict[str, Any]) -> str:
     return "n/a" if lo is None or hi is None else f"{lo * 100:.1f} to {hi * 100:.1f} %"
 
 
-def _target(name: str, value: float, limit: float, higher_is_better: bool, fmt: str, why_missing: str) -> dict[str, Any]:
+def _target(name: str, value: float, limit: float, higher_is_better: bool, fmt: str, why_missing: str,
+            reference: float = math.nan) -> dict[str, Any]:
+    """``reference``: the same figure for nginx as a plain reverse proxy in the same run
+    (what any relay adds on this machine), where the bench measures one."""
+    ref = None if math.isnan(reference) else round(reference, 3)
     if math.isnan(value):
-        return {"target": name, "value": None, "limit": limit, "met": None, "note": why_missing}
+        return {"target": name, "value": None, "limit": limit, "met": None, "note": why_missing, "unit": fmt,
+                "reference": ref}
     met = value >= limit if higher_is_better else value <= limit
-    return {"target": name, "value": round(value, 3), "limit": limit, "met": met, "unit": fmt}
+    return {"target": name, "value": round(value, 3), "limit": limit, "met": met, "unit": fmt, "reference": ref}
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -42,9 +47,9 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     proxy64 = c64.get("summary", {}).get("proxy", {})
     return [
         _target("non-streaming, 1 connection: added latency p50 <= 0.3 ms", _median(c1.get("proxy_added_p50_us")),
-                300, False, "us", "scenario 1 at concurrency 1 not run"),
+                300, False, "us", "scenario 1 at concurrency 1 not run", _median(c1.get("nginx_proxy_added_p50_us"))),
         _target("non-streaming, 1 connection: added latency p99 <= 1.5 ms", _median(c1.get("proxy_added_p99_us")),
-                1500, False, "us", "scenario 1 at concurrency 1 not run"),
+                1500, False, "us", "scenario 1 at concurrency 1 not run", _median(c1.get("nginx_proxy_added_p99_us"))),
         _target("non-streaming, 64 connections: throughput >= 40x LiteLLM's",
                 _median(c64.get("proxy_rps_over_litellm")), 40, True, "x",
                 "LiteLLM or concurrency 64 not measured in this run"),
@@ -52,7 +57,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 _median(proxy64.get("rps")), 4000, True, "rps", "scenario 1 at concurrency 64 not run"),
         _overload_note(_target("1,000 concurrent streams: added inter-chunk delay p99 <= 1 ms",
                                _median(st.get("added_gap_us_p99")), 1000, False, "us",
-                               "1,000 streams not run (--quick runs 100)"), st),
+                               "1,000 streams not run (--quick runs 100)",
+                               _median(st.get("nginx_proxy_added_gap_us_p99"))), st),
         _target("1,000 concurrent streams: proxy peak RSS <= 150 MB", st.get("proxy_peak_rss_mb") or math.nan,
                 150, False, "MB", "1,000 streams not run (--quick runs 100)"),
         _target("1 MB request: added latency p50 <= 5 ms", _median(mb.get("proxy_added_p50_us")), 5000, False, "us",
@@ -73,10 +79,10 @@ def _overload_note(target: dict[str, Any], point: dict[str, Any]) -> dict[str, A
     return target
 
 
-def _fmt_value(t: dict[str, Any]) -> str:
-    v = t["value"]
+def _fmt_value(t: dict[str, Any], key: str = "value") -> str:
+    v = t.get(key)
     if v is None:
-        return "not measured"
+        return "not measured" if key == "value" else "-"
     unit = t.get("unit")
     if unit == "us":
         return fmt_us(v)
@@ -125,13 +131,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        "| target | this run | met |",
-        "|---|---|---|",
+        "The reference column is nginx as a plain reverse proxy (one worker, checking and recording nothing) in "
+        "front of the same backend in the same rounds: what any relay adds on this machine.",
+        "",
+        "| target | this run | reference: nginx as a reverse proxy | met |",
+        "|---|---|---|---|",
     ]
     for t in results["targets"]:
         met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
         note = f" ({t['note']})" if t.get("note") else ""
-        out.append(f"| {t['target']} | {_fmt_value(t)}{note} | {met} |")
+        out.append(f"| {t['target']} | {_fmt_value(t)}{note} | {_fmt_value(t, 'reference')} | {met} |")
     s1 = results.get("scenario1")
     if s1:
         out += ["", "## 1. Non-streaming chat completions (nginx answering canned JSON)", ""]
@@ -143,10 +152,12 @@ def render_markdown(results: dict[str, Any]) -> str:
                 out.append(f"| {conc} | {name} | {_cell(s['rps'], 'n')} | {_cell(s['p50_us'])} | "
                            f"{_cell(s['p90_us'])} | {_cell(s['p99_us'])} | {_cell(s['cpu_us_per_request'])} | "
                            f"{s['errors']} |")
-        out += ["", "| connections | proxy added p50 | proxy added p99 | proxy / direct throughput | "
-                "proxy / LiteLLM throughput | LiteLLM added p50 |", "|---|---|---|---|---|---|"]
+        out += ["", "| connections | proxy added p50 | proxy added p99 | nginx as a reverse proxy added p50 / p99 | "
+                "proxy / direct throughput | proxy / LiteLLM throughput | LiteLLM added p50 |",
+                "|---|---|---|---|---|---|---|"]
         for conc, e in s1["by_concurrency"].items():
             out.append(f"| {conc} | {_cell(e['proxy_added_p50_us'])} | {_cell(e['proxy_added_p99_us'])} | "
+                       f"{_cell(e.get('nginx_proxy_added_p50_us'))} / {_cell(e.get('nginx_proxy_added_p99_us'))} | "
                        f"{_cell(e['proxy_rps_over_direct'], 'x')} | {_cell(e.get('proxy_rps_over_litellm'), 'x')} | "
                        f"{_cell(e.get('litellm_added_p50_us'))} |")
     s2 = results.get("scenario2")
@@ -172,6 +183,16 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{_secs(e)} | "
                 f"{'n/a' if rss is None else f'{rss:,.0f} MB'} | "
                 f"{e['completed']['direct']} / {e['completed']['proxy']} | {_cell(e.get('direct_stretch'), 'x')} |")
+        out += ["", "The same rounds through nginx as a plain reverse proxy in front of the same backend (checking and "
+                "recording nothing): what any relay adds here.", "",
+                "| streams | added TTFT p50 proxy / nginx | added gap p99 proxy / nginx | CPU s per 10k chunks "
+                "proxy / nginx | completed via nginx |", "|---|---|---|---|---|"]
+        for n, e in s2["by_streams"].items():
+            out.append(
+                f"| {n} | {_cell(e['added_ttft_us_p50'])} / {_cell(e.get('nginx_proxy_added_ttft_us_p50'))} | "
+                f"{_cell(e['added_gap_us_p99'])} / {_cell(e.get('nginx_proxy_added_gap_us_p99'))} | "
+                f"{_secs(e)} / {_secs(e, 'nginx_proxy_cpu_s_per_10k_chunks')} | "
+                f"{e['completed'].get('nginx_proxy', 'n/a')} |")
     s3 = results.get("scenario3")
     if s3:
         out += ["", f"## 3. Large request bodies (one connection; backend: {s3['backend']})", "",
@@ -219,8 +240,8 @@ def _fmt_ratio(v: float) -> str:
     return f"{v:,.1f}x" if abs(v) >= 10 else f"{v:.2f}x"
 
 
-def _secs(e: dict[str, Any]) -> str:
-    d = e.get("proxy_cpu_s_per_10k_chunks")
+def _secs(e: dict[str, Any], key: str = "proxy_cpu_s_per_10k_chunks") -> str:
+    d = e.get(key)
     if not d or d.get("median") is None:
         return "n/a"
     return f"{d['median']:.2f} s"

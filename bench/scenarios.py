@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from .loads import chat_body, measured_wrk, run_streams, run_wrk, write_body
-from .procs import (Proc, litellm_available, peak_rss_mb, start_litellm, start_nginx, start_proxy,
-                    start_sse_backend)
+from .procs import (Proc, litellm_available, peak_rss_mb, start_litellm, start_nginx, start_nginx_proxy,
+                    start_proxy, start_sse_backend)
 from .stats import WrkResult, added, ratio, stream_stretch, summarize
 
 Log = Callable[[str], None]
+# The reference beside the proxy in scenarios 1 and 2: nginx as a plain reverse proxy
+# (bench/nginx-proxy.conf.template), what any relay adds on this machine.
+NGINX_PROXY = "nginx_proxy"
 
 
 @dataclass
@@ -105,9 +108,11 @@ class Bench:
     def nonstreaming(self) -> dict[str, Any]:
         nginx = self.nginx
         proxy = self.proxy("proxy-s1", nginx.url)
+        floor = self.keep(start_nginx_proxy(self.tmp, "nginx-proxy-s1", nginx))
         targets: dict[str, tuple[Proc, str, str | None]] = {
             "direct": (nginx, nginx.url + "/chat/completions", None),
             "proxy": (proxy, proxy.url + "/chat/completions", self.token),
+            NGINX_PROXY: (floor, floor.url + "/chat/completions", None),
         }
         notes: list[str] = []
         litellm_key = secrets.token_urlsafe(24)
@@ -137,7 +142,11 @@ class Bench:
             entry: dict[str, Any] = {"rounds": rows, "summary": {n: _summaries(r) for n, r in rows.items()},
                                      "proxy_added_p50_us": _paired(rows["proxy"], rows["direct"], "p50_us", added),
                                      "proxy_added_p99_us": _paired(rows["proxy"], rows["direct"], "p99_us", added),
-                                     "proxy_rps_over_direct": _paired(rows["proxy"], rows["direct"], "rps", ratio)}
+                                     "proxy_rps_over_direct": _paired(rows["proxy"], rows["direct"], "rps", ratio),
+                                     "nginx_proxy_added_p50_us": _paired(rows[NGINX_PROXY], rows["direct"], "p50_us",
+                                                                         added),
+                                     "nginx_proxy_added_p99_us": _paired(rows[NGINX_PROXY], rows["direct"], "p99_us",
+                                                                         added)}
             if "litellm" in rows:
                 entry["proxy_rps_over_litellm"] = _paired(rows["proxy"], rows["litellm"], "rps", ratio)
                 entry["litellm_added_p50_us"] = _paired(rows["litellm"], rows["direct"], "p50_us", added)
@@ -161,18 +170,23 @@ class Bench:
         for key, n, ramp in points:
             backend = self.keep(start_sse_backend(self.tmp, chunks, delay))
             proxy = self.proxy(f"proxy-s2-{n}-{ramp:g}", backend.url, max_concurrency=max(4096, 2 * n))
+            floor = self.keep(start_nginx_proxy(self.tmp, f"nginx-proxy-s2-{n}-{ramp:g}", backend))
             timeout = min_s * 20 + 60
-            rows: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
+            rows: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": [], NGINX_PROXY: []}
             for rnd in range(self.s.rounds):
                 rows["direct"].append(run_streams(backend.url + "/chat/completions", n, body, None, ramp, timeout))
-                cpu0 = proxy.cpu()
-                via = run_streams(proxy.url + "/chat/completions", n, body, self.token, ramp, timeout)
-                via["proxy_cpu_s"] = cpu = proxy.cpu() - cpu0
-                via["proxy_cpu_s_per_10k_chunks"] = cpu / via["events"] * 10_000 if via["events"] else math.nan
-                rows["proxy"].append(via)
+                for name, proc, token in (("proxy", proxy, self.token), (NGINX_PROXY, floor, None)):
+                    cpu0 = proc.cpu()
+                    via = run_streams(proc.url + "/chat/completions", n, body, token, ramp, timeout)
+                    via["proxy_cpu_s"] = cpu = proc.cpu() - cpu0
+                    via["proxy_cpu_s_per_10k_chunks"] = cpu / via["events"] * 10_000 if via["events"] else math.nan
+                    rows[name].append(via)
                 self.log(f"  {n} streams round {rnd + 1}: direct gap p99 {_us(rows['direct'][-1], 'gap_us', '99')}, "
-                         f"proxy gap p99 {_us(via, 'gap_us', '99')}, completed {via['completed']}/{n}")
+                         f"proxy {_us(rows['proxy'][-1], 'gap_us', '99')}, "
+                         f"nginx proxy {_us(rows[NGINX_PROXY][-1], 'gap_us', '99')}, "
+                         f"completed {rows['proxy'][-1]['completed']}/{n}")
             rss = peak_rss_mb(proxy.pid)
+            self.release(floor)
             self.release(proxy)
             self.release(backend)
 
@@ -184,11 +198,13 @@ class Bench:
             for group, q in (("ttft_us", "50"), ("ttft_us", "99"), ("gap_us", "50"), ("gap_us", "99")):
                 entry[f"direct_{group}_p{q}"] = summarize(pick(r, group, q) for r in rows["direct"]).to_dict()
                 entry[f"proxy_{group}_p{q}"] = summarize(pick(r, group, q) for r in rows["proxy"]).to_dict()
-                entry[f"added_{group}_p{q}"] = summarize(
-                    added(pick(p, group, q), pick(d, group, q)) for p, d in zip(rows["proxy"], rows["direct"],
-                                                                                  strict=True)).to_dict()
-            entry["proxy_cpu_s_per_10k_chunks"] = summarize(
-                r["proxy_cpu_s_per_10k_chunks"] for r in rows["proxy"]).to_dict()
+                for prefix, via in (("", "proxy"), ("nginx_proxy_", NGINX_PROXY)):
+                    entry[f"{prefix}added_{group}_p{q}"] = summarize(
+                        added(pick(p, group, q), pick(d, group, q)) for p, d in zip(rows[via], rows["direct"],
+                                                                                      strict=True)).to_dict()
+            for name, via in (("proxy_cpu_s_per_10k_chunks", "proxy"),
+                              ("nginx_proxy_cpu_s_per_10k_chunks", NGINX_PROXY)):
+                entry[name] = summarize(r["proxy_cpu_s_per_10k_chunks"] for r in rows[via]).to_dict()
             entry["direct_stretch"] = summarize(
                 stream_stretch(r, min_s) for r in rows["direct"]).to_dict()
             entry["completed"] = {k: [r["completed"] for r in v] for k, v in rows.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.procs import code_version
+from bench.procs import _render_nginx, code_version
 from bench.report import evaluate_targets, json_clean, render_markdown, write_results
 from bench.stats import (added, parse_wrk, parse_wrk_text, percentile, proc_cpu_seconds, proc_status_kb, ratio,
                          stream_stretch, summarize)
@@ -93,6 +93,51 @@ def test_targets_are_judged_on_this_runs_figures_only() -> None:
     no_litellm = {t["target"]: t for t in evaluate_targets(_results(400.0, 5000.0, None))}
     assert no_litellm["non-streaming, 64 connections: throughput >= 40x LiteLLM's"]["met"] is None
     assert no_litellm["non-streaming, 1 connection: added latency p50 <= 0.3 ms"]["met"] is False
+
+
+def test_targets_carry_the_nginx_reference_where_the_run_measured_one() -> None:
+    results = _results(250.0, 5000.0, 45.0)
+    results["scenario1"]["by_concurrency"]["1"]["nginx_proxy_added_p50_us"] = {"median": 41.0}
+    results["targets"] = targets = evaluate_targets(results)
+    by_name = {t["target"]: t for t in targets}
+    assert by_name["non-streaming, 1 connection: added latency p50 <= 0.3 ms"]["reference"] == 41.0
+    assert by_name["non-streaming, 1 connection: added latency p99 <= 1.5 ms"]["reference"] is None
+    del results["scenario1"], results["scenario4"]
+    text = render_markdown(results)
+    assert "| non-streaming, 1 connection: added latency p50 <= 0.3 ms | 250 µs | 41 µs | yes |" in text
+    assert "| non-streaming, 1 connection: added latency p99 <= 1.5 ms | not measured" in text
+    assert "| 25.0 % | - | **no** |" in text  # no reference for the proof share
+
+
+def test_nginx_configs_are_rendered_whole_and_listen_on_loopback_only(tmp_path: Path) -> None:
+    conf = _render_nginx("nginx-proxy.conf.template", tmp_path, {"PORT": "18001", "UPSTREAM_PORT": "18002"})
+    text = conf.read_text()
+    assert "@@" not in text and f"pid {tmp_path}/nginx.pid;" in text
+    assert "server 127.0.0.1:18002;" in text and "listen 127.0.0.1:18001 backlog=4096;" in text
+    assert "proxy_buffering off;" in text  # streams pass through as they arrive
+    listens = [line.split()[1] for line in text.splitlines() if line.strip().startswith("listen ")]
+    assert listens and all(a.startswith("127.0.0.1:") for a in listens)
+    with pytest.raises(RuntimeError, match="placeholder @@UPSTREAM_PORT@@ left unfilled"):
+        _render_nginx("nginx-proxy.conf.template", tmp_path, {"PORT": "18001"})
+
+
+def test_stream_section_sets_the_proxy_beside_nginx_as_a_reverse_proxy() -> None:
+    def one(v: float) -> dict:
+        return {"median": v, "min": v, "max": v, "rounds": 1}
+
+    entry = {f"{who}_{g}_p{q}": one(5000.0) for who in ("direct", "proxy") for g in ("ttft_us", "gap_us")
+             for q in ("50", "99")}
+    entry.update(added_ttft_us_p50=one(800.0), added_gap_us_p99=one(4760.0), proxy_cpu_s_per_10k_chunks=one(0.27),
+                 nginx_proxy_added_ttft_us_p50=one(150.0), nginx_proxy_added_gap_us_p99=one(12_500.0),
+                 nginx_proxy_cpu_s_per_10k_chunks=one(0.085), proxy_peak_rss_mb=59.0, direct_stretch=one(1.06),
+                 completed={"direct": [1000], "proxy": [1000], "nginx_proxy": [999]})
+    results = _results(250.0, 3000.0, None)
+    del results["scenario1"], results["scenario4"]
+    results["targets"] = []
+    results["scenario2"] = {"chunks_per_stream": 200, "chunk_delay_ms": 5.0, "backend": "canned",
+                            "by_streams": {"1000": entry}}
+    text = render_markdown(results)
+    assert "| 1000 | 800 µs / 150 µs | 4.76 ms / 12.50 ms | 0.27 s / 0.09 s | [999] |" in text
 
 
 def _stream_point(added_p99_us: float, direct_p50_s: list[float]) -> dict:
