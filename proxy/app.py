@@ -69,6 +69,7 @@ class Draft:
     started: float
     method: str
     path: str
+    own_id: bool  # request_id drawn by the proxy, not sent by the client
     endpoint: Endpoint = Endpoint.OTHER
     requested_model: str | None = None
     effective_model: str | None = None
@@ -171,8 +172,10 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
     started streaming."""
     state = request.app[STATE]
     rid = request.headers.get("X-Request-Id", "")
-    rid = rid if 0 < len(rid) <= 64 and rid.replace("-", "").isalnum() else state.new_request_id()
-    draft = Draft(rid, time.perf_counter(), request.method, request.path[:200])
+    own_id = not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum())
+    if own_id:
+        rid = state.new_request_id()
+    draft = Draft(rid, time.perf_counter(), request.method, request.path[:200], own_id)
     request[DRAFT] = draft
     try:
         response = await _dispatch(request, state, draft, handler)
@@ -292,8 +295,9 @@ def _record(state: ProxyState, draft: Draft, elapsed: float, counted: bool) -> b
     fields = request_record_fields(state, draft, elapsed)
     try:
         if state.in_flight or state.batch.pending:
-            return state.batch.stage(fields, partial(_count_written, state.metrics, draft, elapsed) if counted else None)
-        state.evidence.write_fields(fields)
+            return state.batch.stage(fields, partial(_count_written, state.metrics, draft, elapsed) if counted else None,
+                                     draft.own_id)
+        state.evidence.write_fields(fields, draft.own_id)
         return True
     except (ChainError, OSError, ValueError):
         log.error("evidence record could not be written; the proxy refuses traffic until restarted")

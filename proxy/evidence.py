@@ -35,6 +35,9 @@ PROXY_GENERATED_FIELDS = frozenset({
     "kind", "time", "endpoint", "alias_rewritten", "decision", "family", "status", "stream", "usage",
     "duration_ms", "ttft_ms", "upstream_class", "upstream_fingerprint", "client_disconnected", "pid", "worker",
 })
+# The same plus the request id, for a record whose id the proxy drew itself (see
+# ``stage_fields``): a client may send its own id, which is free text like any other.
+_PROXY_GENERATED_WITH_ID = PROXY_GENERATED_FIELDS | {"request_id"}
 
 
 class Usage(BaseModel):
@@ -124,25 +127,27 @@ class EvidenceLog:
     def write(self, record: EvidenceRecord) -> str:
         return self.write_redacted(record.model_dump(exclude_none=True))
 
-    def write_fields(self, fields: dict[str, Any]) -> str:
+    def write_fields(self, fields: dict[str, Any], own_id: bool = False) -> str:
         """``stage_fields``, then written at once (with anything staged before it)."""
-        sha = self.stage_fields(fields)
+        sha = self.stage_fields(fields, own_id)
         self._chain.flush()
         return sha
 
-    def stage_fields(self, fields: dict[str, Any]) -> str:
+    def stage_fields(self, fields: dict[str, Any], own_id: bool = False) -> str:
         """The per-request hot path: the fields of an EvidenceRecord as a plain dict
         without None values, no model built; chained now, written by the next ``flush``
         (see proxy.group_commit); the dict is extended with the chain fields.
         The secret pre-check reads only the fields a client or backend can influence (see
         PROXY_GENERATED_FIELDS) and skips values the redactor has vetted (``vet_clean``:
         the admitted model, the routes); a record that might hold a secret takes the
-        full redaction. Readers still validate every line against EvidenceRecord; a test
-        pins that they agree."""
+        full redaction. ``own_id``: the request id is one the proxy drew itself (random
+        hex), so it is skipped too; most records then leave nothing to scan. Readers still
+        validate every line against EvidenceRecord; a test pins that they agree."""
         clean = self._redactor.clean
+        skip = _PROXY_GENERATED_WITH_ID if own_id else PROXY_GENERATED_FIELDS
         texts: list[str] = []
         for key, value in fields.items():
-            if key in PROXY_GENERATED_FIELDS:
+            if key in skip:
                 continue
             if value.__class__ is not str:
                 return self._chain.stage_fields(self._redacted(fields))

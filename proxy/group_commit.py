@@ -44,13 +44,14 @@ class GroupCommit:
     def pending(self) -> bool:
         return bool(self._waiters)
 
-    def stage(self, fields: dict[str, Any], then: Callable[[bool], None] | None = None) -> asyncio.Future[bool]:
+    def stage(self, fields: dict[str, Any], then: Callable[[bool], None] | None = None,
+              own_id: bool = False) -> asyncio.Future[bool]:
         """Chain ``fields`` into the next write. The returned future (one per record, so
         a waiter cancelled by its client disturbs no other) and ``then`` both learn
         whether the record reached the file whole. Raises ChainError when the log cannot
-        take a record at all."""
+        take a record at all. ``own_id``: see ``EvidenceLog.stage_fields``."""
         seq = self._evidence.count
-        self._evidence.stage_fields(fields)
+        self._evidence.stage_fields(fields, own_id)
         if not self._waiters:
             self._loop.call_soon(self._flush)
         done: asyncio.Future[bool] = self._loop.create_future()

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 import openai
 import pytest
 from aiohttp import web
 
+from proxy.redact import REDACTED
 from tests.proxy_support import ADMITTED, ProxyUnderTest, make_proxy, proxy  # noqa: F401
 
 TOOLS = [{
@@ -58,6 +60,24 @@ async def test_chat_completion_passes_through_with_vendor_extras(proxy: ProxyUnd
     assert rec["decision"] == "admitted" and rec["served_model"] == ADMITTED and rec["status"] == 200
     assert rec["upstream_class"] == "loopback" and rec["upstream_fingerprint"].startswith("sha256:")
     assert proxy.metric("case_proxy_requests_total", endpoint="chat_completions", outcome="ok") == 1
+
+
+async def test_a_client_sent_request_id_is_scanned_for_secrets_and_a_drawn_one_is_kept(
+        proxy: ProxyUnderTest) -> None:
+    """The proxy skips the secret scan only for ids it draws itself; an id a client
+    sends is free text like any other field of the record."""
+    client = proxy.client()
+    messages = [{"role": "user", "content": "hi"}]
+    token_shaped = "sk-proj-" + "k" * 24
+    await client.chat.completions.create(model=ADMITTED, messages=messages, max_tokens=4,
+                                         extra_headers={"X-Request-Id": token_shaped})
+    await client.chat.completions.create(model=ADMITTED, messages=messages, max_tokens=4,
+                                         extra_headers={"X-Request-Id": "case-run-7"})
+    await client.chat.completions.create(model=ADMITTED, messages=messages, max_tokens=4)
+    sent, plain, drawn = (r["request_id"] for r in proxy.requests_evidence()[-3:])
+    assert token_shaped not in proxy.evidence_path.read_text() and sent == REDACTED
+    assert plain == "case-run-7"
+    assert re.fullmatch(r"[0-9a-f]{32}", drawn)
 
 
 async def test_streamed_tool_call_reassembles_through_the_sdk(proxy: ProxyUnderTest) -> None:

@@ -248,7 +248,7 @@ def test_redact_obj_handles_secrets_that_json_escapes() -> None:
 def test_request_record_fields_are_a_valid_evidence_record() -> None:
     """The hot path writes a plain dict; readers validate it as an EvidenceRecord."""
     state = SimpleNamespace(target=classify_upstream("http://127.0.0.1:8000/v1"))
-    draft = Draft("rid1", 0.0, "POST", "/v1/chat/completions")
+    draft = Draft("rid1", 0.0, "POST", "/v1/chat/completions", False)
     draft.endpoint, draft.decision, draft.reason, draft.forwarded = Endpoint.CHAT, "admitted", "ok", True
     draft.usage.prompt_tokens, draft.ttft_s = 12, 0.004
     fields = request_record_fields(state, draft, 0.01)  # type: ignore[arg-type]
@@ -287,6 +287,33 @@ def test_a_secret_in_any_free_text_field_is_redacted_on_the_hot_path(tmp_path: P
     assert SECRET not in text and "sk-ant-qqqq" not in text and text.count(REDACTED) == 2
     verdict, records = records_from_bytes((tmp_path / "e.jsonl").read_bytes())
     assert verdict.ok and len(records) == 3
+
+
+def test_a_record_with_the_proxys_own_id_and_vetted_values_is_not_scanned(tmp_path: Path) -> None:
+    """The common admitted record holds nothing from outside once the proxy drew its id:
+    the pre-check then has nothing to scan. An id a client sent is still scanned."""
+    scans: list[str] = []
+
+    class CountingRedactor(Redactor):
+        def may_match(self, text: str) -> bool:
+            scans.append(text)
+            return super().may_match(text)
+
+    r = CountingRedactor([SECRET])
+    r.vet_clean(["qwen3.6-35b-a3b", "POST", "/v1/chat/completions", "ok"])
+    scans.clear()
+    log = EvidenceLog(tmp_path / "e.jsonl", r)
+    log.open()
+    record = {"kind": "request", "time": "2026-11-25T00:00:00.000Z", "request_id": "ab" * 16, "method": "POST",
+              "path": "/v1/chat/completions", "requested_model": "qwen3.6-35b-a3b", "reason": "ok", "status": 200}
+    log.write_fields(dict(record), own_id=True)
+    assert scans == []
+    log.write_fields(dict(record))
+    assert scans == ["ab" * 16]
+    log.write_fields({**record, "request_id": f"x-{SECRET}"})
+    log.close()
+    _, records = records_from_bytes((tmp_path / "e.jsonl").read_bytes())
+    assert [x.request_id for x in records] == ["ab" * 16, "ab" * 16, f"x-{REDACTED}"]
 
 
 def test_stage_fields_adds_the_chain_fields(tmp_path: Path) -> None:
