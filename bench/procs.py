@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import platform
+import re
 import shutil
 import signal
 import socket

@@ -295,8 +295,8 @@ def _record(state: ProxyState, draft: Draft, elapsed: float, counted: bool) -> b
     fields = request_record_fields(state, draft, elapsed)
     try:
         if state.in_flight or state.batch.pending:
-            return state.batch.stage(fields, partial(_count_written, state.metrics, draft, elapsed) if counted else None,
-                                     draft.own_id)
+            then = partial(_count_written, state.metrics, draft, elapsed) if counted else None
+            return state.batch.stage(fields, then, draft.own_id)
         state.evidence.write_fields(fields, draft.own_id)
         return True
     except (ChainError, OSError, ValueError):
