@@ -232,6 +232,16 @@ def _spawn_nginx(name: str, d: Path, conf: Path, tmp: Path) -> subprocess.Popen:
     return _spawn(name, [nginx_binary(), "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")], tmp)
 
 
+def _require_models(p: Proc) -> None:
+    """The admitted model's listing answers at ``p``: a server that only listens, or a
+    relay that answers 502 in a hurry, must not be measured as if it served. Otherwise
+    ``p`` is stopped (nobody owns it yet) and RuntimeError raised."""
+    status, body = http_get(f"{p.url}/models", timeout_s=2.0)
+    if status != 200 or MODEL.encode() not in body:
+        p.stop()
+        raise RuntimeError(f"{p.name} /v1/models answered {status}")
+
+
 def start_nginx(tmp: Path) -> Proc:
     """nginx with two servers: the fast canned backend and the body-reading one."""
     d = _nginx_dir(tmp, "nginx")
@@ -244,9 +254,7 @@ def start_nginx(tmp: Path) -> Proc:
     p.extra["body_url"] = f"http://127.0.0.1:{body_port}/v1"
     wait_port(port, 15, popen)
     wait_port(body_port, 15, popen)
-    status, body = http_get(f"{p.url}/models", timeout_s=2.0)
-    if status != 200 or MODEL.encode() not in body:
-        raise RuntimeError(f"nginx /v1/models answered {status}")
+    _require_models(p)
     return p
 
 
@@ -259,7 +267,9 @@ def start_nginx_proxy(tmp: Path, name: str, upstream: Proc) -> Proc:
     conf = _render_nginx("nginx-proxy.conf.template", d, {"PORT": str(port), "UPSTREAM_PORT": str(upstream.port)})
     popen = _spawn_nginx(name, d, conf, tmp)
     wait_port(port, 15, popen)
-    return Proc(name, popen, tmp, port=port, url=f"http://127.0.0.1:{port}/v1")
+    p = Proc(name, popen, tmp, port=port, url=f"http://127.0.0.1:{port}/v1")
+    _require_models(p)  # relayed to the backend and back
+    return p
 
 
 def start_proxy(tmp: Path, name: str, backend_url: str, token: str, *, metrics: bool = True,

@@ -140,13 +140,10 @@ class Bench:
                 self.log(f"  c={conc} round {rnd + 1}: " + ", ".join(
                     f"{n} {rows[n][-1]['rps']:,.0f} rps p50 {rows[n][-1]['p50_us']:,.0f} us" for n in rows))
             entry: dict[str, Any] = {"rounds": rows, "summary": {n: _summaries(r) for n, r in rows.items()},
-                                     "proxy_added_p50_us": _paired(rows["proxy"], rows["direct"], "p50_us", added),
-                                     "proxy_added_p99_us": _paired(rows["proxy"], rows["direct"], "p99_us", added),
-                                     "proxy_rps_over_direct": _paired(rows["proxy"], rows["direct"], "rps", ratio),
-                                     "nginx_proxy_added_p50_us": _paired(rows[NGINX_PROXY], rows["direct"], "p50_us",
-                                                                         added),
-                                     "nginx_proxy_added_p99_us": _paired(rows[NGINX_PROXY], rows["direct"], "p99_us",
-                                                                         added)}
+                                     "proxy_rps_over_direct": _paired(rows["proxy"], rows["direct"], "rps", ratio)}
+            for via in ("proxy", NGINX_PROXY):  # proxy_added_p50_us, nginx_proxy_added_p99_us, ...
+                for q in ("p50_us", "p99_us"):
+                    entry[f"{via}_added_{q}"] = _paired(rows[via], rows["direct"], q, added)
             if "litellm" in rows:
                 entry["proxy_rps_over_litellm"] = _paired(rows["proxy"], rows["litellm"], "rps", ratio)
                 entry["litellm_added_p50_us"] = _paired(rows["litellm"], rows["direct"], "p50_us", added)
