@@ -64,11 +64,15 @@ def test_proc_parsing_survives_odd_command_names() -> None:
     assert proc_status_kb("Name:\tx\n", "VmHWM") is None
 
 
+def _same(v: float, rounds: int = 1) -> dict:
+    """A summary (see bench.stats.summarize) of rounds that all measured ``v``."""
+    return {"median": v, "min": v, "max": v, "rounds": rounds}
+
+
 def _results(c1_added: float, rps64: float, litellm_ratio: float | None) -> dict:
     c64: dict = {"summary": {"proxy": {"rps": {"median": rps64}}}}
     if litellm_ratio is not None:
-        c64["proxy_rps_over_litellm"] = {"median": litellm_ratio, "min": litellm_ratio, "max": litellm_ratio,
-                                         "rounds": 1}
+        c64["proxy_rps_over_litellm"] = _same(litellm_ratio)
     return {
         "schema_version": 1,
         "machine": {"date_utc": "2026-11-24 00:00 UTC", "nproc": 2, "cpu_model": "test", "memory_gb": 1,
@@ -122,14 +126,12 @@ def test_nginx_configs_are_rendered_whole_and_listen_on_loopback_only(tmp_path: 
 
 
 def test_stream_section_sets_the_proxy_beside_nginx_as_a_reverse_proxy() -> None:
-    def one(v: float) -> dict:
-        return {"median": v, "min": v, "max": v, "rounds": 1}
-
-    entry = {f"{who}_{g}_p{q}": one(5000.0) for who in ("direct", "proxy") for g in ("ttft_us", "gap_us")
+    entry = {f"{who}_{g}_p{q}": _same(5000.0) for who in ("direct", "proxy") for g in ("ttft_us", "gap_us")
              for q in ("50", "99")}
-    entry.update(added_ttft_us_p50=one(800.0), added_gap_us_p99=one(4760.0), proxy_cpu_s_per_10k_chunks=one(0.27),
-                 nginx_proxy_added_ttft_us_p50=one(150.0), nginx_proxy_added_gap_us_p99=one(12_500.0),
-                 nginx_proxy_cpu_s_per_10k_chunks=one(0.085), proxy_peak_rss_mb=59.0, direct_stretch=one(1.06),
+    entry.update(added_ttft_us_p50=_same(800.0), added_gap_us_p99=_same(4760.0),
+                 proxy_cpu_s_per_10k_chunks=_same(0.27), nginx_proxy_added_ttft_us_p50=_same(150.0),
+                 nginx_proxy_added_gap_us_p99=_same(12_500.0), nginx_proxy_cpu_s_per_10k_chunks=_same(0.085),
+                 proxy_peak_rss_mb=59.0, direct_stretch=_same(1.06),
                  completed={"direct": [1000], "proxy": [1000], "nginx_proxy": [999]})
     results = _results(250.0, 3000.0, None)
     del results["scenario1"], results["scenario4"]
@@ -177,7 +179,7 @@ def test_results_are_written_whole_and_as_strict_json(tmp_path: Path) -> None:
 
 def test_cores_section_shows_each_worker_count_and_the_scaling() -> None:
     def row(rps: float) -> dict:
-        one = {"median": rps, "min": rps, "max": rps, "rounds": 1}
+        one = _same(rps)
         return {"rps": one, "p50_us": dict(one, median=900.0), "p99_us": dict(one, median=2000.0),
                 "cpu_us_per_request": dict(one, median=250.0)}
 
@@ -197,7 +199,7 @@ def test_cores_section_shows_each_worker_count_and_the_scaling() -> None:
 
 def test_proof_section_says_how_its_share_was_measured() -> None:
     def row(cpu: float) -> dict:
-        one = {"median": cpu, "min": cpu, "max": cpu, "rounds": 9}
+        one = _same(cpu, rounds=9)
         return {"rps": dict(one, median=6000.0), "p50_us": dict(one, median=9000.0), "cpu_us_per_request": one}
 
     results = _results(250.0, 3000.0, None)
