@@ -50,6 +50,8 @@ def free_port() -> int:
 
 
 def wait_port(port: int, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Until something listens on ``port``; past the deadline ``proc`` is stopped (it
+    leads its own session, so nothing else would) and RuntimeError raised."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
@@ -59,6 +61,8 @@ def wait_port(port: int, deadline_s: float, proc: subprocess.Popen | None = None
                 return
         except OSError:
             time.sleep(0.05)
+    if proc is not None:
+        stop_process(proc)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {deadline_s:.0f}s")
 
 
@@ -138,22 +142,7 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        try:
-            # Each process leads its own group (start_new_session), so this reaches its
-            # workers and nothing else.
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(5)
+        stop_process(self.popen, timeout)
 
     def log_tail(self, n: int = 20) -> str:
         out = []
@@ -161,6 +150,26 @@ class Proc:
             lines = f.read_text(errors="replace").splitlines()[-n:]
             out.append(f"--- {f.name}\n" + "\n".join(lines))
         return "\n".join(out)
+
+
+def stop_process(popen: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM to the process's group, SIGKILL if it has not ended within ``timeout``."""
+    if popen.poll() is not None:
+        return
+    try:
+        # Each process leads its own group (start_new_session), so this reaches its
+        # workers and nothing else.
+        os.killpg(popen.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        popen.wait(5)
 
 
 def _raise_nofile() -> None:
@@ -195,6 +204,7 @@ def _wait_line(path: Path, prefix: str, deadline_s: float, proc: subprocess.Pope
         if proc.poll() is not None:
             raise RuntimeError(f"{path.name}: process exited with {proc.returncode} before printing {prefix}")
         time.sleep(0.05)
+    stop_process(proc)  # it leads its own session: nobody else would stop it
     raise RuntimeError(f"{path.name}: no {prefix} line after {deadline_s:.0f}s")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.procs import _render_nginx, code_version
+from bench.procs import _render_nginx, _wait_line, code_version, free_port, wait_port
 from bench.report import evaluate_targets, json_clean, render_markdown, write_results
 from bench.stats import (added, parse_wrk, parse_wrk_text, percentile, proc_cpu_seconds, proc_status_kb, ratio,
                          stream_stretch, summarize)
@@ -245,3 +245,23 @@ def test_results_name_the_commit_they_measured_and_whether_the_tree_differed(tmp
     results["code"] = code_version(tmp_path)
     assert f"Code: commit {head[:12]} (with uncommitted changes to tracked files)." in render_markdown(
         {**results, "targets": [], "scenario1": None, "scenario4": None})
+
+
+@pytest.mark.parametrize("waiter", ["port", "line"])
+def test_a_process_that_never_becomes_ready_is_stopped_not_left_behind(tmp_path: Path, waiter: str) -> None:
+    """Bench processes lead their own sessions, so one that never listens (or never prints
+    its ready line) would outlive the bench unless the wait stops it."""
+    log = tmp_path / "quiet.stdout.log"
+    log.write_text("starting\n")
+    popen = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        with pytest.raises(RuntimeError, match="after"):
+            if waiter == "port":
+                wait_port(free_port(), 0.3, popen)
+            else:
+                _wait_line(log, "READY", 0.3, popen)
+        assert popen.poll() is not None  # stopped by the waiter
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
