@@ -56,7 +56,7 @@ NEGATIVE = [
      ({}, {"work_item": "CTO-WORK-999"})),
     ("profile asks claude", "admission_mismatch_model", "scripted", None, {"model": "claude-sonnet-4-6"}, None),
     ("profile provider differs", "admission_mismatch_provider", "scripted", None, {"provider": "anthropic"}, None),
-    ("claude as fallback", "external_fallback_configured", "scripted", None,
+    ("claude as fallback", "unadmitted_model_configured", "scripted", None,
      {"fallback_models": ["claude-sonnet-4-6"]}, None),
     ("anthropic key in env", "external_fallback_configured", "scripted",
      lambda e: e.__setitem__("ANTHROPIC_API_KEY", "sk-ant-not-real-000000000000000000"), {}, None),

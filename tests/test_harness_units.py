@@ -55,14 +55,15 @@ def test_backend_identity() -> None:
 def test_fallback_forms_in_profile_and_environment() -> None:
     prof = reference_profile()
     cases = {
-        "fallback claude": prof.model_copy(update={"case": prof.case.model_copy(
-            update={"fallback_models": ["anthropic/claude-sonnet-4-6"]})}),
-        "provider anthropic": prof.model_copy(update={"case": prof.case.model_copy(update={"provider": "Anthropic"})}),
-        "host in command": prof.model_copy(update={"case": prof.case.model_copy(
-            update={"command": ["agent", "--api", "https://api.anthropic.com"]})}),
+        "fallback claude": (prof.model_copy(update={"case": prof.case.model_copy(
+            update={"fallback_models": ["anthropic/claude-sonnet-4-6"]})}), "unadmitted_model_configured"),
+        "provider anthropic": (prof.model_copy(update={"case": prof.case.model_copy(update={"provider": "Anthropic"})}),
+                               "external_fallback_configured"),
+        "host in command": (prof.model_copy(update={"case": prof.case.model_copy(
+            update={"command": ["agent", "--api", "https://api.anthropic.com"]})}), "external_fallback_configured"),
     }
-    for name, profile in cases.items():
-        assert "external_fallback_configured" in _codes(_inputs(profile=profile)), name
+    for name, (profile, code) in cases.items():
+        assert code in _codes(_inputs(profile=profile)), name
     # The admitted model as its own fallback is harmless.
     same = prof.model_copy(update={"case": prof.case.model_copy(update={"fallback_models": ["qwen3.6-35b-a3b"]})})
     assert _codes(_inputs(profile=same)) == set()
