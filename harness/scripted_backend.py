@@ -65,6 +65,9 @@ class ReceivedRequest:
 class ScriptedBackend:
     model: str = "qwen3.6-35b-a3b"
     script: SessionScript | None = None
+    # Further ids /v1/models lists (nothing serves them): stands in for a router that also
+    # offers an external provider's model, which the preflight must refuse.
+    also_list: tuple[str, ...] = ()
     report_model: str | None = None
     echo_model: bool = False
     fail_status: int | None = None
@@ -135,7 +138,8 @@ class ScriptedBackend:
         return resp
 
     async def _models(self, request: web.Request) -> web.Response:
-        data = [{"id": self.model, "object": "model", "created": 0, "owned_by": FINGERPRINT}] if self.ready else []
+        ids = (self.model, *self.also_list) if self.ready else ()
+        data = [{"id": mid, "object": "model", "created": 0, "owned_by": FINGERPRINT} for mid in ids]
         return web.json_response({"object": "list", "data": data}, headers={"X-Scripted-Backend": "1"})
 
     async def _model(self, request: web.Request) -> web.Response:
@@ -335,7 +339,8 @@ class ScriptedBackend:
 
 async def _serve(args: argparse.Namespace) -> int:
     script = SessionScript.model_validate_json(Path(args.script).read_bytes()) if args.script else None
-    backend = ScriptedBackend(model=args.model, script=script, report_model=args.report_model,
+    backend = ScriptedBackend(model=args.model, script=script, also_list=tuple(args.also_list),
+                              report_model=args.report_model,
                               chunk_delay_s=args.chunk_delay_ms / 1000, chunks=args.chunks,
                               record_requests=False,
                               access_log=Path(args.access_log) if args.access_log else None)
@@ -361,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-delay-ms", type=float, default=0.0)
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--access-log", default=None, help="append one JSON line per request received")
+    p.add_argument("--also-list", action="append", default=[], metavar="MODEL",
+                   help="list this id too in /v1/models (a router's extra model; repeatable)")
     args = p.parse_args(argv)
     try:
         import uvloop

@@ -13,6 +13,7 @@ import pytest
 
 import harness.run as run_mod
 from harness.demo import run_demo
+from harness.profile import ConfigTemplate
 from harness.report import Report, compute_report, collect_inputs
 from proxy.settings import ENV_ADMISSION_FILE, ENV_API_KEY, ENV_BASE_URL, ENV_DECISION_FILE
 
@@ -64,6 +65,21 @@ NEGATIVE = [
      {"env_allow": ["PATH", "ANTHROPIC_BASE_URL"]}, None),
     ("OPENAI_BASE_URL elsewhere", "external_fallback_configured", "scripted",
      lambda e: e.__setitem__("OPENAI_BASE_URL", "https://api.openai.com/v1"), {}, None),
+    ("env_allow passes the backend URL variable", "env_allow_harness_variable", "scripted", None,
+     {"env_allow": ["PATH", ENV_BASE_URL]}, None),
+    ("env_allow passes a copy of the backend key", "env_allow_secret_value", "scripted",
+     lambda e: e.update({ENV_API_KEY: "backend-key-value-0123456789", "TOOL_SETTING": "backend-key-value-0123456789"}),
+     {"env_allow": ["PATH", "TOOL_SETTING"]}, None),
+    ("env_allow passes an endpoint variable", "endpoint_variable_to_case", "scripted",
+     lambda e: e.__setitem__("MY_LLM_BASE_URL", "http://127.0.0.1:9/v1"), {"env_allow": ["PATH", "MY_LLM_BASE_URL"]},
+     None),
+    ("env_allow passes an AWS key", "external_fallback_configured", "scripted",
+     lambda e: e.__setitem__("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY00000"), {"env_allow": ["PATH", "AWS_ACCESS_KEY_ID"]},
+     None),
+    ("config template names gpt-4o", "unadmitted_model_configured", "scripted", None,
+     {"config_template": ConfigTemplate(file="agent.toml", content='model = "gpt-4o"\n')}, None),
+    ("admission alias claude", "admission_alias_external", "scripted", None, {},
+     ({}, {"aliases": ["claude-sonnet-4-6"]})),
 ]
 
 
@@ -140,6 +156,34 @@ async def test_backend_not_serving_the_admitted_model_blocks(tmp_path: Path, scr
     outcome = await asyncio.to_thread(run, profile, env, tmp_path / "runs", "external")
     assert outcome.status == "blocked"
     assert "admission_mismatch_backend" in reason_codes(report_of(outcome.run_dir))
+    assert not sentinel.exists()
+
+
+async def test_backend_listing_an_external_model_blocks(tmp_path: Path, scripted_backend) -> None:  # type: ignore[no-untyped-def]
+    """The backend (the scripted TEST FIXTURE) lists claude beside the admitted model, as
+    a LiteLLM-style router would: the run blocks before Case starts."""
+    scripted_backend.also_list = ("claude-sonnet-4-6",)
+    arts = write_artifacts(tmp_path / "in")
+    env = base_env(arts)
+    env[ENV_BASE_URL] = scripted_backend.base_url
+    profile, sentinel = _sentinel_profile(tmp_path)
+    outcome = await asyncio.to_thread(run, profile, env, tmp_path / "runs", "external")
+    assert outcome.status == "blocked"
+    assert reason_codes(report_of(outcome.run_dir)) == {"backend_serves_external_model"}
+    assert "case_process_started" not in events_of(outcome.run_dir) and not sentinel.exists()
+
+
+def test_credential_file_in_the_operator_home_blocks_an_unsandboxed_run(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text("[default]\naws_access_key_id = NOTAREALKEY\n")
+    arts = write_artifacts(tmp_path / "in")
+    env = {**base_env(arts), "HOME": str(home)}
+    profile, sentinel = _sentinel_profile(tmp_path)
+    outcome = run(profile, env, tmp_path / "runs")
+    report = report_of(outcome.run_dir)
+    assert outcome.status == "blocked" and reason_codes(report) == {"external_credential_file"}
+    assert str(home / ".aws" / "credentials") in " ".join(r.message for r in report.reasons)
     assert not sentinel.exists()
 
 
