@@ -10,7 +10,7 @@ What it does, in order:
    session, which says it is scripted, so the report's ``evidence_grade`` is ``demo``),
    the real proxy and the reference Case agent on ``r1-string-slugify``: expects ``pass``;
 3. each negative gate as a real run that must end ``blocked`` with its reason code and
-   without ``case_process_started``;
+   without ``case_process_started`` (docs/gates.md lists them all);
 4. ``verify`` on the pass run.
 
 The environment of every run is built from scratch (PATH, locale, HOME, TMPDIR and the
@@ -20,22 +20,25 @@ change what the demo shows. Exit 0 only if everything came out as expected.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.settings import ENV_ADMISSION_FILE, ENV_BASE_URL, ENV_DECISION_FILE
+from proxy.settings import ENV_ADMISSION_FILE, ENV_API_KEY, ENV_BASE_URL, ENV_DECISION_FILE
 
 from . import events as events_mod
-from .profile import REFERENCE_PROFILE_PATH, RunProfile, load_run_profile
+from .profile import REFERENCE_PROFILE_PATH, ConfigTemplate, RunProfile, load_run_profile
 from .run import RunOutcome, run_once
+from .scripted_backend import ScriptedBackend
 
 DEMO_FIXTURE = "r1-string-slugify"
 ADMITTED_PROVIDER = "qwen-local"
@@ -64,6 +67,9 @@ NOT_REQUIRED_STATUS = "local_provider_not_required"
 DEMO_FAKE_ANTHROPIC_KEY = "sk-ant-demo-not-a-real-key-0000000000000000"
 # Not loopback, not private, not allowlisted; never contacted (the gate blocks first).
 DEMO_EXTERNAL_BASE_URL = "https://models.example.com/v1"
+# A made-up backend key, copied by a hostile profile into a variable Case would get.
+DEMO_FAKE_BACKEND_KEY = "demo-backend-key-not-real-0000000000"
+DEMO_FAKE_AWS_KEY_ID = "AKIADEMONOTAREALKEY0"
 
 _BASE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME", "SYSTEMROOT")
 
@@ -82,6 +88,8 @@ class DemoInputs:
     decision: Path
     admission: Path
     decision_not_required: Path
+    admission_external_alias: Path
+    home_with_aws_credentials: Path
 
 
 def write_demo_inputs(runs_dir: Path) -> DemoInputs:
@@ -101,7 +109,13 @@ def write_demo_inputs(runs_dir: Path) -> DemoInputs:
     admission.write_text(json.dumps(DEMO_ADMISSION, indent=2) + "\n", encoding="utf-8")
     not_required.write_text(json.dumps({**DEMO_DECISION, "decision_status": NOT_REQUIRED_STATUS}, indent=2) + "\n",
                             encoding="utf-8")
-    return DemoInputs(directory, decision, admission, not_required)
+    alias = directory / "DEMO-admission-alias-claude.json"
+    alias.write_text(json.dumps({**DEMO_ADMISSION, "aliases": [EXTERNAL_MODEL]}, indent=2) + "\n", encoding="utf-8")
+    home = directory / "DEMO-home-with-aws-credentials"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text("# DEMO file, not a credential\n[default]\n"
+                                               f"aws_access_key_id = {DEMO_FAKE_AWS_KEY_ID}\n", encoding="utf-8")
+    return DemoInputs(directory, decision, admission, not_required, alias, home)
 
 
 def base_env(inputs: DemoInputs, source: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -113,12 +127,15 @@ def base_env(inputs: DemoInputs, source: Mapping[str, str] | None = None) -> dic
     return env
 
 
-def demo_profile(fixture: str = DEMO_FIXTURE, model: str | None = None) -> RunProfile:
+def demo_profile(fixture: str = DEMO_FIXTURE, model: str | None = None, **case_changes: Any) -> RunProfile:
     """The packaged reference-agent profile on ``fixture`` (optionally asking for another
-    model, to show the admission-mismatch gate)."""
+    model, to show the admission-mismatch gate, or with other ``[case]`` fields changed,
+    to show the profile gates)."""
     profile = load_run_profile(REFERENCE_PROFILE_PATH).model_copy(update={"fixture": fixture})
     if model is not None:
-        profile = profile.model_copy(update={"case": profile.case.model_copy(update={"model": model})})
+        case_changes["model"] = model
+    if case_changes:
+        profile = profile.model_copy(update={"case": profile.case.model_copy(update=case_changes)})
     return profile
 
 
@@ -129,6 +146,10 @@ class NegativeCase:
     backend: str
     env_change: Callable[[dict[str, str], DemoInputs], None]
     model: str | None = None
+    # [case] fields of the profile this run changes (a hostile profile).
+    case_changes: Callable[[RunProfile], dict[str, Any]] | None = None
+    # Models the scripted backend lists beside the admitted one (backend "router" only).
+    router_lists: tuple[str, ...] = ()
 
 
 def _no_base_url(env: dict[str, str], _: DemoInputs) -> None:
@@ -155,6 +176,35 @@ def _no_admission(env: dict[str, str], _: DemoInputs) -> None:
     env.pop(ENV_ADMISSION_FILE, None)
 
 
+def _alias_admission(env: dict[str, str], inputs: DemoInputs) -> None:
+    env[ENV_ADMISSION_FILE] = str(inputs.admission_external_alias)
+
+
+def _backend_key_copy(env: dict[str, str], _: DemoInputs) -> None:
+    env[ENV_API_KEY] = DEMO_FAKE_BACKEND_KEY
+    env["DEMO_TOOL_SETTING"] = DEMO_FAKE_BACKEND_KEY
+
+
+def _endpoint_var(env: dict[str, str], _: DemoInputs) -> None:
+    env["DEMO_LLM_BASE_URL"] = "http://127.0.0.1:9/v1"
+
+
+def _aws_key(env: dict[str, str], _: DemoInputs) -> None:
+    env["AWS_ACCESS_KEY_ID"] = DEMO_FAKE_AWS_KEY_ID
+
+
+def _home_with_aws_credentials(env: dict[str, str], inputs: DemoInputs) -> None:
+    env["HOME"] = str(inputs.home_with_aws_credentials)
+
+
+def _allow(*names: str) -> Callable[[RunProfile], dict[str, Any]]:
+    return lambda p: {"env_allow": [*p.case.env_allow, *names]}
+
+
+def _template(content: str) -> Callable[[RunProfile], dict[str, Any]]:
+    return lambda p: {"config_template": ConfigTemplate(file="agent.toml", content=content)}
+
+
 NEGATIVE_CASES: tuple[NegativeCase, ...] = (
     NegativeCase("missing local adapter config", "local_adapter_config_missing", "external", _no_base_url),
     NegativeCase("admission JSON not given", "admission_missing", "scripted", _no_admission),
@@ -165,7 +215,41 @@ NEGATIVE_CASES: tuple[NegativeCase, ...] = (
     NegativeCase("external provider fallback (ANTHROPIC_API_KEY)", "external_fallback_configured", "scripted",
                  _anthropic_key),
     NegativeCase("external upstream", "external_upstream", "external", _external_upstream),
+    NegativeCase("env_allow passes the harness's own variable", "env_allow_harness_variable", "scripted",
+                 _unchanged, case_changes=_allow(ENV_BASE_URL)),
+    NegativeCase("env_allow passes a copy of the backend key", "env_allow_secret_value", "scripted",
+                 _backend_key_copy, case_changes=_allow("DEMO_TOOL_SETTING")),
+    NegativeCase("env_allow passes an endpoint variable", "endpoint_variable_to_case", "scripted", _endpoint_var,
+                 case_changes=_allow("DEMO_LLM_BASE_URL")),
+    NegativeCase("config template names an endpoint URL", "endpoint_in_profile", "scripted", _unchanged,
+                 case_changes=_template('base_url = "http://127.0.0.1:8000/v1"\n')),
+    NegativeCase("AWS key passed to Case (AWS_ACCESS_KEY_ID)", "external_fallback_configured", "scripted", _aws_key,
+                 case_changes=_allow("AWS_ACCESS_KEY_ID")),
+    NegativeCase("AWS credentials file in HOME, no sandbox", "external_credential_file", "scripted",
+                 _home_with_aws_credentials),
+    NegativeCase("config template asks gpt-4o", "unadmitted_model_configured", "scripted", _unchanged,
+                 case_changes=_template('model = "gpt-4o"\n')),
+    NegativeCase("backend also lists claude-sonnet-4-6", "backend_serves_external_model", "router", _unchanged,
+                 router_lists=(EXTERNAL_MODEL,)),
+    NegativeCase("admission alias claude-sonnet-4-6", "admission_alias_external", "scripted", _alias_admission),
 )
+
+
+@contextmanager
+def _router_backend(also_list: tuple[str, ...]) -> Iterator[str]:
+    """The scripted backend (a TEST FIXTURE) in a thread of its own, listing external
+    models beside the admitted one as a LiteLLM-style router would. Yields its base URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="demo-router-backend", daemon=True)
+    thread.start()
+    backend = ScriptedBackend(model=ADMITTED_MODEL, also_list=also_list, record_requests=False)
+    try:
+        yield asyncio.run_coroutine_threadsafe(backend.start("127.0.0.1", 0), loop).result(10)
+    finally:
+        asyncio.run_coroutine_threadsafe(backend.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 @dataclass
@@ -245,8 +329,16 @@ def run_demo(runs_dir: Path, *, source_env: Mapping[str, str] | None = None, out
             tick.label = f"gate: {case.name}"
             env = base_env(inputs, source_env)
             case.env_change(env, inputs)
-            neg = run_once(demo_profile(model=case.model), env, runs_dir, backend=case.backend,  # type: ignore[arg-type]
-                           progress=tick.say)
+            profile = demo_profile(model=case.model)
+            if case.case_changes is not None:
+                profile = demo_profile(model=case.model, **case.case_changes(profile))
+            if case.backend == "router":
+                with _router_backend(case.router_lists) as url:
+                    env[ENV_BASE_URL] = url
+                    neg = run_once(profile, env, runs_dir, backend="external", progress=tick.say)
+            else:
+                neg = run_once(profile, env, runs_dir, backend=case.backend,  # type: ignore[arg-type]
+                               progress=tick.say)
             codes = blocked_codes(neg.run_dir)
             started = any(ev.get("event") == "case_process_started" for ev in read_events(neg.run_dir))
             ok = neg.status == "blocked" and case.expected_code in codes and not started

@@ -329,8 +329,10 @@ def _model_failures(inputs: GateInputs) -> list[GateFailure]:
             out.append(_fail("unadmitted_model_configured",
                              f"Case profile: fallback_models names '{fb}'"
                              + (f" ({family})" if family else "") + ", which is not the admitted model"))
+    reported: set[str] = set()
     for where, value in _model_values(case):
         if not _admitted_spelling(value, adm):
+            reported.add(value)
             family = external_model_family(value)
             out.append(_fail("unadmitted_model_configured",
                              f"Case profile: {where} sets a model to '{value}'" + (f" ({family})" if family else "")
@@ -338,7 +340,7 @@ def _model_failures(inputs: GateInputs) -> list[GateFailure]:
     for label, text in _profile_texts(case):
         for token in _TOKEN.findall(text):
             family = _external_model(token, adm)
-            if family is not None:
+            if family is not None and token not in reported:
                 out.append(_fail("unadmitted_model_configured",
                                  f"Case profile: {label} names '{token}', a model or route of {family}"))
     return out

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import harness.run as run_mod
+from harness.demo import NEGATIVE_CASES
 from harness.gates import GateInputs, credential_files_in_reach, evaluate_gates
 from harness.profile import ConfigTemplate, RunProfile
 from harness.provider_families import (
@@ -230,7 +231,7 @@ def test_a_home_seed_carrying_credentials_blocks(tmp_path: Path) -> None:
         "template gemini", "template grok", "template bedrock", "fallback other", "fallback deepseek"])
 def test_a_model_other_than_the_admitted_one_blocks(profile: RunProfile) -> None:
     failures = _failures(_inputs(profile))
-    assert {c for c, _ in failures} == {"unadmitted_model_configured"}, failures
+    assert [c for c, _ in failures] == ["unadmitted_model_configured"], failures  # once, not per spelling
 
 
 def test_model_names_by_family() -> None:
@@ -266,3 +267,11 @@ def test_an_admission_alias_of_an_external_family_blocks(alias: str) -> None:
     assert [c for c, _ in failures] == ["admission_alias_external"] and alias in failures[0][1]
     honest = Admission.model_validate({**ADMISSION, "aliases": ["qwen3.6", "local-coder"]})
     assert _failures(_inputs(admission=honest)) == []
+
+
+def test_the_demo_shows_every_gate_of_this_module() -> None:
+    """`make demo` runs one hostile configuration per side-door gate."""
+    shown = {case.expected_code for case in NEGATIVE_CASES}
+    assert {"env_allow_harness_variable", "env_allow_secret_value", "endpoint_variable_to_case", "endpoint_in_profile",
+            "external_fallback_configured", "external_credential_file", "unadmitted_model_configured",
+            "backend_serves_external_model", "admission_alias_external"} <= shown
