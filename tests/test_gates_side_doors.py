@@ -4,6 +4,7 @@ honest configurations that must still pass. Pure: no socket, no subprocess."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 import harness.run as run_mod
 from harness.demo import NEGATIVE_CASES
-from harness.gates import GateInputs, credential_files_in_reach, evaluate_gates
+from harness.gates import GateInputs, credential_files_in_reach, evaluate_gates, read_gate_inputs
 from harness.profile import ConfigTemplate, RunProfile
 from harness.provider_families import (
     PROVIDER_FAMILIES,
@@ -275,3 +276,44 @@ def test_the_demo_shows_every_gate_of_this_module() -> None:
     assert {"env_allow_harness_variable", "env_allow_secret_value", "endpoint_variable_to_case", "endpoint_in_profile",
             "external_fallback_configured", "external_credential_file", "unadmitted_model_configured",
             "backend_serves_external_model", "admission_alias_external"} <= shown
+
+
+# ----------------------------------------------------------------- the doc and the code agree
+
+
+def test_malformed_artifacts_and_a_foreign_work_item_block(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    env = {**ENV, ENV_DECISION_FILE: str(bad), ENV_ADMISSION_FILE: str(bad)}
+    inputs = read_gate_inputs(env, reference_profile(), lambda url, key: None)  # type: ignore[arg-type,return-value]
+    assert {"decision_record_invalid", "admission_invalid"} <= _codes(inputs)
+    foreign = Admission.model_validate({**ADMISSION, "work_item": "CTO-WORK-999"})
+    assert {"work_item_mismatch", "admission_mismatch"} == _codes(_inputs(admission=foreign))
+
+
+def _emitted_codes() -> set[str]:
+    root = Path(__file__).resolve().parents[1]
+    gates = (root / "harness" / "gates.py").read_text()
+    admission = (root / "proxy" / "admission.py").read_text()
+    codes = set(re.findall(r'_fail\(\s*"([a-z_]+)"', gates))
+    codes |= set(re.findall(r'code="([a-z_]+)"', admission))
+    codes |= set(re.findall(r'ArtifactError\("([a-z_]+)"', admission))
+    codes |= {"decision_record_missing", "admission_missing"}  # load_* missing_code, and its _invalid twin
+    return codes
+
+
+def test_docs_gates_table_lists_every_code_and_names_real_tests() -> None:
+    """docs/gates.md is the operator's table of causes and fixes: it must list exactly the
+    codes the preflight can emit, and every test it cites must exist."""
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "gates.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    table = {re.match(r"\| `([a-z_]+)`", line)[1] for line in rows}  # type: ignore[index]
+    assert table == _emitted_codes()
+    tests = "".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    for line in rows:
+        for name in re.findall(r"`(test_[a-z0-9_]+)`", line):
+            assert f"def {name}(" in tests, name
+    # The decision, as the code implements it, is stated and pinned by its tests.
+    assert "**It blocks exactly when Case could read it.**" in doc
+    assert "test_provider_variable_in_the_operator_shell_blocks_only_without_a_sandbox" in doc
