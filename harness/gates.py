@@ -60,6 +60,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9._/:@+-]+")
 _MODEL_KEY = re.compile(r"^(?:[\w.-]*[-_.])?model(?:s|[-_]?name|[-_]?id)?$", re.IGNORECASE)
 _KEY_VALUE = re.compile(r"(?P<key>[A-Za-z_][\w.-]*)[\"']?\s*[:=]\s*(?P<q>[\"']?)(?P<val>\{model\}|[^\"'\s,}\]#]+)(?P=q)")
 
+
 class ModelsProbeResult(Protocol):
     ok: bool
     models: tuple[str, ...]
@@ -395,6 +396,10 @@ def evaluate_gates(inputs: GateInputs) -> PreflightResult:
     failures += _endpoint_failures(inputs)
     failures += _model_failures(inputs)
     failures += _argv_failures(inputs)
+    # Messages quote profile text (model values, hosts); a secret pasted there must not
+    # travel on into the events and the report.
+    redactor = Redactor(inputs.secrets)
+    failures = [GateFailure(code=f.code, message=redactor.redact(f.message)) for f in failures]
     unique = list(dict.fromkeys(failures))
     return PreflightResult(failures=unique, decision=inputs.decision, admission=inputs.admission, upstream=target)
 

@@ -317,3 +317,14 @@ def test_docs_gates_table_lists_every_code_and_names_real_tests() -> None:
     # The decision, as the code implements it, is stated and pinned by its tests.
     assert "**It blocks exactly when Case could read it.**" in doc
     assert "test_provider_variable_in_the_operator_shell_blocks_only_without_a_sandbox" in doc
+
+
+def test_gate_messages_never_carry_a_secret_pasted_into_the_profile() -> None:
+    """A hostile template puts the backend key and an Anthropic-shaped key where a model
+    name goes; the gate quotes the value, redacted."""
+    shaped = "sk-ant-api03-" + "A" * 40
+    profile = reference_profile(config_template=_template(f'model = "{BACKEND_KEY}"\nweak_model = "{shaped}"\n'))
+    failures = _failures(_inputs(profile, secrets=(BACKEND_KEY,)))
+    assert [c for c, _ in failures] == ["unadmitted_model_configured"]  # both, redacted alike: one message
+    text = " ".join(m for _, m in failures)
+    assert BACKEND_KEY not in text and shaped not in text
