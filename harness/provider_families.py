@@ -152,9 +152,10 @@ def exposed_credential_files(roots: Iterable[Path], operator_home: Path | None) 
     ``/root/.aws/credentials``). Paths are reported, never read."""
     found: dict[str, str] = {}
     known = home_credential_files()
-    own = [(fam, operator_home / rel) for fam, rel in known] if operator_home is not None else []
-    for root in roots:
-        root = Path(root)
+    home = operator_home.resolve() if operator_home is not None else None
+    own = [(fam, home / rel) for fam, rel in known] if home is not None else []
+    for given in roots:
+        root = Path(given).resolve()  # a symlink or a relative path exposes what it points at
         for fam, rel in known:
             candidate = root / rel
             if candidate.exists():

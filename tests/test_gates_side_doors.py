@@ -328,3 +328,13 @@ def test_gate_messages_never_carry_a_secret_pasted_into_the_profile() -> None:
     assert [c for c, _ in failures] == ["unadmitted_model_configured"]  # both, redacted alike: one message
     text = " ".join(m for _, m in failures)
     assert BACKEND_KEY not in text and shaped not in text
+
+
+def test_a_symlink_to_the_operator_credentials_exposes_them(tmp_path: Path) -> None:
+    """A hostile profile exposes an innocent-looking path that links to ~/.aws."""
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text("not a real credential\n")
+    (tmp_path / "tools").symlink_to(home / ".aws")
+    found = credential_files_in_reach({"HOME": str(home)}, case_isolated=True, exposed=[tmp_path / "tools"])
+    assert found == (("aws-bedrock", str(home / ".aws" / "credentials")),)
