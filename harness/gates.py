@@ -58,7 +58,8 @@ _URL_IN_TEXT = re.compile(r"\bhttps?://[^\s\"'<>]+", re.IGNORECASE)
 _TOKEN = re.compile(r"[A-Za-z0-9._/:@+-]+")
 # An option or key that names a model: model, weak_model, editor-model, model_name, ...
 _MODEL_KEY = re.compile(r"^(?:[\w.-]*[-_.])?model(?:s|[-_]?name|[-_]?id)?$", re.IGNORECASE)
-_KEY_VALUE = re.compile(r"(?P<key>[A-Za-z_][\w.-]*)[\"']?\s*[:=]\s*(?P<q>[\"']?)(?P<val>\{model\}|[^\"'\s,}\]#]+)(?P=q)")
+_KEY_VALUE = re.compile(r"(?P<key>[A-Za-z_][\w.-]*)[\"']?\s*[:=]\s*"
+                        r"(?P<q>[\"']?)(?P<val>\{model\}|[^\"'\s,}\]#]+)(?P=q)")
 
 
 class ModelsProbeResult(Protocol):

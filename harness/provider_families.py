@@ -182,7 +182,8 @@ ROUTE_PREFIXES: dict[str, str] = {
     "codestral": "mistral", "together_ai": "together", "deepseek": "deepseek", "cohere": "cohere",
     "cohere_chat": "cohere", "fireworks_ai": "fireworks", "perplexity": "perplexity", "deepinfra": "deepinfra",
     "replicate": "replicate", "cerebras": "cerebras", "dashscope": "dashscope", "moonshot": "moonshot",
-    "github": "github-models", "github_copilot": "github-models", "chatgpt": "openai", "text-completion-openai": "openai",
+    "github": "github-models", "github_copilot": "github-models", "chatgpt": "openai",
+    "text-completion-openai": "openai",
 }
 GENERIC_ROUTE_PREFIXES: tuple[str, ...] = ("openai", "hosted_vllm")
 

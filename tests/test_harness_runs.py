@@ -159,7 +159,8 @@ async def test_backend_not_serving_the_admitted_model_blocks(tmp_path: Path, scr
     assert not sentinel.exists()
 
 
-async def test_backend_listing_an_external_model_blocks(tmp_path: Path, scripted_backend) -> None:  # type: ignore[no-untyped-def]
+async def test_backend_listing_an_external_model_blocks(tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                        scripted_backend) -> None:
     """The backend (the scripted TEST FIXTURE) lists claude beside the admitted model, as
     a LiteLLM-style router would: the run blocks before Case starts."""
     scripted_backend.also_list = ("claude-sonnet-4-6",)
