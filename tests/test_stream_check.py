@@ -228,6 +228,11 @@ def test_what_clients_could_read_differently_is_refused(stream: bytes, fault: St
     assert refused is not None and refused.fault is fault and out == b""
 
 
+def test_an_event_that_is_not_an_object_is_refused_after_verification_too() -> None:
+    out, refused, _ = run(ev(chunk()) + ev(b'[{"model":"' + OTHER.encode() + b'"}]'))
+    assert refused is not None and refused.fault is StreamFault.MODEL_MISMATCH and out == ev(chunk())
+
+
 def test_a_bom_split_over_reads_is_still_refused() -> None:
     _, refused, _ = run(b"\xef\xbb\xbf" + ev(chunk()), [1, 2])
     assert refused is not None and refused.fault is StreamFault.PROTOCOL
@@ -283,6 +288,7 @@ def test_one_event_is_bounded_in_bytes() -> None:
     (b'{"x":{"k":1,"\\u006b":2}}', True),
     (b'{"x":[{"k":1},{"k":2}]}', False),
     (b'{"a":"\\"a\\":1","a":2}', True),
+    (b'{"b":1,"b":1,"x":1e6}', True),  # as long as its re-serialization: only an exact test sees it
 ])
 def test_duplicate_keys_are_found_at_any_depth(body: bytes, repeats: bool) -> None:
     assert has_duplicate_key(body) is repeats
