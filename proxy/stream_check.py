@@ -160,7 +160,7 @@ class StreamChecker:
                         continue
                 elif cr < size:
                     end = cr
-                    nxt = cr + 2 if lf == cr + 1 else cr + 1  # CRLF is one line end
+                    nxt = cr + 2 if lf == cr + 1 < size else cr + 1  # CRLF is one line end
                 else:
                     break  # an incomplete line: wait for more
                 if end == pos:  # a blank line: the block up to here is complete
