@@ -425,4 +425,5 @@ def test_the_events_a_client_reads_are_exactly_the_events_checked() -> None:
         seen = spec_events(bytes(out))
         assert seen == checker.checked[:len(seen)], stream
         assert names_only_the_admitted_model(seen), stream
+        assert names_only_the_admitted_model(sdk_events(bytes(out), [c for c in cuts if c < len(out)])), stream
     assert passed > 150  # streams let through whole are part of the sample
