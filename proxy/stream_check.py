@@ -65,7 +65,7 @@ class StreamChecker:
     call ``finish`` at the end of the body. Raises ``StreamRefused`` to end the stream."""
 
     __slots__ = ("admitted", "usage", "served_model", "verified", "max_event_bytes", "max_held_events",
-                 "max_held_bytes", "_buf", "_pos", "_skip_lf", "_started", "_data", "_fields", "_held",
+                 "max_held_bytes", "_buf", "_pos", "_scanned", "_skip_lf", "_started", "_data", "_fields", "_held",
                  "_held_events")
 
     def __init__(self, admitted: str, usage: UsageTotals, *, max_event_bytes: int = MAX_EVENT_BYTES,
@@ -79,6 +79,7 @@ class StreamChecker:
         self.max_held_bytes = max_held_bytes
         self._buf = bytearray()  # bytes after the last released block
         self._pos = 0  # where the next unread line starts in _buf
+        self._scanned = 0  # _buf[_pos:_scanned] holds no CR or LF (an unfinished line already searched)
         self._skip_lf = False  # the last line ended in a CR at the end of the input: an LF next is its CRLF
         self._started = False  # past the first bytes (the byte order mark check)
         self._data: list[bytes] | None = None  # the current block's data values
@@ -135,8 +136,16 @@ class StreamChecker:
         cut = 0
         size = len(buf)
         # The next CR and LF at or after pos (size: none), each searched again only once
-        # passed, so a block costs two C scans of its bytes, not a regex per line.
-        cr = lf = -1
+        # passed, so a block costs two C scans of its bytes, not a regex per line; an
+        # unfinished line is not searched again from its start on every read.
+        scan = self._scanned if self._scanned > pos else pos
+        self._scanned = 0
+        cr = buf.find(b"\r", scan)
+        if cr < 0:
+            cr = size
+        lf = buf.find(b"\n", scan)
+        if lf < 0:
+            lf = size
         try:
             while pos < size:
                 if cr < pos:
@@ -161,8 +170,9 @@ class StreamChecker:
                 elif cr < size:
                     end = cr
                     nxt = cr + 2 if lf == cr + 1 < size else cr + 1  # CRLF is one line end
-                else:
-                    break  # an incomplete line: wait for more
+                else:  # an unfinished line: wait for more, and do not search it again
+                    self._scanned = size - cut
+                    break
                 if end == pos:  # a blank line: the block up to here is complete
                     self._block_end(bytes(buf[cut:nxt]), out)
                     cut = nxt
@@ -190,9 +200,10 @@ class StreamChecker:
             return
         name = bytes(buf[start:end if colon < 0 else colon])
         if name == b"data":
-            # the value: after the colon, less one leading space
-            first = colon + 2 if colon + 1 < end and buf[colon + 1] == 32 else colon + 1
-            value = b"" if colon < 0 else bytes(buf[first:end])
+            if colon < 0:
+                value = b""
+            else:  # after the colon, less one leading space
+                value = bytes(buf[colon + 2 if colon + 1 < end and buf[colon + 1] == 32 else colon + 1:end])
             if self._data is None:
                 self._data = [value]
             else:
