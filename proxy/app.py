@@ -41,24 +41,15 @@ from .request_policy import (
     provider_header,
     routing_override,
 )
-from .served_model import (
-    ModelScanner,
-    SSESplitter,
-    UsageTotals,
-    check_json_body,
-    check_served,
-    usage_from_event,
-)
+from .served_model import ModelScanner, UsageTotals, check_json_body
 from .settings import ProxySettings
+from .stream_check import StreamChecker, StreamFault, StreamRefused
 from .upstream import BackendError, BackendResponse, Upstream, upstream_error_kind
 from .upstream_policy import UpstreamTarget, is_known_provider_host, normalize_host
 
 log = logging.getLogger("case_proxy")
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-# Events a stream may hold back before one of them names its model.
-_MAX_UNVERIFIED_EVENTS = 64
-_MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -572,17 +563,14 @@ class _ClientGone(Exception):
 
 async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft,
                         resp: BackendResponse) -> web.StreamResponse:
-    """Forward SSE events as received, checking each event's model. Events are held back
-    until one of them has named the admitted model, so nothing from an unverified
-    backend reaches the client. Raises _ClientGone if the client disconnects."""
-    admitted = state.admission.model
+    """Forward the SSE stream as ``StreamChecker`` releases it: every event checked
+    (see proxy.stream_check), events held back until one names the admitted model. A
+    refused stream ends with an error event and its reason in the record. Raises
+    _ClientGone if the client disconnects."""
     idle_s = state.settings.limits.idle_timeout_s
     out = web.StreamResponse(status=resp.status, headers={
         **forwardable_response_headers(resp.headers), "X-Request-Id": draft.request_id})
-    splitter = SSESplitter(_MAX_SSE_EVENT_BYTES)
-    scanner = state.scanner
-    held: list[bytes] = []
-    verified = False
+    checker = StreamChecker(state.admission.model, draft.usage)
     draft.stream = True
 
     async def write(data: bytes) -> None:
@@ -595,37 +583,24 @@ async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft,
             draft.client_disconnected = True
             raise _ClientGone(out) from exc
 
-    async def fail(code: str, message: str, kind: str | None = None) -> web.StreamResponse:
+    async def fail(code: str, message: str, kind: str | None = None, cleared: bytes = b"") -> web.StreamResponse:
         draft.outcome, draft.decision, draft.reason = "upstream_error", "error", code
         draft.upstream_error = kind
         draft.status = draft.status or resp.status
-        await write(_stream_error_event(code, state.redactor.redact(message)))
+        draft.served_model = checker.served_model
+        await write(cleared + _stream_error_event(code, state.redactor.redact(message)))
         await out.write_eof()
         return out
 
     try:
         async for data in resp.chunks(idle_s):
-            send: list[bytes] = []
-            for ev in splitter.feed(data):
-                model = scanner.scan(ev)
-                if model is not None:
-                    draft.served_model = model[:200]
-                    if model != admitted:
-                        return await fail("served_model_mismatch", check_served(model, admitted).message)
-                    verified = True
-                usage_from_event(ev, draft.usage)
-                if verified:
-                    if held:
-                        send.extend(held)
-                        held.clear()
-                    send.append(ev)
-                elif len(held) >= _MAX_UNVERIFIED_EVENTS:
-                    return await fail("served_model_mismatch",
-                                      "the backend stream does not name the model that serves it")
-                else:
-                    held.append(ev)
+            send = checker.feed(data)
             if send:
-                await write(b"".join(send))
+                await write(send)
+        checker.finish()
+    except StreamRefused as refused:
+        kind = "protocol" if refused.fault is StreamFault.PROTOCOL else None
+        return await fail(refused.fault.value, refused.message, kind, refused.cleared)
     except TimeoutError:
         return await fail("backend_timeout", "the backend stopped sending in the middle of the stream", "timeout")
     except ValueError as exc:
@@ -633,10 +608,7 @@ async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft,
     except (BackendError, OSError):
         return await fail("backend_protocol_error", "the backend connection broke in the middle of the stream",
                           "protocol")
-    if splitter.rest():
-        return await fail("backend_protocol_error", "the backend stream ended in the middle of an event", "protocol")
-    if held or not verified:
-        return await fail("served_model_mismatch", "the backend stream does not name the model that serves it")
+    draft.served_model = checker.served_model
     await write(b"")
     await out.write_eof()
     draft.outcome, draft.reason, draft.status = "ok", "ok", resp.status

@@ -1,22 +1,23 @@
 """The served-model check and usage accounting on backend responses.
 
-Streams are checked with a byte scan per SSE event rather than a JSON parse per chunk:
-the ``"model"`` key cannot occur unescaped inside a JSON string, so a regex on the raw
-event bytes finds the top-level (or ``response.model``) field. Events are forwarded
-exactly as received, so what the client reads is byte-identical to what the backend
-sent, unless the check terminates the stream.
+Streams are checked event by event in ``proxy.stream_check`` (SSE read as the
+specification reads it, each event's data parsed as JSON); non-streaming bodies here.
+Both refuse a JSON object that repeats a key: JSON clients differ on which duplicate
+wins (and ``"mod\\u0065l"`` is the key ``model``), so such a body proves nothing.
+
+``scan_model`` and ``ModelScanner`` (a byte scan for ``"model"``) are no longer used to
+check anything: the proxy state still builds a ``ModelScanner``, to be removed with it.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){0,400})"')
-_USAGE_MARK = re.compile(rb'"usage"\s*:\s*\{')
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 def _decode_json_string(raw: bytes) -> str:
@@ -88,7 +89,9 @@ class UsageTotals:
         return self.prompt_tokens is not None or self.completion_tokens is not None
 
 
-def _find_usage(obj: object) -> object:
+def find_usage(obj: object) -> object:
+    """The ``usage`` object of a chat/completions body or chunk, or of a Responses
+    event's ``response``; None if there is none."""
     if not isinstance(obj, dict):
         return None
     if isinstance(obj.get("usage"), dict):
@@ -97,59 +100,6 @@ def _find_usage(obj: object) -> object:
     if isinstance(response, dict) and isinstance(response.get("usage"), dict):
         return response["usage"]
     return None
-
-
-def usage_from_event(event: bytes, totals: UsageTotals) -> None:
-    """Parse an event only when its bytes carry a usage object (normally the last one)."""
-    if b'"usage"' not in event or not _USAGE_MARK.search(event):
-        return
-    for line in event.splitlines():
-        if line.startswith(b"data:"):
-            try:
-                totals.take(_find_usage(orjson.loads(line[5:])))
-            except orjson.JSONDecodeError:
-                return
-
-
-@dataclass(slots=True)
-class SSESplitter:
-    """Cuts an upstream byte stream into whole SSE events (delimiter included), so the
-    check sees complete events and a termination never splits one."""
-
-    max_event_bytes: int
-    _buf: bytearray = field(default_factory=bytearray)
-
-    def feed(self, data: bytes) -> list[bytes]:
-        # The usual read is exactly one whole event: hand it on without copying.
-        if (not self._buf and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2
-                and b"\r" not in data and len(data) <= self.max_event_bytes):
-            return [data]
-        buf = self._buf
-        buf += data
-        events: list[bytes] = []
-        start = 0
-        if b"\r" not in buf:
-            # Without a CR the only delimiter is LF LF: find() at C speed, where the regex
-            # tried its alternatives at every byte (profiled: 6% of the proxy's CPU when
-            # streams arrive several events per read).
-            while (end := buf.find(b"\n\n", start)) >= 0:
-                events.append(bytes(buf[start:end + 2]))
-                start = end + 2
-        else:
-            while (m := _EVENT_END.search(buf, start)) is not None:
-                events.append(bytes(buf[start:m.end()]))
-                start = m.end()
-        if start:
-            del buf[:start]
-        if len(buf) > self.max_event_bytes:
-            raise ValueError("backend sent an SSE event larger than the limit")
-        return events
-
-    def rest(self) -> bytes:
-        """Bytes after the last complete event (a stream that ended mid-event)."""
-        out = bytes(self._buf)
-        self._buf.clear()
-        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,16 +123,59 @@ def check_served(served: str | None, admitted: str) -> ServedCheck:
     return ok
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _pairs_without_repeats(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _RepeatedKey
+    return out
+
+
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_without_repeats)
+
+
+def has_duplicate_key(body: bytes) -> bool:
+    """Whether any object in this JSON text names a key twice, escapes decoded (the
+    parse that sees every key: used only when the cheap test cannot rule it out). Fails
+    closed: a text this parse cannot read counts as repeating."""
+    try:
+        _PAIRS_DECODER.decode(body.decode("utf-8"))
+    except _RepeatedKey:
+        return True
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return True
+    return False
+
+
+_ABSENT = object()
+
+
 def check_json_body(body: bytes, admitted: str, totals: UsageTotals) -> ServedCheck:
-    """Non-streaming bodies: parse once (usage is needed anyway) and compare ``model``."""
+    """Non-streaming bodies: parse once (usage is needed anyway), refuse a repeated key,
+    and compare every ``model`` the body names (top level and ``response.model``)."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return ServedCheck(False, None, "the backend returned a body that is not JSON")
     if not isinstance(obj, dict):
         return ServedCheck(False, None, "the backend returned a JSON body that is not an object")
-    totals.take(_find_usage(obj))
-    model = obj.get("model")
-    if model is None and isinstance(obj.get("response"), dict):
-        model = obj["response"].get("model")
-    return check_served(model if isinstance(model, str) else None, admitted)
+    # Exact: a body equal to the serialization of its parse has no repeated key.
+    if orjson.dumps(obj) != body and has_duplicate_key(body):
+        return ServedCheck(False, None, "the backend returned a JSON body that repeats a key; response withheld")
+    totals.take(find_usage(obj))
+    response = obj.get("response")
+    named = [m for m in (obj.get("model", _ABSENT),
+                         response.get("model", _ABSENT) if isinstance(response, dict) else _ABSENT)
+             if m is not _ABSENT]
+    if not named:
+        return check_served(None, admitted)
+    for model in named:
+        if not isinstance(model, str):
+            return ServedCheck(False, orjson.dumps(model).decode()[:200],
+                               "the backend names its model with a value that is not a string; response withheld")
+        if model != admitted:
+            return check_served(model, admitted)
+    return check_served(admitted, admitted)
