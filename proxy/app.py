@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from .admission import Admission
+from .allowlists import check_fields, forwardable_request_headers
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
 from .group_commit import GroupCommit
@@ -36,7 +37,6 @@ from .request_policy import (
     Refusal,
     bearer_token,
     external_endpoint,
-    forwardable_request_headers,
     forwardable_response_headers,
     provider_header,
     routing_override,
@@ -88,6 +88,7 @@ class Draft:
     upstream_error: str | None = None
     fallback_reason: str | None = None
     forwarded: bool = False
+    param: str | None = None  # the request field a refusal names (proxy.allowlists)
 
 
 @dataclass(slots=True)
@@ -248,7 +249,7 @@ def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> di
         "decision": draft.decision, "reason": draft.reason, "status": draft.status, "stream": draft.stream,
         "duration_ms": round(elapsed * 1000, 3), "client_disconnected": draft.client_disconnected,
     }
-    for key in ("requested_model", "effective_model", "family", "target_host", "served_model"):
+    for key in ("requested_model", "effective_model", "family", "target_host", "served_model", "param"):
         value = getattr(draft, key)
         if value is not None:
             rec[key] = value
@@ -450,6 +451,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
     routing = routing_override(obj)
     if routing is not None:
         return _refuse(state, draft, routing)
+    problem = check_fields(endpoint, obj, state.settings.extra_request_fields)
+    if problem is not None:
+        draft.param = problem.param
+        if problem.fallback:
+            return _refuse(state, draft, Refusal(problem.code, Family.OTHER, problem.message, param=problem.param))
+        return _error(state, draft, problem.code, problem.message, param=problem.param)
     decision = decide_model(requested, state.admission)
     if not decision.admitted:
         if decision.code == "model_missing":

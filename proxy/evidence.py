@@ -19,7 +19,7 @@ from .redact import Redactor
 
 FALLBACK_REASONS = frozenset({
     "model_not_admitted", "routing_override_refused", "external_provider_endpoint",
-    "external_provider_header", "forward_proxy_refused",
+    "external_provider_header", "forward_proxy_refused", "engine_override_refused",
 })
 
 # Request records on these endpoints are not model calls (model listings, lookups, side
@@ -63,6 +63,7 @@ class EvidenceRecord(BaseModel):
     reason: str | None = None
     family: str | None = None
     target_host: str | None = None
+    param: str | None = None  # the request field a refusal names
     served_model: str | None = None
     status: int | None = None
     stream: bool = False

@@ -115,7 +115,7 @@ class ProxyMetrics:
                                    admission.provider_class).set(1)
         # Pre-create the label sets alerts and dashboards look for, so they read 0, not absent.
         for reason in ("model_not_admitted", "routing_override_refused", "external_provider_endpoint",
-                       "external_provider_header", "forward_proxy_refused"):
+                       "external_provider_header", "forward_proxy_refused", "engine_override_refused"):
             for family in ("anthropic", "openai", "google", "other"):
                 self.fallback_rejections.labels(reason, family)
         # The per-request series: a tally in one process; prometheus-client's objects,

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from proxy.admission import Admission
+from proxy.allowlists import forwardable_request_headers
 from proxy.app import Draft, request_record_fields
 from proxy.evidence import PROXY_GENERATED_FIELDS, EvidenceLog, EvidenceRecord, records_from_bytes, utc_now_rfc3339
 from proxy.hashchain import ChainError, HashChainWriter, read_chain
@@ -23,7 +24,6 @@ from proxy.request_policy import (
     FORWARDED,
     Endpoint,
     external_endpoint,
-    forwardable_request_headers,
     provider_header,
     routing_override,
 )
