@@ -23,6 +23,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .allowlists import check_fields, forwardable_request_headers
+from .body_decoding import DecodeError, decode_body, encoding_label, parse_content_encoding
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
 from .group_commit import GroupCommit
@@ -89,6 +90,7 @@ class Draft:
     fallback_reason: str | None = None
     forwarded: bool = False
     param: str | None = None  # the request field a refusal names (proxy.allowlists)
+    content_encoding: str | None = None  # the body's outermost coding (proxy.body_decoding)
 
 
 @dataclass(slots=True)
@@ -249,7 +251,8 @@ def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> di
         "decision": draft.decision, "reason": draft.reason, "status": draft.status, "stream": draft.stream,
         "duration_ms": round(elapsed * 1000, 3), "client_disconnected": draft.client_disconnected,
     }
-    for key in ("requested_model", "effective_model", "family", "target_host", "served_model", "param"):
+    for key in ("requested_model", "effective_model", "family", "target_host", "served_model", "param",
+                "content_encoding"):
         value = getattr(draft, key)
         if value is not None:
             rec[key] = value
@@ -416,15 +419,47 @@ async def not_found(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- forwarded endpoints
 
-async def _read_body(request: web.Request, state: ProxySettings, draft: Draft) -> bytes | str:
-    limit = state.limits.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return "request_too_large"
+# Bodies larger than this (raw) are decoded off the event loop.
+_DECODE_INLINE_BYTES = 256 * 1024
+
+
+async def _read_body(request: web.Request, state: ProxyState, draft: Draft) -> bytes | DecodeError:
+    """The request body, its content codings undone by the proxy (aiohttp's own
+    decompression is off, see proxy.server), within the body limit both as sent and as
+    decoded; or why not, as a DecodeError carrying the error code."""
+    limit = state.settings.limits.max_body_bytes
     try:
-        body = await request.read()
+        codings = parse_content_encoding(",".join(request.headers.getall("Content-Encoding", [])))
+    except DecodeError as exc:
+        _count_decoding(state, exc.encoding, "unsupported")
+        return exc
+    draft.content_encoding = encoding_label(codings)
+    too_large = DecodeError("request_too_large", f"request body exceeds the limit of {limit} bytes",
+                            draft.content_encoding or "identity")
+    if request.content_length is not None and request.content_length > limit:
+        return too_large
+    try:
+        raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return "request_too_large"
+        return too_large
+    if not codings:
+        return raw
+    try:
+        if len(raw) > _DECODE_INLINE_BYTES:
+            body = await state.loop.run_in_executor(None, decode_body, raw, codings, limit)
+        else:
+            body = decode_body(raw, codings, limit)
+    except DecodeError as exc:
+        _count_decoding(state, exc.encoding,
+                        "too_large" if exc.code == "request_too_large" else "corrupt")
+        return exc
+    _count_decoding(state, draft.content_encoding or "identity", "decoded")
     return body
+
+
+def _count_decoding(state: ProxyState, encoding: str, result: str) -> None:
+    if state.settings.metrics_enabled:
+        state.metrics.body_decodings.labels(encoding, result).inc()
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -435,10 +470,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
     ctype = request.headers.get("Content-Type", "")
     if ctype.split(";", 1)[0].strip().lower() != "application/json":
         return _error(state, draft, "unsupported_content_type", "Content-Type must be application/json")
-    body = await _read_body(request, state.settings, draft)
-    if isinstance(body, str):
-        return _error(state, draft, body,
-                      f"request body exceeds the limit of {state.settings.limits.max_body_bytes} bytes")
+    body = await _read_body(request, state, draft)
+    if isinstance(body, DecodeError):
+        return _error(state, draft, body.code, body.message)
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:

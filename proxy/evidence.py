@@ -64,6 +64,7 @@ class EvidenceRecord(BaseModel):
     family: str | None = None
     target_host: str | None = None
     param: str | None = None  # the request field a refusal names
+    content_encoding: str | None = None  # the request body's coding, undone by the proxy
     served_model: str | None = None
     status: int | None = None
     stream: bool = False

@@ -98,6 +98,10 @@ class ProxyMetrics:
             ["endpoint"], registry=r)
         self.upstream_errors = Counter("case_proxy_upstream_errors", "Failures talking to the backend.",
                                        ["kind"], registry=r)
+        self.body_decodings = Counter(
+            "case_proxy_request_body_decodings",
+            "Compressed request bodies by coding (gzip, deflate, br, zstd, unsupported) and result "
+            "(decoded, corrupt, too_large, unsupported).", ["encoding", "result"], registry=r)
         self.evidence_write_failures = Counter(
             "case_proxy_evidence_write_failures", "Evidence records that could not be written (requests refused).",
             registry=r)
