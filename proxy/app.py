@@ -41,6 +41,7 @@ from .request_policy import (
     forwardable_response_headers,
     provider_header,
     routing_override,
+    websocket_upgrade,
 )
 from .served_model import (
     ModelScanner,
@@ -231,6 +232,8 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
     hdr = provider_header(request.headers.keys())
     if hdr is not None:
         return _refuse(state, draft, hdr)
+    if websocket_upgrade(request.headers):
+        return websocket_refused(request)
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -385,14 +388,28 @@ async def get_model(request: web.Request) -> web.Response:
                   f"no such model on this route; the only admitted model is '{state.admission.model}'", param="model")
 
 
-async def websocket_refused(request: web.Request) -> web.Response:
-    """Codex first tries a WebSocket on GET /v1/responses; a plain refusal makes it fall
-    back to HTTP POST."""
+def websocket_refused(request: web.Request) -> web.Response:
+    """A WebSocket upgrade (Codex tries one on GET /v1/responses before HTTP) gets 426
+    with a message saying what to use: Codex then falls back to HTTP at once, where a
+    405 made it retry five times first. A plain GET on the path is a 405."""
     state = request.app[STATE]
     draft: Draft = request[DRAFT]
-    draft.endpoint = Endpoint.RESPONSES
-    return _error(state, draft, "method_not_allowed",
-                  "WebSocket transport is not offered; use POST /v1/responses", headers={"Allow": "POST"})
+    if request.path in FORWARDED:
+        draft.endpoint = FORWARDED[request.path]
+    if not websocket_upgrade(request.headers):
+        return _error(state, draft, "method_not_allowed",
+                      f"method {request.method} is not allowed on {request.path[:200]}; use POST",
+                      headers={"Allow": "POST"})
+    response = _error(state, draft, "upgrade_required",
+                      "WebSocket transport is not offered on this route; send the request over HTTP "
+                      "(POST /v1/responses, /v1/chat/completions)",
+                      headers={"Upgrade": "HTTP/1.1", "Connection": "close"})
+    response.force_close()
+    return response
+
+
+async def _websocket_route(request: web.Request) -> web.Response:
+    return websocket_refused(request)
 
 
 def allowed_methods(path: str) -> str | None:
@@ -693,7 +710,7 @@ def create_app(state: ProxyState) -> web.Application:
     r.add_get("/metrics", metrics_handler)
     r.add_get("/v1/models", list_models)
     r.add_get("/v1/models/{model_id:.+}", get_model)
-    r.add_get("/v1/responses", websocket_refused)
+    r.add_get("/v1/responses", _websocket_route)
     for path in FORWARDED:
         r.add_post(path, forward)
     r.add_route("*", "/{tail:.*}", not_found)

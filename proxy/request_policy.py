@@ -131,6 +131,13 @@ def forwardable_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str
     return {n: v for n, v in headers if n.lower() not in _RESPONSE_DROP}
 
 
+def websocket_upgrade(headers: Mapping[str, str]) -> bool:
+    """Whether a request asks to switch to WebSocket (Codex tries this on
+    ``GET /v1/responses`` first). It gets a 426, on which Codex falls back to HTTP at
+    once; a 405 made it retry five times first."""
+    return "websocket" in headers.get("Upgrade", "").lower()
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer`` header, or None."""
     if not authorization:

@@ -201,8 +201,30 @@ async def test_websocket_upgrade_on_responses_is_refused_cleanly(proxy: ProxyUnd
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await s.ws_connect(proxy.base_url + "/responses", headers={"Authorization": f"Bearer {proxy.token}"})
-    assert info.value.status == 405
+    assert info.value.status == 426
     assert not [r for r in proxy.backend.requests if r.path == "/v1/responses"]
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions", "/v1/models"])
+async def test_websocket_upgrade_gets_426_with_a_clear_message(proxy: ProxyUnderTest, path: str) -> None:
+    """Codex's first try is a WebSocket on GET /v1/responses: 426 (not 405) makes it fall
+    back to HTTP at once. Any path, raw handshake bytes as a WebSocket client sends them."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.running.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                 f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 f"Authorization: Bearer {proxy.token}\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(65536), 5)  # the proxy closes after the 426
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 426 ")
+    err = json.loads(body)["error"]
+    assert err["code"] == "upgrade_required" and "HTTP" in err["message"]
+    rec = proxy.requests_evidence()[-1]
+    assert (rec["reason"], rec["status"]) == ("upgrade_required", 426)
+    async with aiohttp.ClientSession() as s:  # a plain GET on the path is still a wrong method
+        async with s.get(proxy.base_url + "/responses", headers={"Authorization": f"Bearer {proxy.token}"}) as r:
+            assert r.status == 405 and r.headers["Allow"] == "POST"
 
 
 @pytest.mark.parametrize("path", ["/api/tags", "/v1/props", "/props", "/version", "/api/v1/models",
