@@ -9,7 +9,6 @@ request is forwarded only after the evidence log has proven it can still record.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import random
@@ -22,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from .admission import Admission
+from .auth import RecordBucket, authenticate
 from .allowlists import check_fields, forwardable_request_headers
 from .body_decoding import DecodeError, decode_body, encoding_label, parse_content_encoding
 from .errors import error_body, error_status
@@ -36,7 +36,6 @@ from .request_policy import (
     FORWARDED,
     Endpoint,
     Refusal,
-    bearer_token,
     external_endpoint,
     forwardable_response_headers,
     provider_header,
@@ -92,6 +91,8 @@ class Draft:
     forwarded: bool = False
     param: str | None = None  # the request field a refusal names (proxy.allowlists)
     content_encoding: str | None = None  # the body's outermost coding (proxy.body_decoding)
+    unrecorded: bool = False  # an unauthenticated request beyond the record bucket (proxy.auth)
+    unauthenticated_suppressed: int | None = None  # such requests left out before this record
 
 
 @dataclass(slots=True)
@@ -115,6 +116,8 @@ class ProxyState:
     loop: asyncio.AbstractEventLoop = field(init=False)
     _ids: random.Random = field(init=False)
     batch: GroupCommit | None = field(init=False)
+    # Bounds the records of unauthenticated traffic (proxy.auth).
+    unauthenticated_records: RecordBucket = field(default_factory=RecordBucket)
 
     def __post_init__(self) -> None:
         self.scanner = ModelScanner(self.admission.model)
@@ -195,6 +198,8 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         response = _error(state, draft, "internal_error", "internal error in the proxy; request not completed")
     if not draft.status:
         draft.status = response.status
+    if draft.outcome == "unauthenticated":
+        _bound_unauthenticated(state, draft)
     recorded = _finish(state, draft)
     if not isinstance(recorded, bool):
         recorded = await recorded  # the batch's write (see proxy.group_commit)
@@ -204,31 +209,48 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
     return response
 
 
+def _bound_unauthenticated(state: ProxyState, draft: Draft) -> None:
+    """Unauthenticated traffic is recorded within a token bucket; beyond it the request
+    is only counted, and the next record written says how many were left out."""
+    bucket = state.unauthenticated_records
+    if bucket.admit(time.monotonic()):
+        draft.unauthenticated_suppressed = bucket.take_suppressed() or None
+    else:
+        draft.unrecorded = True
+        if state.settings.metrics_enabled:
+            state.metrics.unauthenticated_suppressed.inc()
+
+
 async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
-    """The order of checks: forward-proxy use, public endpoints, other providers'
-    endpoints, the token, other providers' headers, then the route's own handler."""
+    """The order of checks: public endpoints, the token (a request without it is not
+    Case's: see proxy.auth), forward-proxy use, other providers' endpoints and
+    headers, a WebSocket upgrade, then the route's own handler."""
     target_host = _forward_proxy_target(request)
+    if target_host is None and request.path in PUBLIC_PATHS:
+        draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
+        return await handler(request)
     if target_host is not None:
-        host = normalize_host(target_host)[:255]
-        draft.target_host = host
+        draft.target_host = normalize_host(target_host)[:255]
+    auth = authenticate(request.headers, state.token, forward_proxy=target_host is not None)
+    if auth.code is not None:
+        draft.outcome = "unauthenticated"
+        if auth.code == "proxy_auth_required":
+            return _error(state, draft, auth.code,
+                          "proxy authentication required: use the proxy URL http://case:<CASE_PROXY_TOKEN>@host:port",
+                          headers={"Proxy-Authenticate": 'Basic realm="case-proxy"'})
+        message = ("invalid bearer token" if auth.code == "invalid_token" else
+                   "missing bearer token: send 'Authorization: Bearer <CASE_PROXY_TOKEN>'")
+        return _error(state, draft, auth.code, message, headers={"WWW-Authenticate": "Bearer"})
+    if target_host is not None:
+        host = draft.target_host or "unknown"
         family = classify_family(host) if is_known_provider_host(host) else Family.OTHER
         return _refuse(state, draft, Refusal(
             "forward_proxy_refused", family,
             "this server is not a forward proxy; outbound traffic from Case is refused and recorded"))
-    if request.path in PUBLIC_PATHS:
-        draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
-        return await handler(request)
     # The forwarded routes are OpenAI paths by definition: only other paths need the scan.
     ext = None if request.path in FORWARDED else external_endpoint(request.path)
     if ext is not None:
         return _refuse(state, draft, ext)
-    token = bearer_token(request.headers.get("Authorization"))
-    if token is None:
-        return _error(state, draft, "missing_token",
-                      "missing bearer token: send 'Authorization: Bearer <CASE_PROXY_TOKEN>'",
-                      headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(token.encode(), state.token):
-        return _error(state, draft, "invalid_token", "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
     hdr = provider_header(request.headers.keys())
     if hdr is not None:
         return _refuse(state, draft, hdr)
@@ -255,7 +277,7 @@ def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> di
         "duration_ms": round(elapsed * 1000, 3), "client_disconnected": draft.client_disconnected,
     }
     for key in ("requested_model", "effective_model", "family", "target_host", "served_model", "param",
-                "content_encoding"):
+                "content_encoding", "unauthenticated_suppressed"):
         value = getattr(draft, key)
         if value is not None:
             rec[key] = value
@@ -278,7 +300,7 @@ def _finish(state: ProxyState, draft: Draft) -> bool | asyncio.Future[bool]:
     elapsed = time.perf_counter() - draft.started
     counted = state.settings.metrics_enabled and draft.path not in PUBLIC_PATHS
     recorded: bool | asyncio.Future[bool] = True
-    if state.evidence is not None and draft.path not in PUBLIC_PATHS:
+    if state.evidence is not None and draft.path not in PUBLIC_PATHS and not draft.unrecorded:
         recorded = _record(state, draft, elapsed, counted)
     if counted:
         if recorded is True:

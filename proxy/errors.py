@@ -36,6 +36,7 @@ ERRORS: dict[str, ErrorSpec] = {
     # access
     "missing_token": ErrorSpec(401, "authentication_error"),
     "invalid_token": ErrorSpec(401, "authentication_error"),
+    "proxy_auth_required": ErrorSpec(407, "authentication_error"),
     # policy refusals: fallback attempts
     "model_not_admitted": ErrorSpec(403, "permission_error"),
     "routing_override_refused": ErrorSpec(403, "permission_error"),

@@ -65,6 +65,7 @@ class EvidenceRecord(BaseModel):
     target_host: str | None = None
     param: str | None = None  # the request field a refusal names
     content_encoding: str | None = None  # the request body's coding, undone by the proxy
+    unauthenticated_suppressed: int | None = None  # unauthenticated requests left out before this one
     served_model: str | None = None
     status: int | None = None
     stream: bool = False

@@ -102,6 +102,10 @@ class ProxyMetrics:
             "case_proxy_request_body_decodings",
             "Compressed request bodies by coding (gzip, deflate, br, zstd, unsupported) and result "
             "(decoded, corrupt, too_large, unsupported).", ["encoding", "result"], registry=r)
+        self.unauthenticated_suppressed = Counter(
+            "case_proxy_unauthenticated_records_suppressed",
+            "Requests without the proxy token left out of the evidence log by its rate limit "
+            "(they are still counted in case_proxy_requests_total{outcome=\"unauthenticated\"}).", registry=r)
         self.evidence_write_failures = Counter(
             "case_proxy_evidence_write_failures", "Evidence records that could not be written (requests refused).",
             registry=r)
