@@ -36,6 +36,7 @@ from .request_policy import (
     FORWARDED,
     Endpoint,
     Refusal,
+    client_request_id,
     external_endpoint,
     forwardable_response_headers,
     provider_header,
@@ -70,7 +71,7 @@ class Draft:
     started: float
     method: str
     path: str
-    own_id: bool  # request_id drawn by the proxy, not sent by the client
+    own_id: bool  # request_id drawn by the proxy (always, since issue 18)
     endpoint: Endpoint = Endpoint.OTHER
     requested_model: str | None = None
     effective_model: str | None = None
@@ -91,6 +92,7 @@ class Draft:
     forwarded: bool = False
     param: str | None = None  # the request field a refusal names (proxy.allowlists)
     content_encoding: str | None = None  # the body's outermost coding (proxy.body_decoding)
+    client_request_id: str | None = None  # the client's X-Request-Id, if valid (request_policy)
     unrecorded: bool = False  # an unauthenticated request beyond the record bucket (proxy.auth)
     unauthenticated_suppressed: int | None = None  # such requests left out before this record
 
@@ -178,11 +180,10 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
     whose record could not be written is withheld (fail closed) unless it already
     started streaming."""
     state = request.app[STATE]
-    rid = request.headers.get("X-Request-Id", "")
-    own_id = not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum())
-    if own_id:
-        rid = state.new_request_id()
-    draft = Draft(rid, time.perf_counter(), request.method, request.path[:200], own_id)
+    # The record's id is always the proxy's own; a client's id is kept beside it.
+    draft = Draft(state.new_request_id(), time.perf_counter(), request.method, request.path[:200], True)
+    if "X-Request-Id" in request.headers:
+        draft.client_request_id = client_request_id(request.headers.getall("X-Request-Id"))
     request[DRAFT] = draft
     try:
         response = await _dispatch(request, state, draft, handler)
@@ -277,7 +278,7 @@ def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> di
         "duration_ms": round(elapsed * 1000, 3), "client_disconnected": draft.client_disconnected,
     }
     for key in ("requested_model", "effective_model", "family", "target_host", "served_model", "param",
-                "content_encoding", "unauthenticated_suppressed"):
+                "content_encoding", "unauthenticated_suppressed", "client_request_id"):
         value = getattr(draft, key)
         if value is not None:
             rec[key] = value

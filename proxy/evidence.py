@@ -52,6 +52,7 @@ class EvidenceRecord(BaseModel):
 
     kind: Literal["request", "proxy_start", "proxy_stop"] = "request"
     request_id: str | None = None
+    client_request_id: str | None = None  # the client's X-Request-Id, validated (the proxy draws request_id)
     time: str
     method: str | None = None
     endpoint: str | None = None

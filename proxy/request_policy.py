@@ -131,6 +131,19 @@ def forwardable_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str
     return {n: v for n, v in headers if n.lower() not in _RESPONSE_DROP}
 
 
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def client_request_id(values: list[str]) -> str | None:
+    """A client's ``X-Request-Id``, kept beside the proxy's own id when it is exactly one
+    header of 1-64 ASCII letters, digits and ``._:-``; anything else (non-ASCII, Unicode
+    digits, control characters, several headers) is not recorded."""
+    if len(values) != 1:
+        return None
+    value = values[0]
+    return value if value.isascii() and _CLIENT_REQUEST_ID.fullmatch(value) else None
+
+
 def websocket_upgrade(headers: Mapping[str, str]) -> bool:
     """Whether a request asks to switch to WebSocket (Codex tries this on
     ``GET /v1/responses`` first). It gets a 426, on which Codex falls back to HTTP at
