@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .request_policy import ROUTING_FIELDS, Endpoint
 
@@ -113,10 +114,21 @@ class FieldProblem:
     fallback: bool
 
 
+_BASE_ALLOWED: dict[Endpoint, frozenset[str]] = {
+    e: OPENAI_FIELDS[e] | ENGINE_EXTRAS[e] for e in OPENAI_FIELDS
+}
+
+
+@lru_cache(maxsize=64)
+def _with_additions(endpoint: Endpoint, added: frozenset[str]) -> frozenset[str]:
+    return _BASE_ALLOWED.get(endpoint, frozenset()) | added
+
+
 def allowed_fields(endpoint: Endpoint, extra: Mapping[Endpoint, frozenset[str]] | None = None) -> frozenset[str]:
-    """Every top-level field ``endpoint`` forwards, operator additions included."""
-    base = OPENAI_FIELDS.get(endpoint, frozenset()) | ENGINE_EXTRAS.get(endpoint, frozenset())
-    return base | extra.get(endpoint, frozenset()) if extra else base
+    """Every top-level field ``endpoint`` forwards, operator additions included (the
+    union is made once, not per request)."""
+    added = extra.get(endpoint) if extra else None
+    return _with_additions(endpoint, added) if added else _BASE_ALLOWED.get(endpoint, frozenset())
 
 
 def _shown(name: str) -> str:

@@ -69,17 +69,24 @@ class AuthResult:
         return self.code is None
 
 
+_OK = AuthResult(None)
+
+
 def authenticate(headers: Mapping[str, str], token: bytes, forward_proxy: bool) -> AuthResult:
     """Whether any credential the request carries is the proxy token (each compared in
     constant time). A forward-proxy request (CONNECT, absolute-form) without it gets
     ``proxy_auth_required`` (407, so a client with credentials in its proxy URL sends
     them); any other gets ``missing_token`` or ``invalid_token`` (401)."""
+    auth = _scheme_value(headers.get("Authorization"))
+    if auth is not None and auth[0] == "bearer" and hmac.compare_digest(auth[1].encode("utf-8", "surrogateescape"),
+                                                                        token):
+        return _OK  # the common case, without looking further
     presented = presented_tokens(headers)
     matched = False
     for value in presented:
         matched |= hmac.compare_digest(value.encode("utf-8", "surrogateescape"), token)
     if matched:
-        return AuthResult(None)
+        return _OK
     if forward_proxy:
         return AuthResult("proxy_auth_required")
     return AuthResult("invalid_token" if presented else "missing_token")
