@@ -61,6 +61,15 @@ ENGINE_EXTRAS: dict[Endpoint, frozenset[str]] = {
     Endpoint.EMBEDDINGS: frozenset(),
 }
 
+# Fields well-known clients send beyond the SDK schema: Codex CLI's Responses requests
+# carry ``client_metadata`` (a map of strings, vetted like ``metadata``).
+CLIENT_EXTRAS: dict[Endpoint, frozenset[str]] = {
+    Endpoint.CHAT: frozenset(),
+    Endpoint.COMPLETIONS: frozenset(),
+    Endpoint.RESPONSES: frozenset({"client_metadata"}),
+    Endpoint.EMBEDDINGS: frozenset(),
+}
+
 # ``chat_template_kwargs`` reaches the Jinja chat template (and, in some vLLM releases,
 # could replace the template itself): only these keys, each with a boolean value.
 CHAT_TEMPLATE_KWARGS: frozenset[str] = frozenset({"enable_thinking"})
@@ -81,9 +90,11 @@ STEERING_PREFIXES: tuple[str, ...] = ("lora_", "bootstrap_", "adapter_", "kv_tra
 
 # Request headers that may travel upstream; everything else is dropped (the backend key
 # and Content-Type/X-Request-Id are set by the proxy itself).
+# Codex CLI sends originator, version, session_id/session-id, conversation_id,
+# thread-id, x-openai-subagent and x-codex-*; the OpenAI SDKs x-stainless-*.
 FORWARDED_HEADERS: frozenset[str] = frozenset({
-    "accept", "user-agent", "idempotency-key", "openai-beta", "originator", "session_id", "conversation_id",
-    "traceparent", "tracestate",
+    "accept", "user-agent", "idempotency-key", "openai-beta", "originator", "version", "session_id",
+    "session-id", "conversation_id", "thread-id", "x-openai-subagent", "traceparent", "tracestate",
 })
 FORWARDED_HEADER_PREFIXES: tuple[str, ...] = ("x-stainless-", "x-codex-")
 
@@ -115,7 +126,7 @@ class FieldProblem:
 
 
 _BASE_ALLOWED: dict[Endpoint, frozenset[str]] = {
-    e: OPENAI_FIELDS[e] | ENGINE_EXTRAS[e] for e in OPENAI_FIELDS
+    e: OPENAI_FIELDS[e] | ENGINE_EXTRAS[e] | CLIENT_EXTRAS[e] for e in OPENAI_FIELDS
 }
 
 
@@ -163,8 +174,9 @@ def check_fields(endpoint: Endpoint, body: Mapping[str, object],
 
 def _check_nested(body: Mapping[str, object]) -> FieldProblem | None:
     """Values that are maps and reach an engine or gateway: ``chat_template_kwargs``
-    (vetted keys, boolean values) and ``metadata`` (the OpenAI shape: string values,
-    and no key a gateway reads as routing, such as LiteLLM's ``tags``)."""
+    (vetted keys, boolean values), ``metadata`` and ``client_metadata`` (the OpenAI
+    shape: string values, and no key a gateway reads as routing, such as LiteLLM's
+    ``tags``)."""
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
@@ -181,20 +193,29 @@ def _check_nested(body: Mapping[str, object]) -> FieldProblem | None:
                     "request_field_not_allowed", f"chat_template_kwargs.{_shown(key)}",
                     f"chat_template_kwargs key '{_shown(key)}' is not accepted: allowed are "
                     f"{', '.join(sorted(CHAT_TEMPLATE_KWARGS))}, each true or false", fallback=False)
-    metadata = body.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            return FieldProblem("request_field_not_allowed", "metadata",
-                                "request field 'metadata' must be an object of strings", fallback=False)
-        for key, value in metadata.items():
-            if is_steering(key):
-                return FieldProblem(
-                    "engine_override_refused", f"metadata.{_shown(key)}",
-                    f"metadata key '{_shown(key)}' is read by gateways as routing; "
-                    "this route runs only the admitted model as admitted", fallback=True)
-            if not isinstance(value, str):
-                return FieldProblem("request_field_not_allowed", f"metadata.{_shown(key)}",
-                                    f"metadata value '{_shown(key)}' must be a string", fallback=False)
+    for name in ("metadata", "client_metadata"):
+        problem = _check_string_map(name, body.get(name))
+        if problem is not None:
+            return problem
+    return None
+
+
+def _check_string_map(name: str, value: object) -> FieldProblem | None:
+    """A metadata-like map: string values only, no key a gateway reads as routing."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return FieldProblem("request_field_not_allowed", name,
+                            f"request field '{name}' must be an object of strings", fallback=False)
+    for key, item in value.items():
+        if is_steering(key):
+            return FieldProblem(
+                "engine_override_refused", f"{name}.{_shown(key)}",
+                f"{name} key '{_shown(key)}' is read by gateways as routing; "
+                "this route runs only the admitted model as admitted", fallback=True)
+        if not isinstance(item, str):
+            return FieldProblem("request_field_not_allowed", f"{name}.{_shown(key)}",
+                                f"{name} value '{_shown(key)}' must be a string", fallback=False)
     return None
 
 

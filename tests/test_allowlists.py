@@ -12,6 +12,7 @@ from openai.types.chat import completion_create_params as chat_params
 from openai.types.responses import response_create_params
 
 from proxy.allowlists import (
+    CLIENT_EXTRAS,
     ENGINE_EXTRAS,
     OPENAI_FIELDS,
     check_fields,
@@ -42,7 +43,7 @@ def test_openai_fields_are_the_sdk_schema(endpoint: Endpoint) -> None:
 
 def test_no_allowed_field_is_a_steering_field() -> None:
     for endpoint in OPENAI_FIELDS:
-        for name in OPENAI_FIELDS[endpoint] | ENGINE_EXTRAS[endpoint]:
+        for name in OPENAI_FIELDS[endpoint] | ENGINE_EXTRAS[endpoint] | CLIENT_EXTRAS[endpoint]:
             assert not is_steering(name), name
 
 
@@ -91,6 +92,15 @@ def test_metadata_cannot_carry_gateway_routing() -> None:
     problem = check_fields(Endpoint.CHAT, {"model": "m", "messages": [], "metadata": {"k": ["a"]}})
     assert problem is not None and problem.code == "request_field_not_allowed"
     assert check_fields(Endpoint.CHAT, {"model": "m", "messages": [], "metadata": {"run": "r1"}}) is None
+
+
+def test_codex_client_metadata_passes_on_responses_and_is_vetted() -> None:
+    body = {"model": "m", "input": [], "client_metadata": {"x-codex-installation-id": "abc"}}
+    assert check_fields(Endpoint.RESPONSES, body) is None
+    problem = check_fields(Endpoint.RESPONSES, {**body, "client_metadata": {"tags": "paid"}})
+    assert problem is not None and problem.param == "client_metadata.tags" and problem.fallback
+    problem = check_fields(Endpoint.CHAT, {"model": "m", "messages": [], "client_metadata": {}})
+    assert problem is not None and problem.code == "request_field_not_allowed"
 
 
 def test_a_refused_field_name_is_shown_sanitised() -> None:

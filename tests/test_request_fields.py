@@ -99,3 +99,26 @@ async def test_operators_can_allow_more_fields(make_proxy, tmp_path: Path) -> No
     with pytest.raises(openai.BadRequestError):
         await proxy.client().completions.create(model=ADMITTED, prompt="x", extra_body={"priority": 5})
     assert len(generation_requests(proxy)) == 1
+
+
+async def test_a_codex_shaped_responses_request_passes_whole(proxy: ProxyUnderTest) -> None:
+    """Codex CLI's ResponsesApiRequest fields and headers (codex-rs codex-api common.rs),
+    sent raw: everything arrives, nothing is refused."""
+    import aiohttp
+
+    body = {"model": ADMITTED, "instructions": "You are Codex.", "stream": True, "store": False,
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+            "tools": [], "tool_choice": "auto", "parallel_tool_calls": False,
+            "reasoning": {"effort": "medium", "summary": "auto"}, "include": ["reasoning.encrypted_content"],
+            "prompt_cache_key": "thread-1", "text": {"verbosity": "low"},
+            "client_metadata": {"x-codex-installation-id": "inst-1"}}
+    headers = {"Authorization": f"Bearer {proxy.token}", "originator": "codex_cli_rs", "version": "0.99.0",
+               "session_id": "s-1", "x-codex-turn-state": "t", "x-openai-subagent": "review"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.base_url + "/responses", json=body, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+    got = generation_requests(proxy)[-1]
+    assert got.body == body
+    sent = {k.lower() for k in got.headers}
+    assert {"originator", "version", "session_id", "x-codex-turn-state", "x-openai-subagent"} <= sent
