@@ -21,8 +21,8 @@ import orjson
 from aiohttp import web
 
 from .admission import Admission
-from .auth import RecordBucket, authenticate
 from .allowlists import check_fields, forwardable_request_headers
+from .auth import RecordBucket, authenticate
 from .body_decoding import DecodeError, decode_body, encoding_label, parse_content_encoding
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
@@ -524,6 +524,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     draft.stream = obj.get("stream") is True
     routing = routing_override(obj)
     if routing is not None:
+        draft.param = routing.param
         return _refuse(state, draft, routing)
     problem = check_fields(endpoint, obj, state.settings.extra_request_fields)
     if problem is not None:

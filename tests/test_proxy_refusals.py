@@ -81,6 +81,7 @@ async def test_routing_override_fields_are_refused(proxy: ProxyUnderTest, field:
         await proxy.client().chat.completions.create(model=ADMITTED, messages=MSG, extra_body={field: value})
     assert info.value.code == "routing_override_refused"
     assert info.value.body["param"] == field
+    assert proxy.requests_evidence()[-1]["param"] == field
     assert generation_requests(proxy) == []
     assert proxy.metric("case_proxy_fallback_rejections_total", reason="routing_override_refused",
                         family=family) == 1
