@@ -541,7 +541,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
     draft.effective_model, draft.alias_rewritten = decision.effective_model, decision.alias_rewritten
     if decision.alias_rewritten:
         obj["model"] = decision.effective_model
-        body = orjson.dumps(obj)
+    # The engine gets exactly what was checked: the parsed object, not the client's
+    # bytes, so a duplicate key an engine might read first-wins ({"model": "other",
+    # "model": "<admitted>"}) never reaches it (0.4 us for a small body, measured).
+    body = orjson.dumps(obj)
     # Fail closed: never forward what could not be recorded, or to a backend not proven.
     if state.draining:
         draft.outcome = "unavailable"

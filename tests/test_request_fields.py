@@ -122,3 +122,24 @@ async def test_a_codex_shaped_responses_request_passes_whole(proxy: ProxyUnderTe
     assert got.body == body
     sent = {k.lower() for k in got.headers}
     assert {"originator", "version", "session_id", "x-codex-turn-state", "x-openai-subagent"} <= sent
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"claude-sonnet-4-6","model":"qwen3.6-35b-a3b","messages":[{"role":"user","content":"hi"}]}',
+    b'{"model":"qwen3.6-35b-a3b","top_k":1,"top_k":"x","messages":[{"role":"user","content":"hi"}]}',
+    b'{"model":"qwen3.6-35b-a3b",   "messages":[{"role":"user","content":"\\u0068i"}]}',
+])
+async def test_the_engine_gets_exactly_the_checked_object(proxy: ProxyUnderTest, raw: bytes) -> None:
+    """A duplicate key is read last-wins by the proxy; an engine reading first-wins
+    would run another model. What arrives is the checked object, re-serialized: one
+    key each, the checked values."""
+    import aiohttp
+    import orjson
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.base_url + "/chat/completions", data=raw, headers={
+                "Authorization": f"Bearer {proxy.token}", "Content-Type": "application/json"}) as r:
+            assert r.status == 200, await r.text()
+    got = generation_requests(proxy)[-1]
+    checked = orjson.loads(raw)
+    assert got.body == checked and got.size == len(orjson.dumps(checked)) < len(raw)
