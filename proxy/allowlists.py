@@ -88,6 +88,13 @@ STEERING_FIELDS: frozenset[str] = frozenset({
 STEERING_PREFIXES: tuple[str, ...] = ("lora_", "bootstrap_", "adapter_", "kv_transfer", "vllm_", "sglang_",
                                       "litellm_", "disagg")
 
+# Keys of ``metadata`` / ``client_metadata`` that a gateway reads as routing (LiteLLM's
+# tag-based routing reads ``metadata.tags``): narrower than STEERING_FIELDS, since
+# metadata is free-form client text ("region": "eu" routes nothing on a local engine).
+METADATA_STEERING: frozenset[str] = frozenset({
+    "tags", "fallbacks", "default_fallbacks", "user_config", "model_list", "model_group", "deployment",
+})
+
 # Request headers that may travel upstream; everything else is dropped (the backend key
 # and Content-Type/X-Request-Id are set by the proxy itself).
 # Codex CLI sends originator, version, session_id/session-id, conversation_id,
@@ -208,7 +215,7 @@ def _check_string_map(name: str, value: object) -> FieldProblem | None:
         return FieldProblem("request_field_not_allowed", name,
                             f"request field '{name}' must be an object of strings", fallback=False)
     for key, item in value.items():
-        if is_steering(key):
+        if key.lower() in METADATA_STEERING or key.lower().startswith("litellm_"):
             return FieldProblem(
                 "engine_override_refused", f"{name}.{_shown(key)}",
                 f"{name} key '{_shown(key)}' is read by gateways as routing; "

@@ -92,6 +92,10 @@ def test_metadata_cannot_carry_gateway_routing() -> None:
     problem = check_fields(Endpoint.CHAT, {"model": "m", "messages": [], "metadata": {"k": ["a"]}})
     assert problem is not None and problem.code == "request_field_not_allowed"
     assert check_fields(Endpoint.CHAT, {"model": "m", "messages": [], "metadata": {"run": "r1"}}) is None
+    # free-form keys that only name routing elsewhere are not fallback attempts here
+    assert check_fields(Endpoint.CHAT, {"model": "m", "messages": [], "metadata": {"region": "eu"}}) is None
+    problem = check_fields(Endpoint.CHAT, {"model": "m", "messages": [], "metadata": {"litellm_x": "1"}})
+    assert problem is not None and problem.code == "engine_override_refused"
 
 
 def test_codex_client_metadata_passes_on_responses_and_is_vetted() -> None:
