@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
@@ -539,15 +539,20 @@ def case_environment(env: Mapping[str, str], env_allow: Iterable[str], proxy_bas
 
     The route variables are set last, so an allowed variable can never redirect Case:
     ``OPENAI_BASE_URL`` is the proxy, ``OPENAI_API_KEY`` the run token, the forward-proxy
-    variables point at the proxy (which refuses and records every attempt with its target
-    host) and ``NO_PROXY`` keeps loopback direct.
+    variables point at the proxy with the run token as password (the proxy refuses and
+    records every attempt with its target host; without the token an attempt would not
+    be counted as Case's) and ``NO_PROXY`` keeps loopback direct.
     """
     out = {name: env[name] for name in env_allow if name in env}
     root = proxy_base_url.removesuffix("/").removesuffix("/v1")
     out.update({"OPENAI_BASE_URL": proxy_base_url, "OPENAI_API_KEY": token,
                 "CASE_MODEL": model, "OPENAI_MODEL": model})
+    # The run token as the proxy password: clients then send Proxy-Authorization, so the
+    # proxy knows a CONNECT is Case's (unauthenticated ones are not counted as Case's).
+    scheme, _, hostport = root.partition("://")
+    proxy_url = f"{scheme}://case:{quote(token, safe='')}@{hostport}"
     for name in PROXY_ENV_NAMES:
-        out[name] = root
+        out[name] = proxy_url
     for name in NO_PROXY_NAMES:
         out[name] = ENV_NO_PROXY_VALUE
     return out

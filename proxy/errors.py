@@ -29,15 +29,21 @@ ERRORS: dict[str, ErrorSpec] = {
     "unknown_url": ErrorSpec(404, "invalid_request_error"),
     "model_not_found": ErrorSpec(404, "invalid_request_error"),
     "method_not_allowed": ErrorSpec(405, "invalid_request_error"),
+    "request_field_not_allowed": ErrorSpec(400, "invalid_request_error"),
+    "unsupported_content_encoding": ErrorSpec(415, "invalid_request_error"),
+    "invalid_content_encoding": ErrorSpec(400, "invalid_request_error"),
+    "upgrade_required": ErrorSpec(426, "invalid_request_error"),
     # access
     "missing_token": ErrorSpec(401, "authentication_error"),
     "invalid_token": ErrorSpec(401, "authentication_error"),
+    "proxy_auth_required": ErrorSpec(407, "authentication_error"),
     # policy refusals: fallback attempts
     "model_not_admitted": ErrorSpec(403, "permission_error"),
     "routing_override_refused": ErrorSpec(403, "permission_error"),
     "external_provider_endpoint": ErrorSpec(403, "permission_error"),
     "external_provider_header": ErrorSpec(403, "permission_error"),
     "forward_proxy_refused": ErrorSpec(403, "permission_error"),
+    "engine_override_refused": ErrorSpec(403, "permission_error"),
     # load
     "too_many_requests": ErrorSpec(429, "rate_limit_error"),
     # backend and proof

@@ -19,7 +19,7 @@ from .redact import Redactor
 
 FALLBACK_REASONS = frozenset({
     "model_not_admitted", "routing_override_refused", "external_provider_endpoint",
-    "external_provider_header", "forward_proxy_refused",
+    "external_provider_header", "forward_proxy_refused", "engine_override_refused",
 })
 
 # Request records on these endpoints are not model calls (model listings, lookups, side
@@ -52,6 +52,7 @@ class EvidenceRecord(BaseModel):
 
     kind: Literal["request", "proxy_start", "proxy_stop"] = "request"
     request_id: str | None = None
+    client_request_id: str | None = None  # the client's X-Request-Id, validated (the proxy draws request_id)
     time: str
     method: str | None = None
     endpoint: str | None = None
@@ -63,6 +64,9 @@ class EvidenceRecord(BaseModel):
     reason: str | None = None
     family: str | None = None
     target_host: str | None = None
+    param: str | None = None  # the request field a refusal names
+    content_encoding: str | None = None  # the request body's coding, undone by the proxy
+    unauthenticated_suppressed: int | None = None  # unauthenticated requests left out before this one
     served_model: str | None = None
     status: int | None = None
     stream: bool = False

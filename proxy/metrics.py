@@ -98,6 +98,14 @@ class ProxyMetrics:
             ["endpoint"], registry=r)
         self.upstream_errors = Counter("case_proxy_upstream_errors", "Failures talking to the backend.",
                                        ["kind"], registry=r)
+        self.body_decodings = Counter(
+            "case_proxy_request_body_decodings",
+            "Compressed request bodies by coding (gzip, deflate, br, zstd, unsupported) and result "
+            "(decoded, corrupt, too_large, unsupported).", ["encoding", "result"], registry=r)
+        self.unauthenticated_suppressed = Counter(
+            "case_proxy_unauthenticated_records_suppressed",
+            "Requests without the proxy token left out of the evidence log by its rate limit "
+            "(they are still counted in case_proxy_requests_total{outcome=\"unauthenticated\"}).", registry=r)
         self.evidence_write_failures = Counter(
             "case_proxy_evidence_write_failures", "Evidence records that could not be written (requests refused).",
             registry=r)
@@ -115,7 +123,7 @@ class ProxyMetrics:
                                    admission.provider_class).set(1)
         # Pre-create the label sets alerts and dashboards look for, so they read 0, not absent.
         for reason in ("model_not_admitted", "routing_override_refused", "external_provider_endpoint",
-                       "external_provider_header", "forward_proxy_refused"):
+                       "external_provider_header", "forward_proxy_refused", "engine_override_refused"):
             for family in ("anthropic", "openai", "google", "other"):
                 self.fallback_rejections.labels(reason, family)
         # The per-request series: a tally in one process; prometheus-client's objects,

@@ -195,9 +195,21 @@ def _strings(obj: Any, out: list[str]) -> list[str]:
     return out
 
 
+# C0 and C1 controls, DEL and the Unicode line/paragraph separators: in a log message
+# they could end the line and forge the next one (a percent-decoded %0A in a path).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as a ``\\xNN`` / ``\\uNNNN`` escape."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", text)
+
+
 class RedactingFilter(logging.Filter):
     """Every record passing it leaves with its message and traceback redacted, so no
-    handler can format the raw values later."""
+    handler can format the raw values later; the message also has its control
+    characters escaped, so one record is one line (tracebacks keep their lines)."""
 
     def __init__(self, redactor: Redactor) -> None:
         super().__init__()
@@ -208,7 +220,7 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken format string must still be logged, redacted
             message = str(record.msg)
-        record.msg, record.args = self.redactor.redact(message), None
+        record.msg, record.args = escape_controls(self.redactor.redact(message)), None
         if record.exc_info:
             text = logging.Formatter().formatException(record.exc_info)
             record.exc_text = self.redactor.redact(text)

@@ -1,6 +1,6 @@
 """Request-level rules besides the model pin, as pure functions: which paths exist,
-which are fallback attempts, which body fields and headers could steer routing, and
-which headers may travel upstream.
+which are fallback attempts, which body fields and headers could steer routing (what
+may travel upstream is in proxy.allowlists).
 
 Only a fixed set of canonical paths is ever forwarded; the proxy sends the canonical
 path, never the client's spelling, so encoding tricks cannot reach another backend route.
@@ -118,37 +118,7 @@ def provider_header(headers: Iterable[str]) -> Refusal | None:
     return None
 
 
-# Never forwarded: hop-by-hop headers (RFC 9110 section 7.6.1), client credentials
-# (the client's token must never reach the backend; the backend key is added from
-# configuration), headers that could steer an upstream, content encodings the
-# served-model check would have to undo, and the headers the proxy sets itself
-# (Content-Type, X-Request-Id: sent once, in the proxy's spelling). ``expect`` goes too:
-# the proxy sends the body it already holds at once.
-_DROP_EXACT: frozenset[str] = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-    "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
-    "authorization", "x-api-key", "api-key", "cookie", "set-cookie",
-    "openai-organization", "openai-project",
-    "x-forwarded-host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-port",
-    "x-forwarded-server", "forwarded", "x-real-ip", "x-original-url", "x-rewrite-url",
-    "x-host", "x-http-host-override", "x-original-host", "x-http-method-override",
-    "accept-encoding", "content-encoding", "content-type", "x-request-id", "expect",
-})
-_DROP_PREFIXES: tuple[str, ...] = ("anthropic-", "x-goog-", "x-amz-", "x-litellm-", "x-portkey-", "cf-", "sec-websocket-")
-
-
-def forwardable_request_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """The client headers that may travel upstream (harmless ones such as
-    ``x-stainless-*``, ``x-codex-*``, ``user-agent``, ``accept``)."""
-    out: dict[str, str] = {}
-    for name, value in headers:
-        low = name.lower()
-        if low in _DROP_EXACT or low.startswith(_DROP_PREFIXES):
-            continue
-        # One spelling, so Upstream.headers can tell whether the client sent one.
-        out["User-Agent" if low == "user-agent" else name] = value
-    return out
-
+# Request headers travel by allow-list: see proxy.allowlists.forwardable_request_headers.
 
 _RESPONSE_DROP: frozenset[str] = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade",
@@ -159,6 +129,26 @@ _RESPONSE_DROP: frozenset[str] = frozenset({
 def forwardable_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Backend headers that may travel back to the client."""
     return {n: v for n, v in headers if n.lower() not in _RESPONSE_DROP}
+
+
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def client_request_id(values: list[str]) -> str | None:
+    """A client's ``X-Request-Id``, kept beside the proxy's own id when it is exactly one
+    header of 1-64 ASCII letters, digits and ``._:-``; anything else (non-ASCII, Unicode
+    digits, control characters, several headers) is not recorded."""
+    if len(values) != 1:
+        return None
+    value = values[0]
+    return value if value.isascii() and _CLIENT_REQUEST_ID.fullmatch(value) else None
+
+
+def websocket_upgrade(headers: Mapping[str, str]) -> bool:
+    """Whether a request asks to switch to WebSocket (Codex tries this on
+    ``GET /v1/responses`` first). It gets a 426, on which Codex falls back to HTTP at
+    once; a 405 made it retry five times first."""
+    return "websocket" in headers.get("Upgrade", "").lower()
 
 
 def bearer_token(authorization: str | None) -> str | None:

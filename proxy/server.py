@@ -182,8 +182,10 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
             evidence.close()
 
     app.on_cleanup.append(on_cleanup)
+    # auto_decompress=False: request bodies are decoded by the proxy (proxy.body_decoding),
+    # so every compressed request is recorded and answered in the OpenAI error shape.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=limits.drain_timeout_s)
+                           shutdown_timeout=limits.drain_timeout_s, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=worker is not None,
                        backlog=LISTEN_BACKLOG)

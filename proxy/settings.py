@@ -16,6 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from .allowlists import parse_extra_fields
+from .request_policy import Endpoint
+
 ENV_DECISION_FILE = "CTO_HARNESS_CASE_DECISION_FILE"
 ENV_ADMISSION_FILE = "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE"
 ENV_BASE_URL = "CTO_HARNESS_CASE_LOCAL_BASE_URL"
@@ -63,6 +66,8 @@ class ProxySettings(BaseModel):
     metrics_enabled: bool = True
     evidence_enabled: bool = True
     limits: Limits = Limits()
+    # Operator additions to the request field allow-list (see proxy.allowlists).
+    extra_request_fields: dict[Endpoint, frozenset[str]] = Field(default_factory=dict)
 
     def secret_values(self) -> list[str]:
         """Every value the redactor must remove from logs, evidence and errors."""
@@ -115,12 +120,13 @@ def _secret(env: Mapping[str, str], var: str, file_var: str, file_from_toml: str
     return None
 
 
-_TOML_KEYS = {
+_TOML_KEYS: dict[str, set[str] | None] = {
     "server": {"host", "port", "workers"},
     "files": {"decision_file", "admission_file", "evidence_file", "token_file", "api_key_file"},
     "upstream": {"base_url", "allow_hosts"},
     "limits": set(Limits.model_fields),
     "proof": {"metrics_enabled", "evidence_enabled"},
+    "request_fields": None,  # endpoint -> [field names], checked by proxy.allowlists
 }
 
 
@@ -134,11 +140,14 @@ def _load_toml(path: Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"config file {path}: invalid TOML: {exc}")
         return {}
     for section, value in data.items():
+        keys = _TOML_KEYS.get(section, set())
+        if keys is None:
+            continue  # checked where it is read
         if section not in _TOML_KEYS or not isinstance(value, dict):
             problems.append(f"config file {path}: unknown section [{section}]")
             continue
         for key in value:
-            if key not in _TOML_KEYS[section]:
+            if key not in keys:
                 hint = " (secrets go in environment variables or *_file keys)" if "key" in key or "token" in key else ""
                 problems.append(f"config file {path}: unknown key '{section}.{key}'{hint}")
     return data
@@ -166,6 +175,10 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
         "limits": toml.get("limits", {}),
         **toml.get("proof", {}),
     }
+    if "request_fields" in toml:
+        extra, field_problems = parse_extra_fields(toml["request_fields"])
+        problems.extend(f"config file {config_file}: {p}" for p in field_problems)
+        values["extra_request_fields"] = extra
     for var, section, key, field in (
         (ENV_DECISION_FILE, files, "decision_file", "decision_file"),
         (ENV_ADMISSION_FILE, files, "admission_file", "admission_file"),

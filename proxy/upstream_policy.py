@@ -107,16 +107,30 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+# Explicit lists, not ``ipaddress.is_private``: that also counts Teredo (2001::/32, which
+# carries a public IPv4 address), local-use NAT64 (64:ff9b:1::/48), documentation and
+# benchmark ranges, none of which is a backend on the operators' own network.
+LOOPBACK_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
+)
+PRIVATE_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+    ipaddress.ip_network("10.0.0.0/8"),       # RFC 1918
+    ipaddress.ip_network("172.16.0.0/12"),    # RFC 1918
+    ipaddress.ip_network("192.168.0.0/16"),   # RFC 1918
+    ipaddress.ip_network("100.64.0.0/10"),    # RFC 6598 shared address space (CGNAT, tailnets)
+    ipaddress.ip_network("fc00::/7"),         # RFC 4193 unique local addresses
+)
+
+
 def address_class(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> UpstreamClass | None:
-    """Loopback or private (RFC 1918, ULA, CGNAT), else None. Link-local is never private
+    """Loopback or private (RFC 1918, CGNAT, ULA: PRIVATE_NETWORKS), else None; an
+    IPv4-mapped IPv6 address counts as its IPv4 address. Link-local is never private
     here: 169.254.169.254 is the cloud metadata service, not a model backend."""
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    if addr.is_loopback:
+    if any(addr in net for net in LOOPBACK_NETWORKS if net.version == addr.version):
         return UpstreamClass.LOOPBACK
-    if addr.is_link_local or addr.is_multicast or addr.is_unspecified or addr.is_reserved:
-        return None
-    if addr.is_private or addr in ipaddress.ip_network("100.64.0.0/10"):
+    if any(addr in net for net in PRIVATE_NETWORKS if net.version == addr.version):
         return UpstreamClass.PRIVATE
     return None
 

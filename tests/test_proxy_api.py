@@ -62,22 +62,47 @@ async def test_chat_completion_passes_through_with_vendor_extras(proxy: ProxyUnd
     assert proxy.metric("case_proxy_requests_total", endpoint="chat_completions", outcome="ok") == 1
 
 
-async def test_a_client_sent_request_id_is_scanned_for_secrets_and_a_drawn_one_is_kept(
-        proxy: ProxyUnderTest) -> None:
-    """The proxy skips the secret scan only for ids it draws itself; an id a client
-    sends is free text like any other field of the record."""
+async def test_the_record_id_is_always_drawn_and_a_client_id_is_kept_beside_it(proxy: ProxyUnderTest) -> None:
+    """A client's X-Request-Id never becomes the record's id (it could collide with or
+    forge another record's); it is kept as client_request_id when it is one plain ASCII
+    value, and scanned for secrets like any client text."""
     client = proxy.client()
     messages = [{"role": "user", "content": "hi"}]
     token_shaped = "sk-proj-" + "k" * 24
-    await client.chat.completions.create(model=ADMITTED, messages=messages, max_tokens=4,
-                                         extra_headers={"X-Request-Id": token_shaped})
-    await client.chat.completions.create(model=ADMITTED, messages=messages, max_tokens=4,
-                                         extra_headers={"X-Request-Id": "case-run-7"})
-    await client.chat.completions.create(model=ADMITTED, messages=messages, max_tokens=4)
-    sent, plain, drawn = (r["request_id"] for r in proxy.requests_evidence()[-3:])
-    assert token_shaped not in proxy.evidence_path.read_text() and sent == REDACTED
-    assert plain == "case-run-7"
-    assert re.fullmatch(r"[0-9a-f]{32}", drawn)
+    sent_ids = [token_shaped, "case-run-7", "case-run-7", "a b", "x" * 65, "-lead", None]
+    for rid in sent_ids:
+        await client.chat.completions.create(model=ADMITTED, messages=messages, max_tokens=4,
+                                             extra_headers={"X-Request-Id": rid} if rid else {})
+    recs = proxy.requests_evidence()[-len(sent_ids):]
+    ids = [r["request_id"] for r in recs]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == len(ids)
+    assert token_shaped not in proxy.evidence_path.read_text()
+    assert [r.get("client_request_id") for r in recs] == [
+        REDACTED, "case-run-7", "case-run-7", None, None, None, None]
+    # the backend sees the proxy's id, the one the record and the client's answer carry
+    got = [r for r in proxy.backend.requests if r.path != "/v1/models"][-len(sent_ids):]
+    assert [{k.lower(): v for k, v in r.headers.items()}["x-request-id"] for r in got] == ids
+
+
+@pytest.mark.parametrize("id_lines", [
+    b"x-request-id: one\r\nX-Request-Id: two\r\n",        # duplicates
+    "x-request-id: \u0661\u0662\u0663\r\n".encode(),      # Unicode digits (isalnum() said yes)
+    "x-request-id: abc\u00b2\r\n".encode(),                # superscript two
+    b"x-request-id: ab\tcd\r\n",                          # a control character
+])
+async def test_odd_request_ids_are_not_recorded(proxy: ProxyUnderTest, id_lines: bytes) -> None:
+    body = json.dumps({"model": ADMITTED, "messages": [{"role": "user", "content": "x"}]}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.running.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+                 b"authorization: Bearer " + proxy.token.encode() + b"\r\ncontent-type: application/json\r\n"
+                 + id_lines + b"content-length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    rec = proxy.requests_evidence()[-1]
+    assert "client_request_id" not in rec and re.fullmatch(r"[0-9a-f]{32}", rec["request_id"])
+    assert rec["request_id"].encode() in answer
 
 
 async def test_streamed_tool_call_reassembles_through_the_sdk(proxy: ProxyUnderTest) -> None:
@@ -192,7 +217,8 @@ async def test_headers_the_proxy_sets_reach_the_backend_once(proxy: ProxyUnderTe
     for name in ("content-type", "x-request-id", "user-agent", "accept-encoding"):
         assert names.count(name) == 1, (name, names)
     got = {k.lower(): v for k, v in sent[0].headers.items()}
-    assert got["x-request-id"] == "case-run-7" and got["accept-encoding"] == "identity"
+    assert got["x-request-id"] == proxy.requests_evidence()[-1]["request_id"] and got["accept-encoding"] == "identity"
+    assert proxy.requests_evidence()[-1]["client_request_id"] == "case-run-7"
     assert got["user-agent"] == (agent or b"case-proxy").decode()
     assert got["content-type"].startswith("application/json")
 
@@ -201,8 +227,30 @@ async def test_websocket_upgrade_on_responses_is_refused_cleanly(proxy: ProxyUnd
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await s.ws_connect(proxy.base_url + "/responses", headers={"Authorization": f"Bearer {proxy.token}"})
-    assert info.value.status == 405
+    assert info.value.status == 426
     assert not [r for r in proxy.backend.requests if r.path == "/v1/responses"]
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions", "/v1/models"])
+async def test_websocket_upgrade_gets_426_with_a_clear_message(proxy: ProxyUnderTest, path: str) -> None:
+    """Codex's first try is a WebSocket on GET /v1/responses: 426 (not 405) makes it fall
+    back to HTTP at once. Any path, raw handshake bytes as a WebSocket client sends them."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.running.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                 f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 f"Authorization: Bearer {proxy.token}\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(65536), 5)  # the proxy closes after the 426
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 426 ")
+    err = json.loads(body)["error"]
+    assert err["code"] == "upgrade_required" and "HTTP" in err["message"]
+    rec = proxy.requests_evidence()[-1]
+    assert (rec["reason"], rec["status"]) == ("upgrade_required", 426)
+    async with aiohttp.ClientSession() as s:  # a plain GET on the path is still a wrong method
+        async with s.get(proxy.base_url + "/responses", headers={"Authorization": f"Bearer {proxy.token}"}) as r:
+            assert r.status == 405 and r.headers["Allow"] == "POST"
 
 
 @pytest.mark.parametrize("path", ["/api/tags", "/v1/props", "/props", "/version", "/api/v1/models",

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from proxy.admission import Admission
+from proxy.allowlists import forwardable_request_headers
 from proxy.app import Draft, request_record_fields
 from proxy.evidence import PROXY_GENERATED_FIELDS, EvidenceLog, EvidenceRecord, records_from_bytes, utc_now_rfc3339
 from proxy.hashchain import ChainError, HashChainWriter, read_chain
@@ -22,7 +23,6 @@ from proxy.request_policy import (
     FORWARDED,
     Endpoint,
     external_endpoint,
-    forwardable_request_headers,
     provider_header,
     routing_override,
 )
@@ -95,6 +95,18 @@ def test_provider_headers_are_refused_and_credentials_never_forwarded() -> None:
     ("http://user:pw@127.0.0.1:8000/v1", False, None),         # credentials belong in the key variable
     ("ftp://127.0.0.1/v1", False, None),
     ("http://8.8.8.8/v1", False, None),
+    # is_private says yes to these; none is a backend on the operators' network
+    ("http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/v1", False, None),   # Teredo
+    ("http://[64:ff9b:1::a00:1]/v1", False, None),                       # local-use NAT64
+    ("http://[64:ff9b::808:808]/v1", False, None),                       # NAT64 of 8.8.8.8
+    ("http://198.18.0.1/v1", False, None),                               # benchmarking
+    ("http://192.0.2.1/v1", False, None),                                # documentation
+    ("http://[2001:db8::1]/v1", False, None),                            # documentation
+    ("http://0.0.0.0:8000/v1", False, None),
+    ("http://100.64.0.7/v1", True, "private"),                           # CGNAT / tailnet
+    ("http://[fd12:3456::1]/v1", True, "private"),                       # ULA
+    ("http://[::ffff:192.168.1.5]/v1", True, "private"),                 # IPv4-mapped
+    ("http://127.8.9.10:8000/v1", True, "loopback"),
 ])
 def test_upstream_pin(url: str, allowed: bool, klass: str | None) -> None:
     target = classify_upstream(url)

@@ -8,6 +8,7 @@ evidence record moved.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 
 import aiohttp
@@ -80,6 +81,7 @@ async def test_routing_override_fields_are_refused(proxy: ProxyUnderTest, field:
         await proxy.client().chat.completions.create(model=ADMITTED, messages=MSG, extra_body={field: value})
     assert info.value.code == "routing_override_refused"
     assert info.value.body["param"] == field
+    assert proxy.requests_evidence()[-1]["param"] == field
     assert generation_requests(proxy) == []
     assert proxy.metric("case_proxy_fallback_rejections_total", reason="routing_override_refused",
                         family=family) == 1
@@ -88,9 +90,10 @@ async def test_routing_override_fields_are_refused(proxy: ProxyUnderTest, field:
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/complete", "/anthropic/v1/messages",
                                   "/api/v1/messages", "/v1/messages/count_tokens"])
 async def test_anthropic_endpoints_are_fallback_attempts(proxy: ProxyUnderTest, path: str) -> None:
+    # The token as the Anthropic SDK carries a key (x-api-key): Case's own attempt.
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.root_url + path, json={"model": "claude-sonnet-4-6", "max_tokens": 5},
-                          headers={"x-api-key": "anything", "anthropic-version": "2023-06-01"}) as r:
+                          headers={"x-api-key": proxy.token, "anthropic-version": "2023-06-01"}) as r:
             assert r.status == 403
             assert (await r.json())["error"]["code"] == "external_provider_endpoint"
     assert generation_requests(proxy) == []
@@ -220,10 +223,13 @@ async def _raw(proxy: ProxyUnderTest, request: bytes) -> bytes:
 
 
 async def test_connect_and_absolute_form_are_refused_and_recorded(proxy: ProxyUnderTest) -> None:
-    out = await _raw(proxy, b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n")
+    creds = b"Proxy-Authorization: Basic " + base64.b64encode(f"case:{proxy.token}".encode()) + b"\r\n"
+    out = await _raw(proxy, b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n"
+                            + creds + b"\r\n")
     assert out.startswith(b"HTTP/1.1 403")
     out = await _raw(proxy, b"POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
-                            b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                            b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n"
+                            + creds + b"\r\n{}")
     assert out.startswith(b"HTTP/1.1 403")
     recs = proxy.requests_evidence()[-2:]
     assert [r["target_host"] for r in recs] == ["api.anthropic.com", "api.openai.com"]
