@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from .admission import Admission
+from .authority import Authority
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
 from .group_commit import GroupCommit
@@ -101,6 +102,7 @@ class ProxyState:
     upstream: Upstream
     readiness: Readiness
     token: bytes
+    authority: Authority | None = None  # the artifacts, watched while serving (proxy.authority)
     in_flight: int = 0
     draining: bool = False
     scanner: ModelScanner = field(init=False)
@@ -339,6 +341,8 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     if not state.readiness.state.ready:
         problems.append(state.readiness.state.reason)
+    if state.authority is not None and not state.authority.serving:
+        problems.append(f"authority: {state.authority.verdict.code}: {state.authority.verdict.message}")
     if state.evidence is not None and not state.evidence.healthy:
         problems.append("evidence log cannot record")
     if state.draining:
@@ -464,6 +468,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if state.draining:
         draft.outcome = "unavailable"
         return _error(state, draft, "shutting_down", "the proxy is shutting down")
+    if state.authority is not None and not state.authority.serving:
+        draft.outcome = "unavailable"
+        return _error(state, draft, "admission_blocks",
+                      f"the operators' artifacts no longer allow serving ({state.authority.verdict.code}); see /readyz")
     if state.evidence is not None:
         try:
             state.evidence.check()

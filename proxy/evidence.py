@@ -50,7 +50,7 @@ class Usage(BaseModel):
 class EvidenceRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["request", "proxy_start", "proxy_stop"] = "request"
+    kind: Literal["request", "proxy_start", "proxy_stop", "authority_changed"] = "request"
     request_id: str | None = None
     time: str
     method: str | None = None
@@ -78,6 +78,9 @@ class EvidenceRecord(BaseModel):
     provider_class: str | None = None
     pid: int | None = None
     worker: int | None = None
+    # authority_changed (see proxy.authority): whether forwarding goes on, and why.
+    serving: bool | None = None
+    detail: str | None = None
 
 
 _second: tuple[int, str] = (-1, "")

@@ -16,12 +16,14 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
 
 from .admission import ArtifactError, evaluate_admission_gates, load_admission, load_decision
 from .app import ProxyState, create_app
+from .authority import Authority, AuthorityVerdict, info_labels
 from .evidence import EvidenceLog, EvidenceRecord, utc_now_rfc3339
 from .hashchain import ChainError
 from .metrics import ProxyMetrics
@@ -165,12 +167,15 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
     readiness = Readiness(upstream, admission.model, limits.readiness_interval_s, limits.connect_timeout_s + 5,
                           busy=lambda: state is not None and state.in_flight > 0)
     readiness.on_change.append(lambda ready: metrics.backend_ready.set(1 if ready else 0))
+    authority = Authority(settings.decision_file, settings.admission_file, admission)
+    authority.on_change.append(partial(_authority_changed, metrics, evidence, redactor))
     state = ProxyState(settings=settings, admission=admission, target=target, redactor=redactor,
                        evidence=evidence, metrics=metrics, upstream=upstream, readiness=readiness,
-                       token=settings.proxy_token.get_secret_value().encode())
+                       token=settings.proxy_token.get_secret_value().encode(), authority=authority)
     app = create_app(state)
 
     async def on_cleanup(_: web.Application) -> None:
+        await authority.stop()
         await readiness.stop()
         await upstream.close()
         if evidence is not None and evidence.healthy:
@@ -193,9 +198,31 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
         await runner.cleanup()
         raise StartupError([f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"], EXIT_CONFIG) from None
     readiness.start()
+    authority.start()
     sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
     port = sockets[0].getsockname()[1] if sockets else settings.port
     return RunningProxy(state=state, runner=runner, port=port, host=settings.host)
+
+
+def _authority_changed(metrics: ProxyMetrics, evidence: EvidenceLog | None, redactor: Redactor,
+                       old: AuthorityVerdict, new: AuthorityVerdict) -> None:
+    """A new verdict on the artifacts (see proxy.authority): the admission gauge shows
+    the admission as it reads now (1 while it is served, 0 once it is not) and the
+    evidence says what changed. The refusals themselves follow from ``serving``."""
+    before, after = info_labels(old), info_labels(new)
+    if before is not None and before != after:
+        metrics.admission_info.labels(*before).set(0)
+    if after is not None:
+        metrics.admission_info.labels(*after).set(1 if new.serving else 0)
+    if evidence is None:
+        return
+    try:
+        evidence.write(EvidenceRecord(
+            kind="authority_changed", time=utc_now_rfc3339(), serving=new.serving, reason=new.code,
+            detail=redactor.redact(new.message)[:1000], admission_provider=new.provider, admission_model=new.model,
+            admission_status=new.admission_status, provider_class=new.provider_class, pid=os.getpid()))
+    except ChainError:
+        log.error("could not write the authority_changed evidence record")
 
 
 GC_THRESHOLD = (10_000, 20, 20)
