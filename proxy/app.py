@@ -343,8 +343,11 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(state.readiness.state.reason)
     if state.authority is not None and not state.authority.serving:
         problems.append(f"authority: {state.authority.verdict.code}: {state.authority.verdict.message}")
-    if state.evidence is not None and not state.evidence.healthy:
-        problems.append("evidence log cannot record")
+    if state.evidence is not None:
+        try:
+            state.evidence.check()
+        except ChainError as exc:
+            problems.append(f"evidence log cannot record: {exc}")
     if state.draining:
         problems.append("shutting down")
     body = {"status": "not_ready" if problems else "ready", "model": state.admission.model,

@@ -50,7 +50,8 @@ class Usage(BaseModel):
 class EvidenceRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["request", "proxy_start", "proxy_stop", "authority_changed"] = "request"
+    kind: Literal["request", "proxy_start", "proxy_stop", "authority_changed", "log_sealed", "log_continued",
+                  "forwarding"] = "request"
     request_id: str | None = None
     time: str
     method: str | None = None
@@ -81,6 +82,13 @@ class EvidenceRecord(BaseModel):
     # authority_changed (see proxy.authority): whether forwarding goes on, and why.
     serving: bool | None = None
     detail: str | None = None
+    # log_continued: the first record of a log opened by a rotation names the sealed
+    # file's last line (its SHA-256) and how many records that file holds.
+    continues_sha256: str | None = None
+    continues_records: int | None = None
+    # request: the line of the ``forwarding`` record written before the request was
+    # forwarded (see proxy.evidence_files), so the two pair up.
+    forwarding_sha256: str | None = None
 
 
 _second: tuple[int, str] = (-1, "")
@@ -108,6 +116,23 @@ class EvidenceLog:
 
     def check(self) -> None:
         self._chain.check()
+
+    @property
+    def moved(self) -> bool:
+        """The path no longer names the open log (a rotation waiting for its SIGHUP)."""
+        return self._chain.moved
+
+    def rotate(self, pid: int | None = None) -> bool:
+        """SIGHUP: seal the open log with a ``log_sealed`` record and open a new one at the
+        path whose first record, ``log_continued``, names the sealed file's last hash
+        (see HashChainWriter.rotate). False while the path still names the open log."""
+        seal = EvidenceRecord(kind="log_sealed", time=utc_now_rfc3339(), reason="rotation", pid=pid)
+
+        def opening(sha: str, records: int) -> dict[str, Any]:
+            return EvidenceRecord(kind="log_continued", time=utc_now_rfc3339(), continues_sha256=sha,
+                                  continues_records=records, pid=pid).model_dump(exclude_none=True)
+
+        return self._chain.rotate(seal.model_dump(exclude_none=True), opening)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let the serving loop read the path watch's events (see proxy.path_watch)."""

@@ -25,7 +25,7 @@ from .admission import ArtifactError, evaluate_admission_gates, load_admission, 
 from .app import ProxyState, create_app
 from .authority import Authority, AuthorityVerdict, info_labels
 from .evidence import EvidenceLog, EvidenceRecord, utc_now_rfc3339
-from .hashchain import ChainError
+from .hashchain import ChainError, TornChain
 from .metrics import ProxyMetrics
 from .readiness import Readiness, ReadinessState
 from .redact import Redactor, install_log_redaction
@@ -38,7 +38,13 @@ log = logging.getLogger("case_proxy")
 
 EXIT_CONFIG = 2
 EXIT_BLOCKED = 3
+# The evidence log at the configured path is torn (not an intact chain). A restart meets
+# the same file, so a service manager must not restart on it (systemd:
+# RestartPreventExitStatus=4); an operator keeps the file as evidence and starts anew.
+EXIT_TORN_LOG = 4
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+# SIGHUP: seal the evidence log and open a new one at its path (log rotation).
+ROTATE_SIGNAL = signal.SIGHUP
 # Connections the kernel completes and queues while the loop is busy. aiohttp's default
 # (128) overflowed in the benchmark's burst of 1,000 stream openings: the kernel drops the
 # SYNs past it and each such client retries after 1 s, then 3 s. The kernel caps this at
@@ -155,7 +161,7 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
                 worker=worker.index if worker is not None else None))
         except (ChainError, OSError) as exc:
             raise StartupError([f"CASE_PROXY_EVIDENCE_FILE: cannot record evidence: {redactor.redact(str(exc))}"],
-                               EXIT_CONFIG) from None
+                               EXIT_TORN_LOG if isinstance(exc, TornChain) else EXIT_CONFIG) from None
     else:
         log.warning("evidence recording is OFF (benchmark setting): this proxy proves nothing")
     state: ProxyState | None = None
@@ -225,6 +231,25 @@ def _authority_changed(metrics: ProxyMetrics, evidence: EvidenceLog | None, reda
         log.error("could not write the authority_changed evidence record")
 
 
+def rotate_evidence(state: ProxyState) -> bool:
+    """SIGHUP: seal the evidence log and open a new one at its path, if the path was
+    renamed away (see EvidenceLog.rotate). A failure leaves the log failed: everything
+    is refused (fail closed) and /readyz says why."""
+    if state.evidence is None:
+        return False
+    try:
+        rotated = state.evidence.rotate(os.getpid())
+    except (ChainError, OSError) as exc:
+        log.error("log rotation failed; the proxy refuses traffic until restarted: %s",
+                  state.redactor.redact(str(exc)))
+        return False
+    if rotated:
+        log.info("evidence log rotated: the old file is sealed, a new one is open at %s", state.settings.evidence_file)
+    else:
+        log.info("SIGHUP: the evidence path still names the open log; nothing to rotate")
+    return rotated
+
+
 GC_THRESHOLD = (10_000, 20, 20)
 
 
@@ -249,13 +274,16 @@ async def serve_forever(settings: ProxySettings, worker: WorkerRole | None = Non
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    started: list[RunningProxy] = []
+    loop.add_signal_handler(ROTATE_SIGNAL, lambda: rotate_evidence(started[0].state) if started else None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS | {ROTATE_SIGNAL})
     try:
         proxy = await start_proxy(settings, worker)
     except StartupError as exc:
         for line in exc.problems:
             print(f"case-proxy: {line}", file=sys.stderr)
         return exc.exit_code
+    started.append(proxy)
     _tune_gc()
     if on_ready is not None:
         on_ready()
