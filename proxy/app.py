@@ -25,6 +25,7 @@ from .admission import Admission
 from .authority import Authority
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
+from .forwarding import ForwardingRecorder
 from .group_commit import GroupCommit
 from .hashchain import ChainError
 from .metrics import ProxyMetrics
@@ -89,6 +90,7 @@ class Draft:
     upstream_error: str | None = None
     fallback_reason: str | None = None
     forwarded: bool = False
+    forwarding_sha256: str | None = None  # its forwarding record's line (proxy.forwarding)
 
 
 @dataclass(slots=True)
@@ -113,14 +115,17 @@ class ProxyState:
     loop: asyncio.AbstractEventLoop = field(init=False)
     _ids: random.Random = field(init=False)
     batch: GroupCommit | None = field(init=False)
+    forwarding: ForwardingRecorder | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.scanner = ModelScanner(self.admission.model)
         self.loop = asyncio.get_running_loop()
         self._ids = random.Random(os.urandom(32))
         self.batch = None
+        self.forwarding = None
         if self.evidence is not None:
             self.batch = GroupCommit(self.evidence, self.loop, self.evidence_failed)
+            self.forwarding = ForwardingRecorder(self.evidence, self.batch, self.target)
             self.evidence.attach(self.loop)
 
     def evidence_failed(self, n: int = 1) -> None:
@@ -264,6 +269,8 @@ def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> di
     if draft.forwarded:
         rec["upstream_class"] = state.target.upstream_class.value
         rec["upstream_fingerprint"] = state.target.fingerprint
+    if draft.forwarding_sha256 is not None:
+        rec["forwarding_sha256"] = draft.forwarding_sha256
     return rec
 
 
@@ -519,6 +526,12 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     headers = forwardable_request_headers(request.headers.items())
     headers["Content-Type"] = "application/json"
     headers["X-Request-Id"] = draft.request_id
+    # A durable forwarding record before the backend sees a byte (fail closed).
+    if state.forwarding is not None and await state.forwarding.record(
+            draft, state.in_flight <= 1, partial(setattr, draft, "forwarding_sha256")) is None:
+        draft.decision, draft.outcome = "rejected", "unavailable"
+        state.evidence_failed()
+        return _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
     draft.forwarded = True
     try:
         resp = await state.upstream.post(path, body, headers, limits.first_byte_timeout_s)

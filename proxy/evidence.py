@@ -34,6 +34,7 @@ NON_MODEL_ENDPOINTS = frozenset({None, "models", "model", "other"})
 PROXY_GENERATED_FIELDS = frozenset({
     "kind", "time", "endpoint", "alias_rewritten", "decision", "family", "status", "stream", "usage",
     "duration_ms", "ttft_ms", "upstream_class", "upstream_fingerprint", "client_disconnected", "pid", "worker",
+    "forwarding_sha256",
 })
 # The same plus the request id, for a record whose id the proxy drew itself (see
 # ``stage_fields``): a client may send its own id, which is free text like any other.
