@@ -158,16 +158,17 @@ class Authority:
     def poll(self) -> bool:
         """Judge again if either file may have changed; True if the verdict changed."""
         changed = [f.changed() for f in self._files]  # both asked: each resets its flag
-        if not any(changed):
+        if not any(changed) and self.serving == self.verdict.serving:
             return False
         return self.refresh()
 
     def refresh(self) -> bool:
         new = read_verdict(*self._paths, self._pinned)
         old = self.verdict
-        if new == old:
-            return False
+        stopped_by_failure = self.serving != old.serving  # a failed check stopped it (see _loop)
         self.verdict, self.serving = new, new.serving
+        if new == old:
+            return stopped_by_failure
         if new.serving != old.serving:
             log.warning("authority changed: %s (%s: %s)", "serving resumes" if new.serving else "forwarding STOPPED",
                         new.code, new.message)
@@ -181,7 +182,11 @@ class Authority:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self.poll()
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the watch must outlive any one failure, closed
+                log.exception("authority check failed; forwarding stops until a check succeeds")
+                self.serving = False
 
     def start(self) -> None:
         self.refresh()

@@ -17,6 +17,7 @@ request alone writes at once, so one connection pays one ``os.write`` and no wai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .evidence import EvidenceLog, utc_now_rfc3339
@@ -62,7 +63,8 @@ class ForwardingRecorder:
         self._batch = batch
         self._target = target
 
-    async def record(self, draft: Forwarded, alone: bool, on_staged: Any = None) -> str | None:
+    async def record(self, draft: Forwarded, alone: bool,
+                     on_staged: Callable[[str], None] | None = None) -> str | None:
         """The SHA-256 of the record's line once it is in the file, or None if it could
         not be written (the caller refuses the request). ``alone``: no other request
         is in flight to share the write with. ``on_staged(sha)`` is called as soon as

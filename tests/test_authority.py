@@ -111,6 +111,29 @@ async def test_a_removed_file_stops_serving(tmp_path: Path) -> None:
     assert authority.poll() and authority.verdict.code == "decision_record_missing"
 
 
+async def test_a_check_that_fails_stops_forwarding_until_one_succeeds(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected failure in the check itself fails closed, and the watch survives it."""
+    import proxy.authority as authority_module
+
+    d, a, pinned = _pinned(tmp_path)
+    authority = Authority(d, a, pinned, interval_s=0.01)
+    real = authority_module.read_verdict
+
+    def boom(*args: Any) -> Any:
+        raise RuntimeError("unexpected")
+
+    authority.start()
+    try:
+        monkeypatch.setattr(authority_module, "read_verdict", boom)
+        _rewrite_in_place(a, admission_status="admitted")
+        await _wait(lambda: not authority.serving)
+        monkeypatch.setattr(authority_module, "read_verdict", real)
+        await _wait(lambda: authority.serving)
+    finally:
+        await authority.stop()
+
+
 # ---------------------------------------------------------------- against a proxy
 
 async def _wait(cond: Any, timeout_s: float = 1.0) -> float:
