@@ -529,8 +529,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     # A durable forwarding record before the backend sees a byte (fail closed).
     if state.forwarding is not None and await state.forwarding.record(
             draft, state.in_flight <= 1, partial(setattr, draft, "forwarding_sha256")) is None:
-        draft.decision, draft.outcome = "rejected", "unavailable"
-        state.evidence_failed()
+        draft.decision, draft.outcome = "rejected", "unavailable"  # counted once, by its completion record
         return _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
     draft.forwarded = True
     try:

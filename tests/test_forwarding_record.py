@@ -123,6 +123,7 @@ async def test_a_forwarding_record_that_cannot_be_written_refuses_the_request(
         await p.client().chat.completions.create(model=ADMITTED, messages=MSGS, stream=True)
     assert refused.value.status_code == 503 and refused.value.code == "evidence_unavailable"
     assert len(p.backend.requests) == before
+    assert p.metric("case_proxy_evidence_write_failures_total") == 1  # one refused request, counted once
 
 
 async def test_a_batched_forwarding_record_is_waited_for_before_forwarding(
