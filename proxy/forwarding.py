@@ -42,12 +42,24 @@ class Forwarded(Protocol):
 
 def forwarding_fields(draft: Forwarded, target: UpstreamTarget) -> dict[str, Any]:
     """The record's fields (an EvidenceRecord of kind ``forwarding``), None left out."""
-    fields: dict[str, Any] = {
-        "kind": "forwarding", "request_id": draft.request_id, "time": utc_now_rfc3339(), "method": draft.method,
-        "endpoint": draft.endpoint, "path": draft.path, "alias_rewritten": draft.alias_rewritten,
-        "stream": draft.stream, "upstream_class": target.upstream_class.value,
-        "upstream_fingerprint": target.fingerprint,
-    }
+    return _fields(_template(target), draft)
+
+
+def _template(target: UpstreamTarget) -> dict[str, Any]:
+    """The fields every forwarding record of one proxy shares."""
+    return {"kind": "forwarding", "upstream_class": target.upstream_class.value,
+            "upstream_fingerprint": target.fingerprint}
+
+
+def _fields(template: dict[str, Any], draft: Forwarded) -> dict[str, Any]:
+    fields = template.copy()
+    fields["request_id"] = draft.request_id
+    fields["time"] = utc_now_rfc3339()
+    fields["method"] = draft.method
+    fields["endpoint"] = draft.endpoint
+    fields["path"] = draft.path
+    fields["alias_rewritten"] = draft.alias_rewritten
+    fields["stream"] = draft.stream
     if draft.requested_model is not None:
         fields["requested_model"] = draft.requested_model
     if draft.effective_model is not None:
@@ -61,7 +73,7 @@ class ForwardingRecorder:
     def __init__(self, evidence: EvidenceLog, batch: GroupCommit, target: UpstreamTarget) -> None:
         self._evidence = evidence
         self._batch = batch
-        self._target = target
+        self._template = _template(target)  # built once: a few microseconds per request saved
 
     async def record(self, draft: Forwarded, alone: bool,
                      on_staged: Callable[[str], None] | None = None) -> str | None:
@@ -70,7 +82,7 @@ class ForwardingRecorder:
         is in flight to share the write with. ``on_staged(sha)`` is called as soon as
         the record has its place in the chain, before the wait for the write: a request
         cancelled during that wait still names its forwarding record in its completion."""
-        fields = forwarding_fields(draft, self._target)
+        fields = _fields(self._template, draft)
         try:
             if alone and not self._batch.pending:
                 sha = self._evidence.write_fields(fields, draft.own_id)

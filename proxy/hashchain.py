@@ -170,18 +170,30 @@ class HashChainWriter:
         """Raise ChainError unless the next append can land, whole and in order, in the
         file we opened, and the path still names it.
 
-        Every call: one fstat of the descriptor. The file must still be linked and hold
-        exactly the bytes this writer put there: a truncation, a rewrite or an append by
-        anyone else changes its size (a rewrite of the same length is not seen here; the
-        chain and the digests a run records catch that). Either fails the log for good.
+        Every call: the file must hold exactly the bytes this writer put there (one
+        ``lseek`` to its end, cheaper than a stat): a truncation, a rewrite to another
+        length or an append by anyone else changes it, and fails the log for good. A
+        rewrite of the same length is not seen here (the chain and the digests a run
+        records catch that).
 
-        The path: with a watch, stat-ed only once something on the path may have changed
-        since it last passed. A path that names another file, or none, while the open
-        file is still linked and whole is a rotation in progress (PathMoved): refused,
-        not failed; ``rotate`` (SIGHUP) opens a new log at the path, or the path's return
-        clears it."""
+        The descriptor and the path: with a watch, stat-ed only once something on the
+        path may have changed since they last passed. A removed file fails the log for
+        good. A path that names another file, or none, while the open file is still
+        linked and whole is a rotation in progress (PathMoved): refused, not failed;
+        ``rotate`` (SIGHUP) opens a new log at the path, or the path's return clears it."""
         if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
+        try:
+            size = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as exc:
+            self._failed = True
+            raise ChainError(f"evidence file unavailable: {exc.strerror}") from None
+        if size != self._size:
+            self._failed = True
+            raise ChainError(f"evidence file was changed by someone else: {size} bytes on disk, "
+                             f"{self._size} written by this proxy (truncated or rewritten)")
+        if not self._moved and self._watch is not None and not self._watch.changed():
+            return
         try:
             st = os.fstat(self._fd)
         except OSError as exc:
@@ -190,12 +202,6 @@ class HashChainWriter:
         if (st.st_dev, st.st_ino) != self._ident or st.st_nlink == 0:
             self._failed = True
             raise ChainError("evidence file was removed or replaced since it was opened")
-        if st.st_size != self._size:
-            self._failed = True
-            raise ChainError(f"evidence file was changed by someone else: {st.st_size} bytes on disk, "
-                             f"{self._size} written by this proxy (truncated or rewritten)")
-        if not self._moved and self._watch is not None and not self._watch.changed():
-            return
         try:
             on_disk: os.stat_result | None = os.stat(self._path_str)
         except OSError:
