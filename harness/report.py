@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.evidence import FALLBACK_REASONS, NON_MODEL_ENDPOINTS, EvidenceRecord, records_from_bytes
+from proxy.evidence_files import EvidenceFile, lines_from_bytes, pair_forwarding
 from proxy.hashchain import ChainVerdict, read_chain_bytes
 from proxy.upstream_policy import is_known_provider_host
 
@@ -165,6 +166,16 @@ class ReportInputs(BaseModel):
     scan_problem: str | None = None
     decision_sha256_after: str | None
     admission_sha256_after: str | None
+    # Forwarded requests whose completion record is missing (proxy.evidence_files), as
+    # "line N: request ID (endpoint)".
+    unpaired_forwarding: list[str] = []
+
+
+def unpaired_in(path: Path, data: bytes) -> list[str]:
+    """The forwarding records of one log that no completion record names."""
+    verdict, lines = lines_from_bytes(data)
+    unpaired, _ = pair_forwarding([EvidenceFile(path, verdict, lines)])
+    return [f"line {u.line}: request {u.request_id} ({u.endpoint})" for u in unpaired]
 
 
 def _sha(data: bytes) -> str:
@@ -202,6 +213,7 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
     evidence: list[EvidenceRecord] = []
     evidence_verdict = None
     evidence_sha = None
+    unpaired: list[str] = []
     if evidence_path.exists():
         try:
             data = evidence_path.read_bytes()
@@ -211,6 +223,7 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
         else:
             evidence_sha = _sha(data)
             evidence_verdict, evidence = records_from_bytes(data)
+            unpaired = unpaired_in(evidence_path, data)
     metrics_path = run_dir / "proxy" / "metrics.prom"
     metrics_text = metrics_path.read_text(encoding="utf-8", errors="replace") if metrics_path.is_file() else None
     scan = None
@@ -226,7 +239,7 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
                         evidence_present=evidence_path.exists(), evidence_verdict=evidence_verdict,
                         evidence=evidence, evidence_sha256=evidence_sha, metrics_text=metrics_text, scan=scan,
                         scan_problem=scan_problem, decision_sha256_after=decision_sha256_after,
-                        admission_sha256_after=admission_sha256_after)
+                        admission_sha256_after=admission_sha256_after, unpaired_forwarding=unpaired)
 
 
 def metric_sum(text: str | None, name: str) -> float | None:
@@ -326,6 +339,12 @@ def compute_report(inp: ReportInputs) -> Report:
         elif not evidence_ok:
             fail("evidence_chain_broken", "proxy/evidence.jsonl does not verify: "
                  + "; ".join((inp.evidence_verdict.problems if inp.evidence_verdict else [])[:3]))
+        if inp.unpaired_forwarding:
+            # A request forwarded and never completed: the proxy crashed or was killed
+            # mid-request, so what that request was answered with is not in the evidence.
+            fail("evidence_unpaired_forwarding",
+                 f"{len(inp.unpaired_forwarding)} forwarded request(s) have no completion record (the proxy "
+                 "stopped mid-request): " + "; ".join(inp.unpaired_forwarding[:3]))
         if inp.evidence_present and stopped.get("evidence_sha256") not in (None, inp.evidence_sha256):
             fail("evidence_changed", "proxy/evidence.jsonl differs from the digest recorded when the proxy stopped")
         if not admitted:

@@ -23,9 +23,11 @@ from aiohttp import web
 from .admission import Admission
 from .allowlists import check_fields, forwardable_request_headers
 from .auth import RecordBucket, authenticate
+from .authority import Authority
 from .body_decoding import DecodeError, decode_body, encoding_label, parse_content_encoding
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
+from .forwarding import ForwardingRecorder
 from .group_commit import GroupCommit
 from .hashchain import ChainError
 from .metrics import ProxyMetrics
@@ -86,6 +88,7 @@ class Draft:
     client_request_id: str | None = None  # the client's X-Request-Id, if valid (request_policy)
     unrecorded: bool = False  # an unauthenticated request beyond the record bucket (proxy.auth)
     unauthenticated_suppressed: int | None = None  # such requests left out before this record
+    forwarding_sha256: str | None = None  # its forwarding record's line (proxy.forwarding)
 
 
 @dataclass(slots=True)
@@ -99,6 +102,7 @@ class ProxyState:
     upstream: Upstream
     readiness: Readiness
     token: bytes
+    authority: Authority | None = None  # the artifacts, watched while serving (proxy.authority)
     in_flight: int = 0
     draining: bool = False
     scanner: ModelScanner = field(init=False)
@@ -111,14 +115,17 @@ class ProxyState:
     batch: GroupCommit | None = field(init=False)
     # Bounds the records of unauthenticated traffic (proxy.auth).
     unauthenticated_records: RecordBucket = field(default_factory=RecordBucket)
+    forwarding: ForwardingRecorder | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.scanner = ModelScanner(self.admission.model)
         self.loop = asyncio.get_running_loop()
         self._ids = random.Random(os.urandom(32))
         self.batch = None
+        self.forwarding = None
         if self.evidence is not None:
             self.batch = GroupCommit(self.evidence, self.loop, self.evidence_failed)
+            self.forwarding = ForwardingRecorder(self.evidence, self.batch, self.target)
             self.evidence.attach(self.loop)
 
     def evidence_failed(self, n: int = 1) -> None:
@@ -283,6 +290,8 @@ def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> di
     if draft.forwarded:
         rec["upstream_class"] = state.target.upstream_class.value
         rec["upstream_fingerprint"] = state.target.fingerprint
+    if draft.forwarding_sha256 is not None:
+        rec["forwarding_sha256"] = draft.forwarding_sha256
     return rec
 
 
@@ -360,8 +369,13 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     if not state.readiness.state.ready:
         problems.append(state.readiness.state.reason)
-    if state.evidence is not None and not state.evidence.healthy:
-        problems.append("evidence log cannot record")
+    if state.authority is not None and not state.authority.serving:
+        problems.append(f"authority: {state.authority.verdict.code}: {state.authority.verdict.message}")
+    if state.evidence is not None:
+        try:
+            state.evidence.check()
+        except ChainError as exc:
+            problems.append(f"evidence log cannot record: {exc}")
     if state.draining:
         problems.append("shutting down")
     body = {"status": "not_ready" if problems else "ready", "model": state.admission.model,
@@ -540,6 +554,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if state.draining:
         draft.outcome = "unavailable"
         return _error(state, draft, "shutting_down", "the proxy is shutting down")
+    if state.authority is not None and not state.authority.serving:
+        draft.outcome = "unavailable"
+        return _error(state, draft, "admission_blocks",
+                      f"the operators' artifacts no longer allow serving ({state.authority.verdict.code}); see /readyz")
     if state.evidence is not None:
         try:
             state.evidence.check()
@@ -584,6 +602,11 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     headers = forwardable_request_headers(request.headers.items())
     headers["Content-Type"] = "application/json"
     headers["X-Request-Id"] = draft.request_id
+    # A durable forwarding record before the backend sees a byte (fail closed).
+    if state.forwarding is not None and await state.forwarding.record(
+            draft, state.in_flight <= 1, partial(setattr, draft, "forwarding_sha256")) is None:
+        draft.decision, draft.outcome = "rejected", "unavailable"  # counted once, by its completion record
+        return _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
     draft.forwarded = True
     try:
         resp = await state.upstream.post(path, body, headers, limits.first_byte_timeout_s)

@@ -1,9 +1,13 @@
 """`case-proxy`: serve, check-config, verify-evidence.
 
-Exit codes: 0 ok; 1 evidence chain broken (verify-evidence) or a worker failed (serve
-with several workers); 2 usage or configuration error (check-config also for a failed
-gate or, with --probe, a backend that does not list the admitted model); 3 serve refused
-to start because a gate blocks (decision record, admission, upstream pin).
+Exit codes: 0 ok; 1 evidence chain or rotation link broken (verify-evidence) or a worker
+failed (serve with several workers); 2 usage or configuration error (check-config also
+for a failed gate or, with --probe, a backend that does not list the admitted model); 3
+serve refused to start because a gate blocks (decision record, admission, upstream pin);
+4 serve refused to start because the evidence log at its path is torn (not an intact
+chain): restarting cannot help, tell the service manager not to (systemd:
+``RestartPreventExitStatus=4``); 5 verify-evidence: every chain intact, but a forwarded
+request has no completion record (in flight, or the proxy crashed or was killed).
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .evidence import verify_evidence
+from .evidence_files import link_files, pair_forwarding, read_evidence_file, summary_line
 from .server import EXIT_CONFIG, check_static, probe_backend, run
+
+EXIT_BROKEN = 1
+EXIT_UNPAIRED = 5
 from .settings import ConfigError, load_settings
 
 
@@ -34,30 +41,51 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--probe", action="store_true",
                        help="also ask the backend (GET /v1/models, through the upstream pin) whether it serves "
                             "the admitted model")
-    verify = sub.add_parser("verify-evidence", help="verify evidence logs' hash chains and schema "
-                                                    "(several files: one chain per worker)")
+    verify = sub.add_parser("verify-evidence", help="verify evidence logs' hash chains and schema, the links "
+                                                    "between rotated files and the forwarding/completion pairs "
+                                                    "(several files: rotated logs, one chain per worker)")
     verify.add_argument("files", type=Path, nargs="+", metavar="file")
     return p
 
 
 def _verify(files: list[Path]) -> int:
-    """Each file is its own chain; exit 1 if any is broken, 2 if any is missing."""
+    """Each file is its own chain; files a rotation joined are followed across (in any
+    order given). Exit 1 if a chain or a link is broken, 2 if a file is missing, 5 if
+    all is intact but a forwarded request has no completion record."""
     missing = [f for f in files if not f.is_file()]
     for f in missing:
         print(f"case-proxy: evidence file {f} does not exist", file=sys.stderr)
     if missing:
         return EXIT_CONFIG
+    read = [read_evidence_file(f) for f in files]
     broken = False
-    for f in files:
-        verdict = verify_evidence(f)
-        prefix = f"{f}: " if len(files) > 1 else ""
+    for f in read:
+        verdict = f.verdict
+        prefix = f"{f.path}: " if len(files) > 1 else ""
         if verdict.ok:
             print(f"{prefix}ok: {verdict.records} records, chain intact, last sha256 {verdict.last_sha256}")
             continue
         broken = True
         for problem in verdict.problems:
             print(f"{prefix}broken: {problem}")
-    return 1 if broken else 0
+    links = link_files(read)
+    for run in links.order:
+        if len(run) > 1:
+            print("linked: " + " -> ".join(run))
+    for note in links.notes:
+        print(f"note: {note}")
+    for problem in links.problems:
+        broken = True
+        print(f"broken: {problem}")
+    unpaired, pair_problems = pair_forwarding(read)
+    for problem in pair_problems:
+        broken = True
+        print(f"broken: {problem}")
+    for u in unpaired:
+        print(f"unpaired: {summary_line(u)}")
+    if broken:
+        return EXIT_BROKEN
+    return EXIT_UNPAIRED if unpaired else 0
 
 
 def main(argv: list[str] | None = None) -> int:

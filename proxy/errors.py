@@ -44,6 +44,8 @@ ERRORS: dict[str, ErrorSpec] = {
     "external_provider_header": ErrorSpec(403, "permission_error"),
     "forward_proxy_refused": ErrorSpec(403, "permission_error"),
     "engine_override_refused": ErrorSpec(403, "permission_error"),
+    # the operators' artifacts no longer allow serving (proxy.authority)
+    "admission_blocks": ErrorSpec(403, "permission_error"),
     # load
     "too_many_requests": ErrorSpec(429, "rate_limit_error"),
     # backend and proof

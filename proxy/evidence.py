@@ -34,6 +34,7 @@ NON_MODEL_ENDPOINTS = frozenset({None, "models", "model", "other"})
 PROXY_GENERATED_FIELDS = frozenset({
     "kind", "time", "endpoint", "alias_rewritten", "decision", "family", "status", "stream", "usage",
     "duration_ms", "ttft_ms", "upstream_class", "upstream_fingerprint", "client_disconnected", "pid", "worker",
+    "forwarding_sha256",
 })
 # The same plus the request id, for a record whose id the proxy drew itself (see
 # ``stage_fields``): a client may send its own id, which is free text like any other.
@@ -50,7 +51,8 @@ class Usage(BaseModel):
 class EvidenceRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["request", "proxy_start", "proxy_stop"] = "request"
+    kind: Literal["request", "proxy_start", "proxy_stop", "authority_changed", "log_sealed", "log_continued",
+                  "forwarding"] = "request"
     request_id: str | None = None
     client_request_id: str | None = None  # the client's X-Request-Id, validated (the proxy draws request_id)
     time: str
@@ -82,6 +84,16 @@ class EvidenceRecord(BaseModel):
     provider_class: str | None = None
     pid: int | None = None
     worker: int | None = None
+    # authority_changed (see proxy.authority): whether forwarding goes on, and why.
+    serving: bool | None = None
+    detail: str | None = None
+    # log_continued: the first record of a log opened by a rotation names the sealed
+    # file's last line (its SHA-256) and how many records that file holds.
+    continues_sha256: str | None = None
+    continues_records: int | None = None
+    # request: the line of the ``forwarding`` record written before the request was
+    # forwarded (see proxy.evidence_files), so the two pair up.
+    forwarding_sha256: str | None = None
 
 
 _second: tuple[int, str] = (-1, "")
@@ -109,6 +121,23 @@ class EvidenceLog:
 
     def check(self) -> None:
         self._chain.check()
+
+    @property
+    def moved(self) -> bool:
+        """The path no longer names the open log (a rotation waiting for its SIGHUP)."""
+        return self._chain.moved
+
+    def rotate(self, pid: int | None = None) -> bool:
+        """SIGHUP: seal the open log with a ``log_sealed`` record and open a new one at the
+        path whose first record, ``log_continued``, names the sealed file's last hash
+        (see HashChainWriter.rotate). False while the path still names the open log."""
+        seal = EvidenceRecord(kind="log_sealed", time=utc_now_rfc3339(), reason="rotation", pid=pid)
+
+        def opening(sha: str, records: int) -> dict[str, Any]:
+            return EvidenceRecord(kind="log_continued", time=utc_now_rfc3339(), continues_sha256=sha,
+                                  continues_records=records, pid=pid).model_dump(exclude_none=True)
+
+        return self._chain.rotate(seal.model_dump(exclude_none=True), opening)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let the serving loop read the path watch's events (see proxy.path_watch)."""

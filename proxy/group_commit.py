@@ -50,13 +50,19 @@ class GroupCommit:
         a waiter cancelled by its client disturbs no other) and ``then`` both learn
         whether the record reached the file whole. Raises ChainError when the log cannot
         take a record at all. ``own_id``: see ``EvidenceLog.stage_fields``."""
+        return self.stage_with_sha(fields, then, own_id)[1]
+
+    def stage_with_sha(self, fields: dict[str, Any], then: Callable[[bool], None] | None = None,
+                       own_id: bool = False) -> tuple[str, asyncio.Future[bool]]:
+        """``stage``, and the SHA-256 the record's line will have (what a later record
+        names it by, see proxy.forwarding)."""
         seq = self._evidence.count
-        self._evidence.stage_fields(fields, own_id)
+        sha = self._evidence.stage_fields(fields, own_id)
         if not self._waiters:
             self._loop.call_soon(self._flush)
         done: asyncio.Future[bool] = self._loop.create_future()
         self._waiters.append((seq, done, then))
-        return done
+        return sha, done
 
     def _flush(self) -> None:
         waiters, self._waiters = self._waiters, []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,17 @@ GENESIS = "0" * 64
 
 class ChainError(Exception):
     """The chain cannot be extended or read."""
+
+
+class TornChain(ChainError):
+    """The file at the log's path is not an intact chain (a partial last line after a
+    crash or a full disk, an edited line): it must not be extended."""
+
+
+class PathMoved(ChainError):
+    """The log's path no longer names the open file, which is still linked and whole:
+    a rotation (a rename) waits for its SIGHUP. Records still land in the open file;
+    nothing is forwarded until the path names the log again or a new log is opened."""
 
 
 def line_sha256(line: bytes) -> str:
@@ -96,6 +107,10 @@ class HashChainWriter:
         self._prev = GENESIS
         self._seq = 0
         self._written = 0  # records whole in the file: seq below this (see flush)
+        self._base = 0  # records in the files sealed before this one (see rotate)
+        self._size = 0  # bytes this writer has put in the file: what fstat must say
+        self._moved = False  # the path named another file (or none) at the last check
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._failed = False
         self._closed = False
         self._ident: tuple[int, int] | None = None
@@ -103,9 +118,13 @@ class HashChainWriter:
 
     def open(self) -> None:
         if self.path.exists():
-            verdict = verify_chain(self.path)
+            try:
+                data = self.path.read_bytes()
+            except OSError as exc:
+                raise ChainError(f"cannot read {self.path}: {exc.strerror}") from None
+            verdict = _walk(data)[0]
             if not verdict.ok:
-                raise ChainError(f"{self.path} is not an intact chain; refusing to extend it: {verdict.problems[0]}. "
+                raise TornChain(f"{self.path} is not an intact chain; refusing to extend it: {verdict.problems[0]}. "
                                  "Keep it as evidence (verify-evidence lists every problem) and start a new "
                                  "log under another name")
             self._prev, self._seq = verdict.last_sha256, verdict.records
@@ -116,11 +135,13 @@ class HashChainWriter:
         except OSError as exc:
             raise ChainError(f"cannot open {self.path}: {exc.strerror}") from None
         self._ident = (st.st_dev, st.st_ino)
+        self._size = st.st_size
         if self._want_watch:
             self._watch = PathWatch.open(self.path)  # its first changed() is True: stat once
 
     def attach_watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let ``loop`` read the path watch's events (see proxy.path_watch)."""
+        self._loop = loop
         if self._watch is not None:
             self._watch.attach(loop)
 
@@ -134,35 +155,108 @@ class HashChainWriter:
 
     @property
     def count(self) -> int:
-        """Records chained so far, staged ones included."""
-        return self._seq
+        """Records chained so far, staged ones included, counted over every file this
+        writer has written (see rotate): a position that only grows."""
+        return self._base + self._seq
 
     @property
     def written(self) -> int:
         """Records whole in the file: every record whose seq is below this. A short
         write counts the records it completed, so a caller can release exactly the
-        answers whose records made it."""
-        return self._written
+        answers whose records made it. Counted like ``count``."""
+        return self._base + self._written
 
     def check(self) -> None:
-        """Raise ChainError unless the next append can land in the file we opened: the
-        descriptor and the path must both still name that (dev, inode), still linked.
-        With a watch, that comparison runs only once something on the path may have
-        changed since it last passed (a descriptor swapped inside this process then shows
-        only when a write fails)."""
+        """Raise ChainError unless the next append can land, whole and in order, in the
+        file we opened, and the path still names it.
+
+        Every call: the file must hold exactly the bytes this writer put there (one
+        ``lseek`` to its end, cheaper than a stat): a truncation, a rewrite to another
+        length or an append by anyone else changes it, and fails the log for good. A
+        rewrite of the same length is not seen here (the chain and the digests a run
+        records catch that).
+
+        The descriptor and the path: with a watch, stat-ed only once something on the
+        path may have changed since they last passed. A removed file fails the log for
+        good. A path that names another file, or none, while the open file is still
+        linked and whole is a rotation in progress (PathMoved): refused, not failed;
+        ``rotate`` (SIGHUP) opens a new log at the path, or the path's return clears it."""
         if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
-        if self._watch is not None and not self._watch.changed():
-            return
         try:
-            st = os.fstat(self._fd)
-            on_disk = os.stat(self._path_str)
+            size = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError as exc:
             self._failed = True
             raise ChainError(f"evidence file unavailable: {exc.strerror}") from None
-        if (st.st_dev, st.st_ino) != self._ident or (on_disk.st_dev, on_disk.st_ino) != self._ident or st.st_nlink == 0:
+        if size != self._size:
+            self._failed = True
+            raise ChainError(f"evidence file was changed by someone else: {size} bytes on disk, "
+                             f"{self._size} written by this proxy (truncated or rewritten)")
+        if not self._moved and self._watch is not None and not self._watch.changed():
+            return
+        try:
+            st = os.fstat(self._fd)
+        except OSError as exc:
+            self._failed = True
+            raise ChainError(f"evidence file unavailable: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != self._ident or st.st_nlink == 0:
             self._failed = True
             raise ChainError("evidence file was removed or replaced since it was opened")
+        try:
+            on_disk: os.stat_result | None = os.stat(self._path_str)
+        except OSError:
+            on_disk = None
+        if on_disk is None or (on_disk.st_dev, on_disk.st_ino) != self._ident:
+            self._moved = True
+            raise PathMoved("the evidence path no longer names the open log (rotated or moved); "
+                            "send SIGHUP to seal it and open a new log at the path")
+        self._moved = False
+
+    @property
+    def moved(self) -> bool:
+        """The path named another file, or none, at the last check (see PathMoved)."""
+        return self._moved
+
+    def rotate(self, seal: Mapping[str, Any], opening: Callable[[str, int], Mapping[str, Any]]) -> bool:
+        """After the log was renamed away (logrotate's default): append ``seal`` to the
+        open file as its last record, close it, open a new file at the path and make
+        ``opening(last_sha256, records)`` of the sealed file its first record, so the new
+        chain names the end of the old one. False, and nothing done, while the path still
+        names the open file. The new file must not exist or be empty (logrotate's
+        ``create``): a file someone else filled is never extended. Any failure leaves
+        the writer failed (fail closed)."""
+        if not self.healthy or self._fd is None:
+            raise ChainError("evidence writer is not open or a previous write failed")
+        try:
+            on_disk: os.stat_result | None = os.stat(self._path_str)
+        except OSError:
+            on_disk = None
+        if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == self._ident:
+            return False
+        self.append(seal)
+        sealed_sha, sealed_records = self._prev, self._seq
+        self._base += self._seq
+        self._release_file()
+        self._fd = None
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self._failed = True
+            raise ChainError(f"cannot open a new log at {self.path}: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if st.st_size:
+            os.close(fd)
+            self._failed = True
+            raise ChainError(f"{self.path} already holds {st.st_size} bytes that are not this proxy's; "
+                             "refusing to extend it")
+        self._fd, self._ident, self._size = fd, (st.st_dev, st.st_ino), 0
+        self._prev, self._seq, self._written, self._moved = GENESIS, 0, 0, False
+        if self._want_watch:
+            self._watch = PathWatch.open(self.path)
+            if self._watch is not None and self._loop is not None:
+                self._watch.attach(self._loop)
+        self.append(opening(sealed_sha, sealed_records))
+        return True
 
     def append(self, record: Mapping[str, Any]) -> str:
         """Write one record now (after any staged ones)."""
@@ -211,6 +305,7 @@ class HashChainWriter:
         except OSError as exc:
             self._failed = True
             raise ChainError(f"write failed: {exc.strerror}") from None
+        self._size += max(written, 0)
         if written == len(data):
             self._written = self._seq
             return
@@ -231,8 +326,15 @@ class HashChainWriter:
             except ChainError:
                 pass
         self._closed = True
+        self._release_file()
+
+    def _release_file(self) -> None:
+        """Stop watching the path; sync and close the descriptor."""
         if self._watch is not None:
             self._watch.close()
+            self._watch = None
+        if self._fd is None:
+            return
         try:
             os.fsync(self._fd)
         except OSError:

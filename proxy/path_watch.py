@@ -34,6 +34,9 @@ import struct
 import sys
 from pathlib import Path
 
+_IN_MODIFY = 0x02
+_IN_ATTRIB = 0x04
+_IN_CLOSE_WRITE = 0x08
 _IN_MOVED_FROM = 0x40
 _IN_MOVED_TO = 0x80
 _IN_CREATE = 0x100
@@ -48,6 +51,8 @@ _IN_DONT_FOLLOW = 0x02000000
 
 _DIR_MASK = (_IN_CREATE | _IN_DELETE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF
              | _IN_ONLYDIR | _IN_DONT_FOLLOW)
+# With ``content``: the file's own changes, made in place (a write, a truncation, a chmod).
+_FILE_MASK = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_ATTRIB | _IN_DONT_FOLLOW
 # The watch can no longer vouch for the path: a watch was dropped or events were lost.
 _BROKEN = _IN_IGNORED | _IN_Q_OVERFLOW | _IN_UNMOUNT
 
@@ -76,13 +81,15 @@ def watched_directories(path: Path) -> list[str] | None:
     return [str(Path(*parts[:n])) for n in range(1, len(parts))]
 
 
-def broken(events: bytes) -> bool:
+def broken(events: bytes, file_wds: frozenset[int] = frozenset()) -> bool:
     """True if the events read from an inotify descriptor include one after which the
-    watch no longer covers the path."""
+    watch no longer covers the path. ``file_wds``: the watches on the file itself (see
+    ``PathWatch.open(content=True)``), whose end only means the file was replaced or
+    removed (its directory's events say so too); it is watched again afterwards."""
     offset = 0
     while offset + _EVENT.size <= len(events):
-        _wd, mask, _cookie, name_len = _EVENT.unpack_from(events, offset)
-        if mask & _BROKEN:
+        wd, mask, _cookie, name_len = _EVENT.unpack_from(events, offset)
+        if mask & _BROKEN and not (mask == _IN_IGNORED and wd in file_wds):
             return True
         offset += _EVENT.size + name_len
     return False
@@ -113,6 +120,9 @@ class PathWatch:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self._libc: ctypes.CDLL | None = None
+        self._file: bytes | None = None  # the file itself, watched for content changes
+        self._file_wds: frozenset[int] = frozenset()  # every watch it ever had
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
         self._changed = True
@@ -120,8 +130,12 @@ class PathWatch:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def open(cls, path: Path) -> PathWatch | None:
-        """A watch on ``path``, or None where a watch would not see every change."""
+    def open(cls, path: Path, content: bool = False) -> PathWatch | None:
+        """A watch on ``path``, or None where a watch would not see every change.
+        ``content``: also report changes made to the file in place (a write, a
+        truncation, a chmod), for files read rather than written by this process (the
+        decision record and the admission JSON, see proxy.authority). Not for the
+        evidence log: every record written would wake it."""
         dirs = watched_directories(path)
         libc = _libc()
         if dirs is None or libc is None:
@@ -136,7 +150,20 @@ class PathWatch:
             if libc.inotify_add_watch(fd, d.encode(), _DIR_MASK) < 0:  # e.g. out of watches
                 watch.close()
                 return None
+        if content:
+            watch._libc, watch._file = libc, os.path.abspath(path).encode()
+            watch._watch_file()
         return watch
+
+    def _watch_file(self) -> None:
+        """(Re)watch whatever file the path names now: after a rename over it, the old
+        watch follows the old inode. Watching the same inode again returns the same
+        watch; a missing file is no error (its directory's watch reports its return)."""
+        if self._libc is None or self._file is None or self._fd < 0:
+            return
+        wd = self._libc.inotify_add_watch(self._fd, self._file, _FILE_MASK)
+        if wd >= 0 and wd not in self._file_wds:
+            self._file_wds = self._file_wds | {wd}
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Have ``loop`` read the events as they come (see the module docstring)."""
@@ -157,6 +184,8 @@ class PathWatch:
             self._changed = True
             self._drain()
         changed, self._changed = self._changed, False
+        if changed and self._file is not None:
+            self._watch_file()
         return changed
 
     def _drain(self) -> None:
@@ -165,7 +194,7 @@ class PathWatch:
                 events = os.read(self._fd, 64 * 1024)
             except BlockingIOError:
                 return
-            if broken(events):
+            if broken(events, self._file_wds):
                 self._broken = True
                 return
 

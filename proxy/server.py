@@ -16,14 +16,16 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
 
 from .admission import ArtifactError, evaluate_admission_gates, load_admission, load_decision
 from .app import ProxyState, create_app
+from .authority import Authority, AuthorityVerdict, info_labels
 from .evidence import EvidenceLog, EvidenceRecord, utc_now_rfc3339
-from .hashchain import ChainError
+from .hashchain import ChainError, TornChain
 from .metrics import ProxyMetrics
 from .readiness import Readiness, ReadinessState
 from .redact import Redactor, install_log_redaction
@@ -36,7 +38,13 @@ log = logging.getLogger("case_proxy")
 
 EXIT_CONFIG = 2
 EXIT_BLOCKED = 3
+# The evidence log at the configured path is torn (not an intact chain). A restart meets
+# the same file, so a service manager must not restart on it (systemd:
+# RestartPreventExitStatus=4); an operator keeps the file as evidence and starts anew.
+EXIT_TORN_LOG = 4
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+# SIGHUP: seal the evidence log and open a new one at its path (log rotation).
+ROTATE_SIGNAL = signal.SIGHUP
 # Connections the kernel completes and queues while the loop is busy. aiohttp's default
 # (128) overflowed in the benchmark's burst of 1,000 stream openings: the kernel drops the
 # SYNs past it and each such client retries after 1 s, then 3 s. The kernel caps this at
@@ -153,7 +161,7 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
                 worker=worker.index if worker is not None else None))
         except (ChainError, OSError) as exc:
             raise StartupError([f"CASE_PROXY_EVIDENCE_FILE: cannot record evidence: {redactor.redact(str(exc))}"],
-                               EXIT_CONFIG) from None
+                               EXIT_TORN_LOG if isinstance(exc, TornChain) else EXIT_CONFIG) from None
     else:
         log.warning("evidence recording is OFF (benchmark setting): this proxy proves nothing")
     state: ProxyState | None = None
@@ -165,12 +173,15 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
     readiness = Readiness(upstream, admission.model, limits.readiness_interval_s, limits.connect_timeout_s + 5,
                           busy=lambda: state is not None and state.in_flight > 0)
     readiness.on_change.append(lambda ready: metrics.backend_ready.set(1 if ready else 0))
+    authority = Authority(settings.decision_file, settings.admission_file, admission)
+    authority.on_change.append(partial(_authority_changed, metrics, evidence, redactor))
     state = ProxyState(settings=settings, admission=admission, target=target, redactor=redactor,
                        evidence=evidence, metrics=metrics, upstream=upstream, readiness=readiness,
-                       token=settings.proxy_token.get_secret_value().encode())
+                       token=settings.proxy_token.get_secret_value().encode(), authority=authority)
     app = create_app(state)
 
     async def on_cleanup(_: web.Application) -> None:
+        await authority.stop()
         await readiness.stop()
         await upstream.close()
         if evidence is not None and evidence.healthy:
@@ -195,9 +206,50 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
         await runner.cleanup()
         raise StartupError([f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"], EXIT_CONFIG) from None
     readiness.start()
+    authority.start()
     sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
     port = sockets[0].getsockname()[1] if sockets else settings.port
     return RunningProxy(state=state, runner=runner, port=port, host=settings.host)
+
+
+def _authority_changed(metrics: ProxyMetrics, evidence: EvidenceLog | None, redactor: Redactor,
+                       old: AuthorityVerdict, new: AuthorityVerdict) -> None:
+    """A new verdict on the artifacts (see proxy.authority): the admission gauge shows
+    the admission as it reads now (1 while it is served, 0 once it is not) and the
+    evidence says what changed. The refusals themselves follow from ``serving``."""
+    before, after = info_labels(old), info_labels(new)
+    if before is not None and before != after:
+        metrics.admission_info.labels(*before).set(0)
+    if after is not None:
+        metrics.admission_info.labels(*after).set(1 if new.serving else 0)
+    if evidence is None:
+        return
+    try:
+        evidence.write(EvidenceRecord(
+            kind="authority_changed", time=utc_now_rfc3339(), serving=new.serving, reason=new.code,
+            detail=redactor.redact(new.message)[:1000], admission_provider=new.provider, admission_model=new.model,
+            admission_status=new.admission_status, provider_class=new.provider_class, pid=os.getpid()))
+    except ChainError:
+        log.error("could not write the authority_changed evidence record")
+
+
+def rotate_evidence(state: ProxyState) -> bool:
+    """SIGHUP: seal the evidence log and open a new one at its path, if the path was
+    renamed away (see EvidenceLog.rotate). A failure leaves the log failed: everything
+    is refused (fail closed) and /readyz says why."""
+    if state.evidence is None:
+        return False
+    try:
+        rotated = state.evidence.rotate(os.getpid())
+    except (ChainError, OSError) as exc:
+        log.error("log rotation failed; the proxy refuses traffic until restarted: %s",
+                  state.redactor.redact(str(exc)))
+        return False
+    if rotated:
+        log.info("evidence log rotated: the old file is sealed, a new one is open at %s", state.settings.evidence_file)
+    else:
+        log.info("SIGHUP: the evidence path still names the open log; nothing to rotate")
+    return rotated
 
 
 GC_THRESHOLD = (10_000, 20, 20)
@@ -224,13 +276,16 @@ async def serve_forever(settings: ProxySettings, worker: WorkerRole | None = Non
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    started: list[RunningProxy] = []
+    loop.add_signal_handler(ROTATE_SIGNAL, lambda: rotate_evidence(started[0].state) if started else None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS | {ROTATE_SIGNAL})
     try:
         proxy = await start_proxy(settings, worker)
     except StartupError as exc:
         for line in exc.problems:
             print(f"case-proxy: {line}", file=sys.stderr)
         return exc.exit_code
+    started.append(proxy)
     _tune_gc()
     if on_ready is not None:
         on_ready()

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 
-from .server import EXIT_BLOCKED, EXIT_CONFIG, STOP_SIGNALS, WorkerRole, check_static, run
+from .server import EXIT_BLOCKED, EXIT_CONFIG, EXIT_TORN_LOG, ROTATE_SIGNAL, STOP_SIGNALS, WorkerRole, check_static, run
 from .settings import ProxySettings
 
 EXIT_WORKER_FAILED = 1
@@ -72,8 +72,8 @@ def _worker_main(settings: ProxySettings, role: WorkerRole, ready: Connection) -
     """Entry point of a forked worker: its own metrics files, then the ordinary proxy."""
     # The supervisor's handlers are not ours; a stop that arrives before the event loop
     # handles it stays pending (serve_forever unblocks), so even an early stop is clean.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    for sig in STOP_SIGNALS:
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {ROTATE_SIGNAL})
+    for sig in (*STOP_SIGNALS, ROTATE_SIGNAL):
         signal.signal(sig, signal.SIG_DFL)
     from prometheus_client import values
 
@@ -114,6 +114,12 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_requested = True
 
+    def _on_rotate(self, signum: int, frame: FrameType | None) -> None:
+        """SIGHUP (logrotate's postrotate): each worker rotates its own log."""
+        for w in self.workers:
+            if w.proc.exitcode is None and w.proc.pid is not None:
+                os.kill(w.proc.pid, ROTATE_SIGNAL)
+
     def run(self) -> int:
         s = self.settings
         problems, gates = check_static(s)
@@ -128,6 +134,7 @@ class Supervisor:
             return EXIT_CONFIG
         metrics_dir = Path(tempfile.mkdtemp(prefix="case-proxy-metrics-"))
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        previous[ROTATE_SIGNAL] = signal.signal(ROTATE_SIGNAL, self._on_rotate)
         try:
             port = reservation.getsockname()[1]
             self._spawn(port, metrics_dir)
@@ -178,7 +185,8 @@ class Supervisor:
                         pass  # it exited without saying ready: the check below reports it
                 if not w.ready and w.proc.exitcode is not None:
                     _say(f"worker {w.index} failed to start (exit {w.proc.exitcode}); stopping all workers")
-                    return w.proc.exitcode if w.proc.exitcode in (EXIT_CONFIG, EXIT_BLOCKED) else EXIT_WORKER_FAILED
+                    return w.proc.exitcode if w.proc.exitcode in (EXIT_CONFIG, EXIT_BLOCKED, EXIT_TORN_LOG) \
+                        else EXIT_WORKER_FAILED
         return None
 
     def _watch(self) -> int:
@@ -189,10 +197,11 @@ class Supervisor:
         while not self._stop_requested:
             multiprocessing.connection.wait([w.proc.sentinel for w in self.workers], timeout=POLL_S)
             for w in self.workers:
-                if w.proc.exitcode == 0:
+                code = w.proc.exitcode  # read once: each read polls, and may change between two
+                if code == 0:
                     return 0
-                if w.proc.exitcode is not None:
-                    _say(f"worker {w.index} (pid {w.proc.pid}) exited with {w.proc.exitcode} while serving; "
+                if code is not None:
+                    _say(f"worker {w.index} (pid {w.proc.pid}) exited with {code} while serving; "
                          "stopping every worker")
                     return EXIT_WORKER_FAILED
         return 0

@@ -36,19 +36,29 @@ def _open_commit(tmp_path: Path) -> tuple[EvidenceLog, GroupCommit, list[int]]:
     return log, GroupCommit(log, asyncio.get_running_loop(), lost.append), lost
 
 
-def _count_writes(monkeypatch: pytest.MonkeyPatch, fail: bool = False, short: bool = False) -> list[int]:
+# Completion records only: a forwarded request's forwarding record (proxy.forwarding) is
+# written before the backend sees it, so failing every write would refuse before
+# forwarding; these tests are about the completion records' batch.
+COMPLETIONS = b'{"kind":"request"'
+
+
+def _count_writes(monkeypatch: pytest.MonkeyPatch, fail: bool = False, short: bool = False,
+                  only: bytes | None = None) -> list[int]:
     """Sizes of the writes the chain writer makes (each one system call); with ``fail``,
     each fails as a full disk would; with ``short``, the first write of several records
-    stops as a disk filling up would: after its first line and ten bytes of the next."""
+    stops as a disk filling up would: after its first line and ten bytes of the next.
+    ``only``: count, fail or shorten only writes that hold these bytes."""
     sizes: list[int] = []
     real_write = os.write
     shorted: list[bool] = []
 
     def write(fd: int, data: bytes) -> int:
-        sizes.append(len(data))
-        if fail:
+        hit = only is None or only in data
+        if hit:
+            sizes.append(len(data))
+        if fail and hit:
             raise OSError(errno.ENOSPC, "No space left on device")
-        if short and not shorted and data.count(b"\n") >= 2:
+        if short and hit and not shorted and data.count(b"\n") >= 2:
             shorted.append(True)
             return real_write(fd, data[:data.index(b"\n") + 11])
         return real_write(fd, data)
@@ -111,7 +121,7 @@ async def test_a_short_batch_write_releases_exactly_the_records_it_completed(
 async def test_concurrent_requests_share_writes_and_every_answer_has_its_record(
         proxy: ProxyUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     proxy.backend.first_byte_delay_s = 0.2  # the answers arrive together
-    writes = _count_writes(monkeypatch)
+    writes = _count_writes(monkeypatch, only=COMPLETIONS)
     client = proxy.client()
     n = 8
     answers = await asyncio.gather(*(client.chat.completions.create(model=ADMITTED, messages=MSG) for _ in range(n)))
@@ -127,7 +137,7 @@ async def test_concurrent_requests_share_writes_and_every_answer_has_its_record(
 async def test_a_failed_batch_write_withholds_every_answer_of_the_batch(
         proxy: ProxyUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     proxy.backend.first_byte_delay_s = 0.2
-    writes = _count_writes(monkeypatch, fail=True)
+    writes = _count_writes(monkeypatch, fail=True, only=COMPLETIONS)
     client = proxy.client()
     n = 6
     results = await asyncio.gather(*(client.chat.completions.create(model=ADMITTED, messages=MSG) for _ in range(n)),
@@ -145,7 +155,7 @@ async def test_a_short_batch_write_answers_exactly_the_requests_whose_records_ar
         proxy: ProxyUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """No record on disk speaks for an answer the client did not get."""
     proxy.backend.first_byte_delay_s = 0.2
-    _count_writes(monkeypatch, short=True)
+    _count_writes(monkeypatch, short=True, only=COMPLETIONS)
     client = proxy.client()
     n = 6
     results = await asyncio.gather(*(client.chat.completions.with_raw_response.create(model=ADMITTED, messages=MSG)

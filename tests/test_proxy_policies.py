@@ -242,7 +242,8 @@ def test_the_skipped_fields_are_never_free_text_from_outside() -> None:
     field is one the proxy fills from its own vocabulary or clock, never a request's."""
     skipped_strings = {name for name, f in EvidenceRecord.model_fields.items()
                        if name in PROXY_GENERATED_FIELDS and f.annotation in (str, str | None)}
-    assert skipped_strings == {"time", "endpoint", "family", "upstream_class", "upstream_fingerprint"}
+    assert skipped_strings == {"time", "endpoint", "family", "upstream_class", "upstream_fingerprint",
+                               "forwarding_sha256"}  # a line hash the proxy computed
     assert {"request_id", "method", "path", "requested_model", "served_model", "target_host",
             "reason"} <= set(_free_text_fields())
 
