@@ -26,6 +26,7 @@ from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
 from .group_commit import GroupCommit
 from .hashchain import ChainError
+from .log_setup import ACCESS_LOG, log_access
 from .metrics import ProxyMetrics
 from .model_policy import Family, classify_family, decide_model
 from .readiness import Readiness
@@ -184,6 +185,7 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         if draft.reason == "unhandled":
             draft.reason = "client_disconnected"
         _finish(state, draft)  # no answer left to hold back: the record is not awaited
+        _access(state, draft)
         raise
     except Exception:
         log.exception("internal error handling request %s", draft.request_id)
@@ -197,7 +199,15 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
     if not recorded and not response.prepared:
         draft.outcome = "unavailable"
         response = _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
+    _access(state, draft)
     return response
+
+
+def _access(state: ProxyState, draft: Draft) -> None:
+    """The access line, written once the answer is on its way (off the client's wait),
+    with the draft as final as the client saw it. Public endpoints (probes, scrapes) get none."""
+    if state.settings.access_log and draft.path not in PUBLIC_PATHS and ACCESS_LOG.isEnabledFor(logging.INFO):
+        state.loop.call_soon(log_access, draft, time.perf_counter() - draft.started)
 
 
 async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]

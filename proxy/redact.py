@@ -195,6 +195,10 @@ def _strings(obj: Any, out: list[str]) -> list[str]:
     return out
 
 
+# What every LogRecord has; anything else on a record came in through ``extra=``.
+_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
 class RedactingFilter(logging.Filter):
     """Every record passing it leaves with its message and traceback redacted, so no
     handler can format the raw values later."""
@@ -209,6 +213,11 @@ class RedactingFilter(logging.Filter):
         except Exception:  # noqa: BLE001 - a broken format string must still be logged, redacted
             message = str(record.msg)
         record.msg, record.args = self.redactor.redact(message), None
+        # Fields passed with ``extra=`` (an access line's) reach a JSON formatter as they
+        # are: they are redacted here too.
+        for key, value in list(record.__dict__.items()):
+            if type(value) is str and key not in _RECORD_ATTRS:
+                record.__dict__[key] = self.redactor.redact(value)
         if record.exc_info:
             text = logging.Formatter().formatException(record.exc_info)
             record.exc_text = self.redactor.redact(text)
