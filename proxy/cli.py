@@ -13,6 +13,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from .cli_help import EPILOGS, MAIN_EPILOG
 from .evidence import verify_evidence
 from .log_setup import LOG_FORMATS, configure_logging
 from .server import EXIT_CONFIG, check_static, probe_backend, run
@@ -42,7 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify-evidence", help="verify evidence logs' hash chains and schema "
                                                     "(several files: one chain per worker)")
     verify.add_argument("files", type=Path, nargs="+", metavar="file")
+    add_epilogs(p, sub)
     return p
+
+
+def add_epilogs(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Each command's --help ends with the environment it reads, its exit codes and an example."""
+    parser.epilog, parser.formatter_class = MAIN_EPILOG, argparse.RawDescriptionHelpFormatter
+    for name, command in sub.choices.items():
+        command.epilog, command.formatter_class = EPILOGS.get(name), argparse.RawDescriptionHelpFormatter
 
 
 def _verify(files: list[Path]) -> int:
