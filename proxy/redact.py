@@ -214,9 +214,10 @@ class RedactingFilter(logging.Filter):
             message = str(record.msg)
         record.msg, record.args = self.redactor.redact(message), None
         # Fields passed with ``extra=`` (an access line's) reach a JSON formatter as they
-        # are: they are redacted here too.
-        for key, value in list(record.__dict__.items()):
-            if type(value) is str and key not in _RECORD_ATTRS:
+        # are: they are redacted here too, after one pre-check over all of them.
+        extras = [(k, v) for k, v in record.__dict__.items() if type(v) is str and k not in _RECORD_ATTRS]
+        if extras and self.redactor.may_match("\x00".join(v for _, v in extras)):
+            for key, value in extras:
                 record.__dict__[key] = self.redactor.redact(value)
         if record.exc_info:
             text = logging.Formatter().formatException(record.exc_info)
