@@ -11,8 +11,8 @@ import pytest
 
 import harness.cli as harness_cli
 import proxy.cli as proxy_cli
-import proxy.settings as settings
 from harness.secret_scan import ENV_EXTRA_SECRETS_FILE
+from proxy import settings
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -124,11 +124,11 @@ async def test_every_panel_returns_data_from_real_prometheus(make_proxy, tmp_pat
     config = re.sub(r"rule_files:\n(  - .*\n)+", "", config)  # the rules are test_prometheus's business
     (tmp_path / "prometheus.yml").write_text(config)
     port = _free_port()
-    log = open(tmp_path / "prometheus.log", "w")
-    server = subprocess.Popen([
-        _tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
-        f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-    ], stdout=log, stderr=log)
+    with open(tmp_path / "prometheus.log", "w") as log:
+        server = subprocess.Popen([
+            _tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+        ], stdout=log, stderr=log)  # the child keeps its own descriptor
     api = f"http://127.0.0.1:{port}/api/v1"
     queries = panel_queries()
     empty: list[str] = [title for title, _ in queries]
@@ -151,5 +151,4 @@ async def test_every_panel_returns_data_from_real_prometheus(make_proxy, tmp_pat
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
-        log.close()
     assert empty == [], f"panels without data: {empty}; " + (tmp_path / "prometheus.log").read_text()[-1500:]
