@@ -26,7 +26,7 @@ from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
 from .group_commit import GroupCommit
 from .hashchain import ChainError
-from .log_setup import ACCESS_LOG, log_access
+from .log_setup import ACCESS_LOG, log_access, text_value
 from .metrics import ProxyMetrics
 from .model_policy import Family, classify_family, decide_model
 from .readiness import Readiness
@@ -294,7 +294,8 @@ def _finish(state: ProxyState, draft: Draft) -> bool | asyncio.Future[bool]:
             _count(state.metrics, draft, elapsed, "unavailable")
         # else: counted once its batch is written (_count_written)
     if draft.decision == "refused" or draft.outcome in ("upstream_error", "unavailable"):
-        log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, draft.path, draft.status, draft.reason)
+        log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, text_value(draft.path), draft.status,
+                    draft.reason)
     return recorded
 
 

@@ -15,7 +15,9 @@ and it can be turned off (``--no-access-log``, ``[log].access_log = false``,
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TextIO
@@ -72,9 +74,21 @@ def access_fields(draft: Draft, duration_s: float) -> dict[str, Any]:
     }
 
 
+_NEEDS_QUOTES = re.compile(r'[\s="\\\x00-\x1f\x7f]')
+
+
+def text_value(value: object) -> str:
+    """A value as it may stand in a text log line (logfmt): quoted and escaped when it
+    holds whitespace, '=', a quote, a backslash or a control character. A client's path
+    is URL-decoded, so without this a ``%0A`` would start a forged line and a ``%20``
+    a forged field."""
+    text = str(value)
+    return json.dumps(text) if _NEEDS_QUOTES.search(text) else text
+
+
 def access_message(fields: Mapping[str, Any]) -> str:
     """The text form: ``access key=value ...`` in ACCESS_FIELDS order, unset fields left out."""
-    parts = [f"{key}={fields[key]}" for key in ACCESS_FIELDS if fields.get(key) is not None]
+    parts = [f"{key}={text_value(fields[key])}" for key in ACCESS_FIELDS if fields.get(key) is not None]
     return "access " + " ".join(parts)
 
 

@@ -179,3 +179,41 @@ async def test_access_log_can_be_turned_off(scripted_backend: Any, tmp_path: Pat
         assert proc.stop() == 0
     text = (tmp_path / "proxy.log").read_text()
     assert "case_proxy.access" not in text and "listening on" in text  # the rest of the log stays
+
+
+def test_text_value_quotes_what_could_forge_a_line_or_a_field() -> None:
+    assert access_message({"path": "/v1/chat/completions", "status": 200}) == \
+        "access path=/v1/chat/completions status=200"
+    forged = access_message({"path": "/v1/a\n2026-01-01 00:00:00,000 INFO x: access status=200", "status": 404})
+    assert "\n" not in forged and forged.startswith('access path="/v1/a\\n2026-01-01')
+    assert access_message({"path": "/v1/x status=200", "status": 404}) == 'access path="/v1/x status=200" status=404'
+
+
+async def test_a_hostile_path_cannot_forge_text_log_lines(scripted_backend: Any, tmp_path: Path) -> None:
+    """Hostile client: the proxy logs the URL-decoded path, so it sends %0A (a new line
+    that looks like an access line of an admitted request) and %20 (a forged field).
+    Each request must stay one line of its own, with the path quoted."""
+    from yarl import URL
+
+    env = proxy_env(tmp_path, scripted_backend.base_url)
+    proc = ProxyProcess(env, tmp_path / "proxy.log")
+    await proc.start()
+    fake = "2026-01-01 00:00:00,000 INFO case_proxy.access: access request_id=forged decision=admitted status=200"
+    try:
+        async with aiohttp.ClientSession() as s:
+            auth = {"Authorization": f"Bearer {env['CASE_PROXY_TOKEN']}"}
+            for rid, raw in (("hostile-newline", "/v1/a%0A" + fake.replace(" ", "%20").replace("=", "%3D")),
+                             ("hostile-space", "/v1/x%20status%3D200%20decision%3Dadmitted"),
+                             ("hostile-refused", "/v1/messages/a%0A" + fake.replace(" ", "%20").replace("=", "%3D"))):
+                url = URL(proc.base_url.removesuffix("/v1") + raw, encoded=True)
+                async with s.get(url, headers={**auth, "X-Request-Id": rid}) as r:
+                    assert r.status == (403 if rid == "hostile-refused" else 404)  # refused: also a warning line
+    finally:
+        assert proc.stop() == 0
+    lines = (tmp_path / "proxy.log").read_text().splitlines()
+    assert not [line for line in lines if line.startswith("2026-01-01") or "request_id=forged" in line.split('"')[0]]
+    newline = [line for line in lines if "access request_id=hostile-newline " in line]
+    space = [line for line in lines if "access request_id=hostile-space " in line]
+    assert len(newline) == 1 and 'path="/v1/a\\n2026-01-01' in newline[0] and "status=404" in newline[0]
+    assert len(space) == 1 and 'path="/v1/x status=200 decision=admitted"' in space[0]
+    assert "decision=rejected" in space[0] and "decision=admitted status" not in space[0].split('"')[2]
