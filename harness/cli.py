@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from proxy.settings import env_path
 
+from .cli_help import EPILOGS, MAIN_EPILOG
 from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS
 from .profile import DEFAULT_FIXTURE, REFERENCE_PROFILE_PATH, ProfileError, RunProfile, load_run_profile
 
@@ -92,7 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole route on this machine with the scripted backend, then every "
                                        "negative gate blocking")
     demo.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where runs go (default ./harness-runs)")
+    add_epilogs(p, sub)
     return p
+
+
+def add_epilogs(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Each command's --help ends with the environment it reads, its exit codes and an example."""
+    parser.epilog, parser.formatter_class = MAIN_EPILOG, argparse.RawDescriptionHelpFormatter
+    for name, command in sub.choices.items():
+        command.epilog, command.formatter_class = EPILOGS.get(name), argparse.RawDescriptionHelpFormatter
 
 
 def _progress(message: str) -> None:

@@ -30,6 +30,7 @@ from .evidence import EvidenceLog, utc_now_rfc3339
 from .forwarding import ForwardingRecorder
 from .group_commit import GroupCommit
 from .hashchain import ChainError
+from .log_setup import ACCESS_LOG, log_access, text_value
 from .metrics import ProxyMetrics
 from .model_policy import Family, classify_family, decide_model
 from .readiness import Readiness
@@ -190,6 +191,7 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         if draft.reason == "unhandled":
             draft.reason = "client_disconnected"
         _finish(state, draft)  # no answer left to hold back: the record is not awaited
+        _access(state, draft)
         raise
     except Exception:
         log.exception("internal error handling request %s", draft.request_id)
@@ -205,6 +207,7 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
     if not recorded and not response.prepared:
         draft.outcome = "unavailable"
         response = _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
+    _access(state, draft)
     return response
 
 
@@ -218,6 +221,13 @@ def _bound_unauthenticated(state: ProxyState, draft: Draft) -> None:
         draft.unrecorded = True
         if state.settings.metrics_enabled:
             state.metrics.unauthenticated_suppressed.inc()
+def _access(state: ProxyState, draft: Draft) -> None:
+    """The access line, written once the answer is on its way (off the client's wait),
+    with the draft as final as the client saw it. Public endpoints (probes, scrapes) get none,
+    nor does unauthenticated traffic beyond its record bucket (a loop must not fill the log)."""
+    if (state.settings.access_log and not draft.unrecorded and draft.path not in PUBLIC_PATHS
+            and ACCESS_LOG.isEnabledFor(logging.INFO)):
+        state.loop.call_soon(log_access, draft, time.perf_counter() - draft.started)
 
 
 async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
@@ -314,7 +324,8 @@ def _finish(state: ProxyState, draft: Draft) -> bool | asyncio.Future[bool]:
             _count(state.metrics, draft, elapsed, "unavailable")
         # else: counted once its batch is written (_count_written)
     if draft.decision == "refused" or draft.outcome in ("upstream_error", "unavailable"):
-        log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, draft.path, draft.status, draft.reason)
+        log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, text_value(draft.path), draft.status,
+                    draft.reason)
     return recorded
 
 

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
+from .cli_help import EPILOGS, MAIN_EPILOG
 from .evidence_files import link_files, pair_forwarding, read_evidence_file, summary_line
+from .log_setup import LOG_FORMATS, configure_logging
 from .server import EXIT_CONFIG, check_static, probe_backend, run
+from .settings import ENV_ACCESS_LOG, ENV_LOG_FORMAT, ConfigError, load_settings
 
 EXIT_BROKEN = 1
 EXIT_UNPAIRED = 5
-from .settings import ConfigError, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="worker processes sharing the port via SO_REUSEPORT (default 1; one evidence chain each)")
     serve.add_argument("--config", type=Path, default=None, help="TOML config file (see config/proxy.example.toml)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", default=None, choices=list(LOG_FORMATS),
+                       help=f"log lines on stderr as text or JSON (default: ${ENV_LOG_FORMAT}, else [log].format, "
+                            "else text)")
+    serve.add_argument("--no-access-log", dest="access_log", action="store_const", const=False, default=None,
+                       help=f"no access line per request (also ${ENV_ACCESS_LOG}=0 or [log].access_log = false)")
     check = sub.add_parser("check-config", help="validate configuration, artifacts and gates; exit 0 or 2")
     check.add_argument("--config", type=Path, default=None)
     check.add_argument("--probe", action="store_true",
@@ -45,7 +51,15 @@ def _parser() -> argparse.ArgumentParser:
                                                     "between rotated files and the forwarding/completion pairs "
                                                     "(several files: rotated logs, one chain per worker)")
     verify.add_argument("files", type=Path, nargs="+", metavar="file")
+    add_epilogs(p, sub)
     return p
+
+
+def add_epilogs(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Each command's --help ends with the environment it reads, its exit codes and an example."""
+    parser.epilog, parser.formatter_class = MAIN_EPILOG, argparse.RawDescriptionHelpFormatter
+    for name, command in sub.choices.items():
+        command.epilog, command.formatter_class = EPILOGS.get(name), argparse.RawDescriptionHelpFormatter
 
 
 def _verify(files: list[Path]) -> int:
@@ -95,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(config_file=args.config,
                                  host=getattr(args, "host", None), port=getattr(args, "port", None),
-                                 workers=getattr(args, "workers", None))
+                                 workers=getattr(args, "workers", None),
+                                 log_format=getattr(args, "log_format", None),
+                                 access_log=getattr(args, "access_log", None))
     except ConfigError as exc:
         for line in exc.problems:
             print(f"case-proxy: {line}", file=sys.stderr)
@@ -115,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print("ok: configuration valid and every gate holds")
         return 0
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, settings.log_format)
     if settings.workers > 1:
         from .workers import supervise
 

@@ -34,6 +34,9 @@ TTFT = ("case_proxy_time_to_first_token_seconds",
         "Time from request to the first streamed event sent to the client.", ("endpoint",))
 TOKENS = ("case_proxy_tokens", "Tokens reported by the backend's usage objects.", ("kind",))
 TOKEN_KINDS = ("prompt", "completion")
+# Values of case_proxy_upstream_errors_total{kind} (see proxy.upstream.upstream_error_kind
+# and the stream and redirect failures in proxy.app).
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_4xx", "status_5xx", "protocol", "redirect", "address_refused")
 
 
 class TallyHistogram:
@@ -126,6 +129,12 @@ class ProxyMetrics:
                        "external_provider_header", "forward_proxy_refused", "engine_override_refused"):
             for family in ("anthropic", "openai", "google", "other"):
                 self.fallback_rejections.labels(reason, family)
+        # Likewise mismatches and backend failures: an alert on increase() misses the
+        # first event of a series that did not exist before it.
+        for endpoint in ("chat_completions", "completions", "responses", "embeddings"):
+            self.served_model_mismatches.labels(endpoint)
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(kind)
         # The per-request series: a tally in one process; prometheus-client's objects,
         # which write the shared files, with several workers.
         self._tally: RequestTally | None = None

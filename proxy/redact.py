@@ -204,6 +204,8 @@ def escape_controls(text: str) -> str:
     """``text`` with every control character written as a ``\\xNN`` / ``\\uNNNN`` escape."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
                         else f"\\u{ord(m.group()):04x}", text)
+# What every LogRecord has; anything else on a record came in through ``extra=``.
+_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
 class RedactingFilter(logging.Filter):
@@ -221,6 +223,12 @@ class RedactingFilter(logging.Filter):
         except Exception:  # noqa: BLE001 - a broken format string must still be logged, redacted
             message = str(record.msg)
         record.msg, record.args = escape_controls(self.redactor.redact(message)), None
+        # Fields passed with ``extra=`` (an access line's) reach a JSON formatter as they
+        # are: they are redacted here too, after one pre-check over all of them.
+        extras = [(k, v) for k, v in record.__dict__.items() if type(v) is str and k not in _RECORD_ATTRS]
+        if extras and self.redactor.may_match("\x00".join(v for _, v in extras)):
+            for key, value in extras:
+                record.__dict__[key] = self.redactor.redact(value)
         if record.exc_info:
             text = logging.Formatter().formatException(record.exc_info)
             record.exc_text = self.redactor.redact(text)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .allowlists import parse_extra_fields
 from .request_policy import Endpoint
+from .log_setup import LOG_FORMATS, LogFormat, parse_bool
 
 ENV_DECISION_FILE = "CTO_HARNESS_CASE_DECISION_FILE"
 ENV_ADMISSION_FILE = "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE"
@@ -28,6 +29,8 @@ ENV_TOKEN = "CASE_PROXY_TOKEN"
 ENV_TOKEN_FILE = "CASE_PROXY_TOKEN_FILE"
 ENV_EVIDENCE_FILE = "CASE_PROXY_EVIDENCE_FILE"
 ENV_CONFIG_FILE = "CASE_PROXY_CONFIG"
+ENV_LOG_FORMAT = "CASE_PROXY_LOG_FORMAT"
+ENV_ACCESS_LOG = "CASE_PROXY_ACCESS_LOG"
 
 MiB = 1024 * 1024
 
@@ -65,6 +68,9 @@ class ProxySettings(BaseModel):
     extra_secrets: tuple[SecretStr, ...] = ()
     metrics_enabled: bool = True
     evidence_enabled: bool = True
+    # Log lines as text or JSON; one access line per request unless turned off.
+    log_format: LogFormat = "text"
+    access_log: bool = True
     limits: Limits = Limits()
     # Operator additions to the request field allow-list (see proxy.allowlists).
     extra_request_fields: dict[Endpoint, frozenset[str]] = Field(default_factory=dict)
@@ -127,6 +133,7 @@ _TOML_KEYS: dict[str, set[str] | None] = {
     "limits": set(Limits.model_fields),
     "proof": {"metrics_enabled", "evidence_enabled"},
     "request_fields": None,  # endpoint -> [field names], checked by proxy.allowlists
+    "log": {"format", "access_log"},
 }
 
 
@@ -153,9 +160,33 @@ def _load_toml(path: Path, problems: list[str]) -> dict[str, Any]:
     return data
 
 
+def _log_values(env: Mapping[str, str], section: dict[str, Any], log_format: str | None,
+                access_log: bool | None, problems: list[str]) -> dict[str, Any]:
+    """Log format and access line: the command line, else the environment, else [log]."""
+    out: dict[str, Any] = {}
+    fmt = log_format or (env.get(ENV_LOG_FORMAT) or "").strip() or section.get("format")
+    if fmt is not None:
+        if fmt not in LOG_FORMATS:
+            source = "--log-format" if log_format else ENV_LOG_FORMAT if env.get(ENV_LOG_FORMAT) else "[log].format"
+            problems.append(f"{source}: '{str(fmt)[:40]}' is not a log format (use one of: {', '.join(LOG_FORMATS)})")
+        else:
+            out["log_format"] = fmt
+    if access_log is not None:
+        out["access_log"] = access_log
+    elif (env.get(ENV_ACCESS_LOG) or "").strip():
+        try:
+            out["access_log"] = parse_bool(env[ENV_ACCESS_LOG], ENV_ACCESS_LOG)
+        except ValueError as exc:
+            problems.append(str(exc))
+    elif "access_log" in section:
+        out["access_log"] = section["access_log"]
+    return out
+
+
 def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None = None,
                   host: str | None = None, port: int | None = None,
-                  workers: int | None = None) -> ProxySettings:
+                  workers: int | None = None, log_format: str | None = None,
+                  access_log: bool | None = None) -> ProxySettings:
     """Build settings or raise ConfigError listing every problem found."""
     env = os.environ if env is None else env
     problems: list[str] = []
@@ -174,6 +205,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
         "allow_hosts": tuple(upstream.get("allow_hosts", ())),
         "limits": toml.get("limits", {}),
         **toml.get("proof", {}),
+        **_log_values(env, toml.get("log", {}), log_format, access_log, problems),
     }
     if "request_fields" in toml:
         extra, field_problems = parse_extra_fields(toml["request_fields"])
