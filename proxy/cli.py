@@ -3,7 +3,12 @@
 Exit codes: 0 ok; 1 evidence chain broken (verify-evidence) or a worker failed (serve
 with several workers); 2 usage or configuration error (check-config also for a failed
 gate or, with --probe, a backend that does not list the admitted model); 3 serve refused
-to start because a gate blocks (decision record, admission, upstream pin).
+to start because a gate blocks (decision record, admission, upstream pin). A service
+manager should not restart on 2 or 3: nothing changes until an operator does.
+
+Server settings come from flags, then the environment (``CASE_PROXY_HOST``,
+``CASE_PROXY_PORT``, ``CASE_PROXY_WORKERS``, ``CASE_PROXY_LOG_LEVEL``, ... see
+``proxy.settings.ENV_SETTINGS``), then the TOML file, then defaults.
 """
 
 from __future__ import annotations
@@ -11,24 +16,50 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+from .build_info import version_line
 from .evidence import verify_evidence
 from .server import EXIT_CONFIG, check_static, probe_backend, run
 from .settings import ConfigError, load_settings
 
 
+ENV_LOG_LEVEL = "CASE_PROXY_LOG_LEVEL"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_LOG_LEVEL = "INFO"
+
+
+def log_level(flag: str | None, env: Mapping[str, str]) -> str:
+    """The flag, else ``CASE_PROXY_LOG_LEVEL`` (any case), else INFO; ConfigError for a
+    level the variable names that does not exist."""
+    if flag is not None:
+        return flag
+    raw = (env.get(ENV_LOG_LEVEL) or "").strip()
+    if not raw:
+        return DEFAULT_LOG_LEVEL
+    if raw.upper() not in LOG_LEVELS:
+        raise ConfigError([f"{ENV_LOG_LEVEL}: unknown level {raw!r}; one of {', '.join(LOG_LEVELS)}"])
+    return raw.upper()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="case-proxy", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=version_line("case-proxy"))
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the enforcement proxy")
-    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="port (default 8787; 0 picks a free one)")
+    serve.add_argument("--host", default=None, help="bind address ($CASE_PROXY_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port ($CASE_PROXY_PORT; default 8787; 0 picks a free one)")
     serve.add_argument("--workers", type=int, default=None,
-                       help="worker processes sharing the port via SO_REUSEPORT (default 1; one evidence chain each)")
-    serve.add_argument("--config", type=Path, default=None, help="TOML config file (see config/proxy.example.toml)")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                       help="worker processes sharing the port via SO_REUSEPORT ($CASE_PROXY_WORKERS; default 1; "
+                            "one evidence chain each)")
+    serve.add_argument("--config", type=Path, default=None,
+                       help="TOML config file ($CASE_PROXY_CONFIG; see config/proxy.example.toml)")
+    serve.add_argument("--log-level", default=None, choices=LOG_LEVELS,
+                       help=f"($CASE_PROXY_LOG_LEVEL; default {DEFAULT_LOG_LEVEL})")
     check = sub.add_parser("check-config", help="validate configuration, artifacts and gates; exit 0 or 2")
     check.add_argument("--config", type=Path, default=None)
     check.add_argument("--probe", action="store_true",
@@ -68,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(config_file=args.config,
                                  host=getattr(args, "host", None), port=getattr(args, "port", None),
                                  workers=getattr(args, "workers", None))
+        level = log_level(getattr(args, "log_level", None), os.environ)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"case-proxy: {line}", file=sys.stderr)
@@ -87,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print("ok: configuration valid and every gate holds")
         return 0
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.workers > 1:
         from .workers import supervise
