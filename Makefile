@@ -29,9 +29,9 @@ demo: $(STAMP)
 test: $(STAMP) system-deps engine-deps
 	$(PY) -m pytest -q
 
-# Everything but the engine tier and Prometheus, for a quick edit loop.
+# Everything but the engine tier, Prometheus, the wheel install and systemd, for a quick edit loop.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not engine and not prometheus"
+	$(PY) -m pytest -q -m "not engine and not prometheus and not wheel and not systemd"
 
 # The benchmark: installs wrk, nginx and LiteLLM (its own venv, .cache/litellm-venv)
 # when missing, then writes bench/results/latest.{md,json}. bench-quick: a few minutes.
