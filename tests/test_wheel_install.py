@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -37,9 +38,24 @@ def _ok(out: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
     return out
 
 
+def _clean_source(dest: Path) -> Path:
+    """The tree's files as git sees them (tracked, or new and not ignored), without the
+    build/ and *.egg-info/ that an earlier build left: setuptools copies stale files from
+    there into a wheel, which would hide a file missing from the package data."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
 def test_demo_passes_from_the_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
-    _ok(_run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)], tmp_path))
+    source = _clean_source(tmp_path / "source")
+    _ok(_run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(source)], tmp_path))
     [wheel] = list(dist.glob("case_local_route-*.whl"))
     venv = tmp_path / "venv"
     _ok(_run([sys.executable, "-m", "venv", str(venv)], tmp_path))
