@@ -7,6 +7,9 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v git >/dev/null 2>&1 || need+=(git)
 # The TLS backend test makes a throwaway certificate with the openssl command.
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# systemd-analyze checks deploy/case-proxy.service (the systemd package; no running
+# systemd is needed).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # pip builds llama.cpp from source for the engine tier (cmake comes from PyPI).
 command -v c++ >/dev/null 2>&1 || need+=(g++ make)
 [ ${#need[@]} -eq 0 ] && exit 0
@@ -19,4 +22,4 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v git >/dev/null \
-  && command -v c++ >/dev/null && command -v openssl >/dev/null
+  && command -v c++ >/dev/null && command -v openssl >/dev/null && command -v systemd-analyze >/dev/null
