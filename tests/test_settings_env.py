@@ -150,3 +150,11 @@ def test_serve_exit_codes_config_2_gate_3_env_read(tmp_path: Path) -> None:
         fixed = proxy_env(ok_dir, "http://127.0.0.1:8000/v1", CASE_PROXY_PORT=port)
         in_use = cli("serve", env=fixed)
         assert in_use.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in in_use.stderr, in_use.stderr
+
+
+def test_operations_doc_lists_every_variable() -> None:
+    """docs/operations.md's settings table is the operator's reference: a new setting
+    without a line there breaks the build."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    missing = [var for var in (*ENV_SETTINGS.values(), ENV_LOG_LEVEL) if f"`{var}`" not in doc]
+    assert missing == []
