@@ -68,8 +68,8 @@ def test_dependencies_extras_and_metadata() -> None:
     extras = project["optional-dependencies"]
     assert any(d.startswith("openai") for d in extras["agent"])
     assert {"agent", "engine", "test"} <= set(extras)
-    assert project["license"] == {"text": "Apache-2.0"}
-    assert "License :: OSI Approved :: Apache Software License" in project["classifiers"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert "Programming Language :: Python :: 3.11" in project["classifiers"]
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
     assert f"## [{project['version']}]" in (ROOT / "CHANGELOG.md").read_text()
 

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,13 @@ def test_demo_passes_from_the_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> Non
     source = _clean_source(tmp_path / "source")
     _ok(_run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(source)], tmp_path))
     [wheel] = list(dist.glob("case_local_route-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        meta = archive.read(f"case_local_route-{VERSION}.dist-info/METADATA").decode()
+    assert {"harness/data/case-profile.example.toml", "harness/data/report.schema.json",
+            f"case_local_route-{VERSION}.dist-info/licenses/LICENSE"} <= set(names)
+    assert "License-Expression: Apache-2.0" in meta.splitlines()
+    assert "Requires-Dist: openai>=1.30; extra == \"agent\"" in meta.splitlines()
     venv = tmp_path / "venv"
     _ok(_run([sys.executable, "-m", "venv", str(venv)], tmp_path))
     py, bin_dir = venv / "bin" / "python", venv / "bin"
