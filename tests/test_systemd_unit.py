@@ -139,12 +139,14 @@ def test_a_blank_key_file_variable_means_no_backend_key(tmp_path: Path) -> None:
     assert load_settings(env=env).backend_api_key is None
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_the_units_environment_starts_a_proxy_that_reads_its_credentials(
-        scripted_backend, tmp_path: Path) -> None:
+        scripted_backend, tmp_path: Path, workers: str) -> None:
     """The unit's Environment= lines, with the credentials directory, state and runtime
     directories systemd would make, run a real proxy: the token comes from the
     credentials file (requests with it pass, without it 401), the evidence lands in the
-    state directory."""
+    state directory, and with several workers their shared metrics files are in the
+    runtime directory (TMPDIR), which systemd removes at stop."""
     cred, state, run = tmp_path / "credentials", tmp_path / "state", tmp_path / "run"
     for directory in (cred, state / "case-proxy", run / "case-proxy"):
         directory.mkdir(parents=True)
@@ -156,6 +158,7 @@ async def test_the_units_environment_starts_a_proxy_that_reads_its_credentials(
            # What /etc/case-proxy/case-proxy.env holds.
            "CTO_HARNESS_CASE_LOCAL_BASE_URL": scripted_backend.base_url,
            "CTO_HARNESS_CASE_DECISION_FILE": str(d), "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE": str(a)}
+    env["CASE_PROXY_WORKERS"] = workers  # as a drop-in would
     proxy = ProxyProcess(env, tmp_path / "proxy.log")
     await proxy.start()
     try:
@@ -164,8 +167,12 @@ async def test_the_units_environment_starts_a_proxy_that_reads_its_credentials(
                 assert ok.status == 200, await ok.text()
             async with session.get(proxy.base_url + "/models") as refused:
                 assert refused.status == 401
+        metrics_dirs = list((run / "case-proxy").glob("case-proxy-metrics-*"))
+        assert len(metrics_dirs) == (1 if workers == "2" else 0), metrics_dirs
     finally:
         stopped = proxy.stop()
     assert stopped == 0
-    assert (state / "case-proxy" / "evidence.jsonl").stat().st_size > 0
+    chains = ["evidence.jsonl"] if workers == "1" else ["evidence.worker0.jsonl", "evidence.worker1.jsonl"]
+    for name in chains:
+        assert (state / "case-proxy" / name).stat().st_size > 0, name
     assert token not in (tmp_path / "proxy.log").read_text()
