@@ -109,9 +109,18 @@ def _progress(message: str) -> None:
 
 
 def cmd_preflight(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .fixture_catalog import load_fixture
     from .run import preflight
+    from .runtime_check import run_problems
 
     profile = load_profile(args.profile, args.fixture, env)
+    # What a run would stop on before its gates: say it here too, not "ok".
+    try:
+        acceptance = load_fixture(profile.fixture).spec.acceptance_test_command
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if missing := run_problems(acceptance, profile.case.command):
+        raise UsageError("; ".join(missing))
     result = preflight(env, profile)
     if result.ok:
         print(f"ok: every gate holds ({len(result.checked)} checked: {', '.join(result.checked)})")

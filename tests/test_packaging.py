@@ -190,3 +190,12 @@ def test_cli_exits_2_naming_the_missing_package(argv: list[str], missing: str, t
     err = capsys.readouterr().err
     assert code == 2 and f"'{missing}'" in err, err
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_preflight_exits_2_naming_a_missing_runner(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A preflight must not say 'ok' for a run that would stop on a missing package."""
+    monkeypatch.setattr(importlib.util, "find_spec", _missing("pytest"))
+    code = harness_cli.main(["preflight"], env={"PATH": "/usr/bin:/bin"})
+    out = capsys.readouterr()
+    assert code == 2 and "'pytest' is not installed" in out.err, out
