@@ -87,6 +87,30 @@ def test_systemd_analyze_verify_accepts_the_unit_without_a_warning(tmp_path: Pat
     assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
 
 
+# systemd-analyze security's overall exposure, times ten (the unit measured 1.3; without
+# DynamicUser 2.3, without the hardening block 8.4).
+EXPOSURE_THRESHOLD = 15
+
+
+def _security(path: Path) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("systemd-analyze")
+    assert tool
+    return subprocess.run([tool, "security", "--offline=yes", f"--threshold={EXPOSURE_THRESHOLD}", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_hardening_keeps_the_exposure_low(tmp_path: Path) -> None:
+    good = _security(_runnable_copy(tmp_path))
+    assert good.returncode == 0, good.stdout[-2000:] + good.stderr
+    assert "Overall exposure level for case-proxy.service: 1." in good.stdout
+
+
+def test_the_exposure_check_fails_without_the_dynamic_user(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    assert "DynamicUser=yes\n" in text
+    assert _security(_runnable_copy(tmp_path, text.replace("DynamicUser=yes\n", ""))).returncode != 0
+
+
 @pytest.mark.parametrize("edit,complaint", [
     (("Restart=on-failure", "Restrat=on-failure"), "Unknown key"),
     (("TimeoutStopSec=45s", "TimeoutStopSec=forty-five"), "Failed to parse"),
