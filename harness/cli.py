@@ -15,8 +15,8 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.build_info import version_line

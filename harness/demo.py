@@ -34,8 +34,8 @@ from typing import Any
 from proxy.settings import ENV_ADMISSION_FILE, ENV_BASE_URL, ENV_DECISION_FILE
 
 from . import events as events_mod
-from .profile import REFERENCE_PROFILE_PATH, RunProfile, load_run_profile
 from .fixture_catalog import load_fixture
+from .profile import REFERENCE_PROFILE_PATH, RunProfile, load_run_profile
 from .run import RunConfigError, RunOutcome, run_once
 from .runtime_check import run_problems
 

@@ -26,7 +26,6 @@ from .evidence import verify_evidence
 from .server import EXIT_CONFIG, check_static, probe_backend, run
 from .settings import ConfigError, load_settings
 
-
 ENV_LOG_LEVEL = "CASE_PROXY_LOG_LEVEL"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_LOG_LEVEL = "INFO"
