@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-base
 ENGINE_STAMP := $(VENV)/.stamp-engine
 
-.PHONY: demo test test-fast bench bench-quick system-deps engine-deps clean
+.PHONY: demo test test-fast wheel bench bench-quick system-deps engine-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,17 @@ demo: $(STAMP)
 test: $(STAMP) system-deps engine-deps
 	$(PY) -m pytest -q
 
-# Everything but the engine tier and Prometheus, for a quick edit loop.
+# Everything but the engine tier, Prometheus, the wheel install and systemd, for a quick edit loop.
+# tests/engine is not even collected: its conftest imports numpy, which only the engine
+# extra installs (a fresh .venv failed here at collection).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not engine and not prometheus"
+	$(PY) -m pytest -q -m "not engine and not prometheus and not wheel and not systemd" --ignore=tests/engine
+
+# The wheel operators install (docs/operations.md), into dist/. build/ and the egg-info go first:
+# setuptools copies stale files from an earlier build into the wheel.
+wheel: $(STAMP)
+	rm -rf build *.egg-info
+	$(PY) -m pip wheel -q --no-deps -w dist .
 
 # The benchmark: installs wrk, nginx and LiteLLM (its own venv, .cache/litellm-venv)
 # when missing, then writes bench/results/latest.{md,json}. bench-quick: a few minutes.
@@ -44,4 +52,4 @@ bench-quick: $(STAMP)
 	$(PY) -m bench --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

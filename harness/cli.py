@@ -1,4 +1,4 @@
-"""`case-harness`: preflight, run, verify, report, demo.
+"""`case-harness`: preflight, run, verify, report, schema, demo.
 
 Exit codes: 0 pass (preflight: every gate holds; verify: the report recomputes and both
 chains hold); 1 fail (verify: problems found); 2 usage or configuration error; 3 blocked
@@ -15,9 +15,11 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from proxy.build_info import version_line
 from proxy.settings import env_path
 
 from .cli_help import EPILOGS, MAIN_EPILOG
@@ -36,7 +38,7 @@ class UsageError(Exception):
     """A problem with the command line or the files it names (exit 2)."""
 
 
-def default_profile_path(env: Mapping[str, str] | None = None) -> Path:
+def default_profile_path(env: Mapping[str, str] | None = None) -> Path | Traversable:
     """``CASE_HARNESS_PROFILE`` if set, else the packaged reference-agent profile."""
     return env_path(os.environ if env is None else env, ENV_PROFILE) or REFERENCE_PROFILE_PATH
 
@@ -44,11 +46,11 @@ def default_profile_path(env: Mapping[str, str] | None = None) -> Path:
 def load_profile(path: Path | None, fixture: str | None, env: Mapping[str, str] | None = None) -> RunProfile:
     """Load the run profile (``UsageError`` naming the file on any problem) and apply a
     ``--fixture`` override."""
-    path = path or default_profile_path(env)
-    if not path.is_file():
-        raise UsageError(f"profile {path} does not exist")
+    source = path or default_profile_path(env)
+    if not source.is_file():
+        raise UsageError(f"profile {source} does not exist")
     try:
-        profile = load_run_profile(path)
+        profile = load_run_profile(source)
     except ProfileError as exc:
         raise UsageError("\n".join(exc.problems)) from None
     if fixture:
@@ -67,6 +69,7 @@ def with_fixture(profile: RunProfile, fixture: str) -> RunProfile:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="case-harness", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=version_line("case-harness"))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def profile_args(sp: argparse.ArgumentParser) -> None:
@@ -90,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print a run's report summary; --html writes a page")
     rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     rep.add_argument("--html", type=Path, default=None, metavar="OUT", help="also write an HTML page to OUT")
+    sub.add_parser("schema", help="print the JSON Schema of report.json (the packaged copy)",
+                   description="Print the JSON Schema that every report.json validates against, as shipped in "
+                               "the package.",
+                   epilog="Environment: none read. Exit codes: 0 printed. "
+                          "Example: case-harness schema > report.schema.json",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     demo = sub.add_parser("demo", help="the whole route on this machine with the scripted backend, then every "
                                        "negative gate blocking")
     demo.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where runs go (default ./harness-runs)")
@@ -109,9 +118,18 @@ def _progress(message: str) -> None:
 
 
 def cmd_preflight(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .fixture_catalog import load_fixture
     from .run import preflight
+    from .runtime_check import run_problems
 
     profile = load_profile(args.profile, args.fixture, env)
+    # What a run would stop on before its gates: say it here too, not "ok".
+    try:
+        acceptance = load_fixture(profile.fixture).spec.acceptance_test_command
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if missing := run_problems(acceptance, profile.case.command):
+        raise UsageError("; ".join(missing))
     result = preflight(env, profile)
     if result.ok:
         print(f"ok: every gate holds ({len(result.checked)} checked: {', '.join(result.checked)})")
@@ -184,14 +202,25 @@ def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_PASS
 
 
+def cmd_schema(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .report import packaged_schema_text
+
+    sys.stdout.write(packaged_schema_text())
+    return EXIT_PASS
+
+
 def cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .demo import run_demo
+    from .run import RunConfigError
 
-    return run_demo(args.runs_dir)
+    try:
+        return run_demo(args.runs_dir)
+    except RunConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 COMMANDS = {"preflight": cmd_preflight, "run": cmd_run, "verify": cmd_verify, "report": cmd_report,
-            "demo": cmd_demo}
+            "schema": cmd_schema, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:

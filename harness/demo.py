@@ -36,8 +36,10 @@ from typing import Any
 from proxy.settings import ENV_ADMISSION_FILE, ENV_API_KEY, ENV_BASE_URL, ENV_DECISION_FILE
 
 from . import events as events_mod
+from .fixture_catalog import load_fixture
 from .profile import REFERENCE_PROFILE_PATH, ConfigTemplate, RunProfile, load_run_profile
-from .run import RunOutcome, run_once
+from .run import RunConfigError, RunOutcome, run_once
+from .runtime_check import run_problems
 from .scripted_backend import ScriptedBackend
 
 DEMO_FIXTURE = "r1-string-slugify"
@@ -308,7 +310,10 @@ class _Ticker:
 
 
 def run_demo(runs_dir: Path, *, source_env: Mapping[str, str] | None = None, out: Any = sys.stdout) -> int:
-    """Run the demo; returns the exit code (0 only if every expectation held)."""
+    """Run the demo; returns the exit code (0 only if every expectation held). Raises
+    RunConfigError, before writing anything, when a package the runs need is missing."""
+    if missing := run_problems(load_fixture(DEMO_FIXTURE).spec.acceptance_test_command, demo_profile().case.command):
+        raise RunConfigError("; ".join(missing))
     runs_dir = Path(runs_dir).absolute()
     rows: list[Row] = []
     with _Ticker(out) as tick:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_PROFILE_PATH = PROJECT_ROOT / "config" / "case-profile.example.toml"
+# Package data, so an installed wheel has its default profile; config/ keeps a copy for
+# readers, which a test holds identical to this one.
+REFERENCE_PROFILE_PATH: Traversable = files("harness") / "data" / "case-profile.example.toml"
 DEFAULT_STAGE = "stage2-artificial-fixture"
 DEFAULT_FIXTURE = "r1-string-slugify"
 PLACEHOLDERS = ("{task_file}", "{workdir}")
@@ -95,10 +98,11 @@ def parse_run_profile(text: str, label: str = "profile") -> RunProfile:
         raise ProfileError(problems) from None
 
 
-def load_run_profile(path: Path) -> RunProfile:
-    """Read and validate a run profile; ``ProfileError`` (a ValueError) names each problem."""
+def load_run_profile(path: Path | Traversable) -> RunProfile:
+    """Read and validate a run profile (a file, or the packaged one); ``ProfileError`` (a
+    ValueError) names each problem."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError([f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})"]) from None
     return parse_run_profile(text, str(path))

@@ -395,7 +395,11 @@ def run(argv: list[str] | None = None) -> int:
     if test_command[0] in ("python", "python3"):
         test_command[0] = sys.executable
 
-    import openai  # imported late so usage errors do not pay for it
+    try:
+        import openai  # imported late so usage errors do not pay for it
+    except ImportError:
+        _log("usage error: the openai SDK is not installed: pip install 'case-local-route[agent]'")
+        return EXIT_USAGE
 
     workspace = Workspace(args.workdir, test_command, args.test_timeout)
     client = openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=1, timeout=args.request_timeout)

@@ -12,6 +12,8 @@ import hashlib
 import html
 import json
 from collections import Counter
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +29,9 @@ from .secret_scan import ScanResult
 
 REPORT_SCHEMA_VERSION = 1
 BRIDGE_PROVIDER = "openai"
+# The schema ships as package data (``case-harness schema`` prints it from an installed
+# wheel); config/ keeps a copy for readers of the source tree, held identical by a test.
+PACKAGED_SCHEMA: Traversable = files("harness") / "data" / "report.schema.json"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "report.schema.json"
 
 Status = Literal["pass", "fail", "blocked"]
@@ -539,14 +544,28 @@ def render_html(report: Report) -> str:
     )
 
 
-def write_schema(path: Path = SCHEMA_PATH) -> None:
-    path.write_text(json.dumps(report_schema(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def schema_text() -> str:
+    """The report schema as the files hold it (sorted keys, two-space indent)."""
+    return json.dumps(report_schema(), indent=2, sort_keys=True) + "\n"
 
 
-if __name__ == "__main__":  # `python -m harness.report --schema` regenerates config/report.schema.json
+def packaged_schema_text() -> str:
+    """The schema file shipped in the package (what an installed wheel has)."""
+    return PACKAGED_SCHEMA.read_text(encoding="utf-8")
+
+
+def write_schema(paths: tuple[Path, ...] | None = None) -> list[Path]:
+    """Regenerate the packaged schema and config/'s copy (a source tree's files)."""
+    targets = paths if paths is not None else (Path(str(PACKAGED_SCHEMA)), SCHEMA_PATH)
+    for path in targets:
+        path.write_text(schema_text(), encoding="utf-8")
+    return list(targets)
+
+
+if __name__ == "__main__":  # `python -m harness.report --schema` regenerates both schema files
     import sys
 
     if sys.argv[1:] != ["--schema"]:
         sys.exit("usage: python -m harness.report --schema")
-    write_schema()
-    print(f"wrote {SCHEMA_PATH}")
+    for written in write_schema():
+        print(f"wrote {written}")

@@ -71,6 +71,7 @@ from . import events as ev
 from .events import EventLog
 from .fixture_catalog import AcceptanceResult, Fixture, export_commit, head_commit, load_fixture, materialize, run_acceptance
 from .gates import PreflightResult, run_preflight
+from .runtime_check import run_problems
 from .profile import CaseProfile, RunProfile
 from .report import collect_inputs, compute_report, render_text, report_json
 from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
@@ -614,6 +615,8 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
         fixture = load_fixture(profile.fixture)
     except ValueError as exc:
         raise RunConfigError(str(exc)) from None
+    if missing := run_problems(fixture.spec.acceptance_test_command, profile.case.command):
+        raise RunConfigError("; ".join(missing))
     say: Progress = progress or (lambda _msg: None)
     runs_dir = Path(runs_dir).absolute()
     runs_dir.mkdir(parents=True, exist_ok=True)

@@ -7,16 +7,24 @@ serve refused to start because a gate blocks (decision record, admission, upstre
 4 serve refused to start because the evidence log at its path is torn (not an intact
 chain): restarting cannot help, tell the service manager not to (systemd:
 ``RestartPreventExitStatus=4``); 5 verify-evidence: every chain intact, but a forwarded
-request has no completion record (in flight, or the proxy crashed or was killed).
+request has no completion record (in flight, or the proxy crashed or was killed). A
+service manager should not restart on 2, 3 or 4: nothing changes until an operator does.
+
+Server settings come from flags, then the environment (``CASE_PROXY_HOST``,
+``CASE_PROXY_PORT``, ``CASE_PROXY_WORKERS``, ``CASE_PROXY_LOG_LEVEL``, ... see
+``proxy.settings.ENV_SETTINGS``), then the TOML file, then defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+from .build_info import version_line
 from .cli_help import EPILOGS, MAIN_EPILOG
 from .evidence_files import link_files, pair_forwarding, read_evidence_file, summary_line
 from .log_setup import LOG_FORMATS, configure_logging
@@ -26,17 +34,39 @@ from .settings import ENV_ACCESS_LOG, ENV_LOG_FORMAT, ConfigError, load_settings
 EXIT_BROKEN = 1
 EXIT_UNPAIRED = 5
 
+ENV_LOG_LEVEL = "CASE_PROXY_LOG_LEVEL"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_LOG_LEVEL = "INFO"
+
+
+def log_level(flag: str | None, env: Mapping[str, str]) -> str:
+    """The flag, else ``CASE_PROXY_LOG_LEVEL`` (any case), else INFO; ConfigError for a
+    level the variable names that does not exist."""
+    if flag is not None:
+        return flag
+    raw = (env.get(ENV_LOG_LEVEL) or "").strip()
+    if not raw:
+        return DEFAULT_LOG_LEVEL
+    if raw.upper() not in LOG_LEVELS:
+        raise ConfigError([f"{ENV_LOG_LEVEL}: unknown level {raw!r}; one of {', '.join(LOG_LEVELS)}"])
+    return raw.upper()
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="case-proxy", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=version_line("case-proxy"))
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the enforcement proxy")
-    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="port (default 8787; 0 picks a free one)")
+    serve.add_argument("--host", default=None, help="bind address ($CASE_PROXY_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port ($CASE_PROXY_PORT; default 8787; 0 picks a free one)")
     serve.add_argument("--workers", type=int, default=None,
-                       help="worker processes sharing the port via SO_REUSEPORT (default 1; one evidence chain each)")
-    serve.add_argument("--config", type=Path, default=None, help="TOML config file (see config/proxy.example.toml)")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                       help="worker processes sharing the port via SO_REUSEPORT ($CASE_PROXY_WORKERS; default 1; "
+                            "one evidence chain each)")
+    serve.add_argument("--config", type=Path, default=None,
+                       help="TOML config file ($CASE_PROXY_CONFIG; see config/proxy.example.toml)")
+    serve.add_argument("--log-level", default=None, choices=LOG_LEVELS,
+                       help=f"($CASE_PROXY_LOG_LEVEL; default {DEFAULT_LOG_LEVEL})")
     serve.add_argument("--log-format", default=None, choices=list(LOG_FORMATS),
                        help=f"log lines on stderr as text or JSON (default: ${ENV_LOG_FORMAT}, else [log].format, "
                             "else text)")
@@ -112,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                  workers=getattr(args, "workers", None),
                                  log_format=getattr(args, "log_format", None),
                                  access_log=getattr(args, "access_log", None))
+        level = log_level(getattr(args, "log_level", None), os.environ)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"case-proxy: {line}", file=sys.stderr)
@@ -131,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print("ok: configuration valid and every gate holds")
         return 0
-    configure_logging(args.log_level, settings.log_format)
+    configure_logging(level, settings.log_format)
     if settings.workers > 1:
         from .workers import supervise
 

@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from .admission import Admission
+from .build_info import build_labels
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -124,6 +125,15 @@ class ProxyMetrics:
                                     multiprocess_mode="livemax")
         self.admission_info.labels(admission.provider, admission.model, admission.admission_status.value,
                                    admission.provider_class).set(1)
+        build = build_labels()
+        self.build_info = Gauge("case_proxy_build_info", "The release and interpreter this proxy runs (always 1).",
+                                list(build), registry=r, multiprocess_mode="livemax")
+        self.build_info.labels(**build).set(1)
+        # CPU, memory, open descriptors and start time of this process (Linux /proc). One
+        # process only: with several workers a scrape lands on any one of them, and
+        # prometheus-client's multiprocess mode does not sum these.
+        if multiprocess_dir is None:
+            ProcessCollector(registry=r)
         # Pre-create the label sets alerts and dashboards look for, so they read 0, not absent.
         for reason in ("model_not_admitted", "routing_override_refused", "external_provider_endpoint",
                        "external_provider_header", "forward_proxy_refused", "engine_override_refused"):

@@ -1,4 +1,6 @@
-"""Proxy configuration: environment first, then an optional TOML file, then defaults.
+"""Proxy configuration: flags, then the environment, then an optional TOML file, then
+defaults (``resolve_server_values`` is the one place that decides, for every setting the
+TOML file's ``[server]``, ``[upstream]``, ``[limits]`` and ``[proof]`` tables hold).
 
 Secrets (the proxy token, the backend key) come only from environment variables or
 files named by them, never from argv and never as literal values in the TOML file. The
@@ -126,6 +128,53 @@ def _secret(env: Mapping[str, str], var: str, file_var: str, file_from_toml: str
     return None
 
 
+# Every setting of the TOML file that is not a file or a secret, and the variable that
+# sets it: a service manager configures the proxy through the environment alone.
+ENV_SETTINGS: dict[tuple[str, str], str] = {
+    ("server", "host"): "CASE_PROXY_HOST",
+    ("server", "port"): "CASE_PROXY_PORT",
+    ("server", "workers"): "CASE_PROXY_WORKERS",
+    ("upstream", "allow_hosts"): "CASE_PROXY_ALLOW_HOSTS",
+    **{("limits", key): f"CASE_PROXY_{key.upper()}" for key in Limits.model_fields},
+    ("proof", "metrics_enabled"): "CASE_PROXY_METRICS_ENABLED",
+    ("proof", "evidence_enabled"): "CASE_PROXY_EVIDENCE_ENABLED",
+}
+# Settings kept as lists: the variable holds comma-separated items.
+_LIST_SETTINGS = frozenset({("upstream", "allow_hosts")})
+
+
+def resolve_server_values(flags: Mapping[tuple[str, str], Any], env: Mapping[str, str],
+                          toml: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each ``ENV_SETTINGS`` value from the first source that sets it: a flag (not None),
+    then its variable (not blank), then the TOML file; unset ones are left out, so the
+    model's default applies. Returns (values shaped as ``ProxySettings`` takes them,
+    where each value came from, keyed by its dotted field path) for error messages."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for (section, key), var in ENV_SETTINGS.items():
+        table = toml.get(section)
+        raw_env = (env.get(var) or "").strip()
+        if flags.get((section, key)) is not None:
+            value, source = flags[(section, key)], f"flag --{key.replace('_', '-')}"
+        elif raw_env:
+            value, source = raw_env, var
+            if (section, key) in _LIST_SETTINGS:
+                value = tuple(item.strip() for item in raw_env.split(",") if item.strip())
+        elif isinstance(table, dict) and key in table:
+            value, source = table[key], f"config file [{section}].{key}"
+        else:
+            continue
+        if (section, key) in _LIST_SETTINGS and isinstance(value, list):
+            value = tuple(value)
+        if section in ("server", "upstream", "proof"):
+            values[key] = value
+            sources[key] = source
+        else:
+            values.setdefault(section, {})[key] = value
+            sources[f"{section}.{key}"] = source
+    return values, sources
+
+
 _TOML_KEYS: dict[str, set[str] | None] = {
     "server": {"host", "port", "workers"},
     "files": {"decision_file", "admission_file", "evidence_file", "token_file", "api_key_file"},
@@ -193,20 +242,14 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
     if config_file is None and env.get(ENV_CONFIG_FILE):
         config_file = Path(env[ENV_CONFIG_FILE])
     toml = _load_toml(config_file, problems) if config_file else {}
-    server, files, upstream = toml.get("server", {}), toml.get("files", {}), toml.get("upstream", {})
+    files, upstream = toml.get("files", {}), toml.get("upstream", {})
 
     def pick(var: str, section: dict[str, Any], key: str) -> Any:
         return env.get(var) or section.get(key)
 
-    values: dict[str, Any] = {
-        "host": host or server.get("host", "127.0.0.1"),
-        "port": port if port is not None else server.get("port", 8787),
-        "workers": workers if workers is not None else server.get("workers", 1),
-        "allow_hosts": tuple(upstream.get("allow_hosts", ())),
-        "limits": toml.get("limits", {}),
-        **toml.get("proof", {}),
-        **_log_values(env, toml.get("log", {}), log_format, access_log, problems),
-    }
+    flags = {("server", "host"): host or None, ("server", "port"): port, ("server", "workers"): workers}
+    values, sources = resolve_server_values(flags, env, toml)
+    values.update(_log_values(env, toml.get("log", {}), log_format, access_log, problems))
     if "request_fields" in toml:
         extra, field_problems = parse_extra_fields(toml["request_fields"])
         problems.extend(f"config file {config_file}: {p}" for p in field_problems)
@@ -238,6 +281,13 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
     try:
         return ProxySettings.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError([
-            f"setting '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in exc.errors()
-        ]) from None
+        raise ConfigError([_validation_problem(e["loc"], e["msg"], sources) for e in exc.errors()]) from None
+
+
+def _validation_problem(loc: tuple[int | str, ...], message: str, sources: Mapping[str, str]) -> str:
+    """One line naming the setting and where its bad value came from (never the value:
+    a mistyped variable may hold a secret)."""
+    dotted = ".".join(str(p) for p in loc)
+    # A list item's location ends in its index; the list's source is the one to name.
+    source = sources.get(dotted) or sources.get(".".join(str(p) for p in loc if not isinstance(p, int)))
+    return f"setting '{dotted}'{f' (from {source})' if source else ''}: {message}"

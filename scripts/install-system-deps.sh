@@ -9,6 +9,9 @@ command -v git >/dev/null 2>&1 || need+=(git)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # The log rotation test runs the real logrotate against a running proxy.
 command -v logrotate >/dev/null 2>&1 || need+=(logrotate)
+# systemd-analyze checks deploy/case-proxy.service (the systemd package; no running
+# systemd is needed).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # pip builds llama.cpp from source for the engine tier (cmake comes from PyPI).
 command -v c++ >/dev/null 2>&1 || need+=(g++ make)
 [ ${#need[@]} -eq 0 ] && exit 0
@@ -21,4 +24,5 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v git >/dev/null \
-  && command -v c++ >/dev/null && command -v openssl >/dev/null && command -v logrotate >/dev/null
+  && command -v c++ >/dev/null && command -v openssl >/dev/null && command -v logrotate >/dev/null \
+  && command -v systemd-analyze >/dev/null
