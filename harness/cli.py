@@ -95,10 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--html", type=Path, default=None, metavar="OUT", help="also write an HTML page to OUT")
     sub.add_parser("schema", help="print the JSON Schema of report.json (the packaged copy)",
                    description="Print the JSON Schema that every report.json validates against, as shipped in "
-                               "the package.",
-                   epilog="Environment: none read. Exit codes: 0 printed. "
-                          "Example: case-harness schema > report.schema.json",
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                               "the package.")
     demo = sub.add_parser("demo", help="the whole route on this machine with the scripted backend, then every "
                                        "negative gate blocking")
     demo.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where runs go (default ./harness-runs)")

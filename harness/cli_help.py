@@ -63,6 +63,15 @@ exit codes:
 example:
   case-harness report harness-runs/20261128T071746Z-r1-string-slugify-282994 --html report.html
 """,
+    "schema": """\
+environment: none read.
+
+exit codes:
+  0  the schema was printed
+
+example:
+  case-harness schema
+""",
     "demo": """\
 environment: none of the CTO_HARNESS_* variables; every run gets a fresh environment
   (PATH, locale, HOME, TMPDIR and demo copies of the artifacts), so your own

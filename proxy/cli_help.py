@@ -3,6 +3,8 @@ reads, its exit codes and one example, so an operator needs no other page to run
 
 from __future__ import annotations
 
+from .settings import ENV_SETTINGS
+
 _ENV_CORE = """\
   CTO_HARNESS_CASE_DECISION_FILE         the CTO-WORK-020 decision record (JSON)
   CTO_HARNESS_CASE_MODEL_ADMISSION_FILE  the admission JSON: admitted provider and model
@@ -12,18 +14,25 @@ _ENV_CORE = """\
   CASE_PROXY_EVIDENCE_FILE               the hash-chained evidence log (JSONL)
   CASE_PROXY_CONFIG                      optional TOML file (config/proxy.example.toml); the variables win"""
 
+# Every server setting's variable, beside the TOML key it overrides.
+_ENV_SERVER = "\n".join(f"  {var:<38} [{section}].{key}" for (section, key), var in ENV_SETTINGS.items())
+
 EPILOGS: dict[str, str] = {
     "serve": f"""\
 environment:
 {_ENV_CORE}
   CASE_PROXY_LOG_FORMAT                  text (default) or json; --log-format wins
   CASE_PROXY_ACCESS_LOG                  1/0: one access line per request (default 1); --no-access-log wins
+  CASE_PROXY_LOG_LEVEL                   DEBUG, INFO (default), WARNING or ERROR; --log-level wins
+server settings (a flag wins over its variable, a variable over the TOML key):
+{_ENV_SERVER}
 
 exit codes:
   0  stopped cleanly (SIGTERM or SIGINT; open requests drained)
   1  a worker failed while serving (--workers N)
   2  configuration error, one line per problem (do not restart: fix it)
   3  a gate blocks: decision record, admission or upstream pin (do not restart)
+  4  the evidence log at its path is torn (do not restart: see docs/evidence.md)
 
 example:
   CASE_PROXY_TOKEN_FILE=/run/secrets/case-proxy-token case-proxy serve --port 8787 --log-format json

@@ -35,7 +35,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # The fields of an access line, in this order (also the keys of its JSON form).
 ACCESS_FIELDS: tuple[str, ...] = (
-    "request_id", "method", "path", "endpoint", "decision", "reason", "family", "status", "duration_ms", "stream",
+    "request_id", "client_request_id", "method", "path", "endpoint", "decision", "reason", "family", "status", "duration_ms", "stream",
 )
 
 
@@ -67,7 +67,7 @@ def access_fields(draft: Draft, duration_s: float) -> dict[str, Any]:
     """What one access line says about a request (pure). Nothing here comes from a body
     or a header other than the request id, which the redaction filter still scans."""
     return {
-        "request_id": draft.request_id, "method": draft.method, "path": draft.path,
+        "request_id": draft.request_id, "client_request_id": draft.client_request_id, "method": draft.method, "path": draft.path,
         "endpoint": str(draft.endpoint), "decision": draft.decision, "reason": draft.reason,
         "family": draft.family, "status": draft.status, "duration_ms": round(duration_s * 1000, 3),
         "stream": draft.stream,

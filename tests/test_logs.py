@@ -158,7 +158,8 @@ async def test_serve_json_log_has_one_access_line_per_request_and_no_secret(scri
     text = (tmp_path / "proxy.log").read_text()
     assert secret not in text and env["CASE_PROXY_TOKEN"] not in text
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-    access = {rec["request_id"]: rec for rec in lines if rec["logger"] == "case_proxy.access"}
+    # The record id is the proxy's own; the client's X-Request-Id stands beside it.
+    access = {rec["client_request_id"]: rec for rec in lines if rec["logger"] == "case_proxy.access"}
     assert set(access) == {"req-admitted-1", "req-refused-1", "req-secret-path"}, access
     ok, refused, unknown = access["req-admitted-1"], access["req-refused-1"], access["req-secret-path"]
     assert (ok["endpoint"], ok["decision"], ok["reason"], ok["status"]) == ("chat_completions", "admitted", "ok", 200)
@@ -212,8 +213,8 @@ async def test_a_hostile_path_cannot_forge_text_log_lines(scripted_backend: Any,
         assert proc.stop() == 0
     lines = (tmp_path / "proxy.log").read_text().splitlines()
     assert not [line for line in lines if line.startswith("2026-01-01") or "request_id=forged" in line.split('"')[0]]
-    newline = [line for line in lines if "access request_id=hostile-newline " in line]
-    space = [line for line in lines if "access request_id=hostile-space " in line]
+    newline = [line for line in lines if " client_request_id=hostile-newline " in line]
+    space = [line for line in lines if " client_request_id=hostile-space " in line]
     assert len(newline) == 1 and 'path="/v1/a\\n2026-01-01' in newline[0] and "status=404" in newline[0]
     assert len(space) == 1 and 'path="/v1/x status=200 decision=admitted"' in space[0]
     assert "decision=rejected" in space[0] and "decision=admitted status" not in space[0].split('"')[2]
