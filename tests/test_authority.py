@@ -104,6 +104,27 @@ async def test_the_watch_sees_a_revocation_and_a_return(tmp_path: Path, change: 
     assert seen[-1] == (True, "ok")
 
 
+def test_a_content_watch_survives_the_file_being_replaced(tmp_path: Path) -> None:
+    """A rename over the file ends the kernel's watch on the old inode (IN_IGNORED). That
+    must not count as a broken watch (which answers "changed" forever, so every look
+    would read and judge both files again); the new file is watched instead, in place
+    writes to it included."""
+    from proxy.path_watch import PathWatch
+
+    _, a, _ = _pinned(tmp_path)
+    watch = PathWatch.open(a, content=True)
+    assert watch is not None  # Linux, a local filesystem
+    assert watch.changed()  # the first answer is always True
+    assert not watch.changed()
+    for status in ("admitted", "candidate"):
+        _replace_by_rename(a, admission_status=status)
+        assert watch.changed()
+    _rewrite_in_place(a, admission_status="admitted")  # in place, into the newest inode
+    assert watch.changed()
+    assert not watch.changed() and not watch._broken
+    watch.close()
+
+
 async def test_a_removed_file_stops_serving(tmp_path: Path) -> None:
     d, a, pinned = _pinned(tmp_path)
     authority = Authority(d, a, pinned)

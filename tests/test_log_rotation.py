@@ -227,3 +227,34 @@ async def test_between_the_rename_and_the_hup_nothing_is_forwarded(scripted_back
     finally:
         assert proc.stop() == 0
     assert cli("verify-evidence", str(tmp_path / "evidence.old"), str(evidence), env=dict(os.environ)).returncode == 0
+
+
+async def test_a_hup_to_the_supervisor_rotates_every_workers_log(scripted_backend: Any, tmp_path: Path) -> None:
+    """With several workers logrotate signals the supervisor (the pid it knows); each
+    worker must rotate its own file. Without the supervisor passing SIGHUP on, the
+    workers' paths stay renamed and every request is refused."""
+    from proxy.workers import worker_evidence_path
+
+    env = proxy_env(tmp_path, scripted_backend.base_url)
+    evidence = Path(env["CASE_PROXY_EVIDENCE_FILE"])
+    proc = ProxyProcess(env, tmp_path / "proxy.log", "--workers", "2")
+    await proc.start()
+    assert proc.proc is not None
+    logs = [worker_evidence_path(evidence, i) for i in range(2)]
+    try:
+        for log in logs:
+            log.rename(Path(str(log) + ".1"))
+        proc.proc.send_signal(signal.SIGHUP)
+        for _ in range(200):
+            if all(log.exists() and log.stat().st_size for log in logs):
+                break
+            await asyncio.sleep(0.02)
+        client = openai.AsyncOpenAI(base_url=proc.base_url, api_key=env["CASE_PROXY_TOKEN"], max_retries=0)
+        for _ in range(6):  # spread over both workers by the kernel
+            assert (await client.chat.completions.create(model=ADMITTED, messages=MSGS)).model == ADMITTED
+    finally:
+        assert proc.stop() == 0
+    for log in logs:
+        assert _records(log)[0]["kind"] == "log_continued"
+        out = cli("verify-evidence", str(log) + ".1", str(log), env=dict(os.environ))
+        assert out.returncode == 0 and "linked:" in out.stdout, out.stdout
