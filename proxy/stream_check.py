@@ -112,7 +112,8 @@ class StreamChecker:
         if self._buf:
             raise StreamRefused(StreamFault.PROTOCOL, "the backend stream ended in the middle of an event")
         if not self.verified:
-            raise StreamRefused(StreamFault.MODEL_MISMATCH, "the backend stream does not name the model that serves it")
+            raise StreamRefused(StreamFault.MODEL_MISMATCH,
+                                "the backend stream does not name the model that serves it")
         return b""
 
     # ------------------------------------------------------------------ lines and blocks
@@ -272,9 +273,11 @@ class StreamChecker:
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            raise StreamRefused(StreamFault.MODEL_MISMATCH, "the backend stream holds an event whose data is not JSON") from None
+            raise StreamRefused(StreamFault.MODEL_MISMATCH,
+                                "the backend stream holds an event whose data is not JSON") from None
         if type(obj) is not dict:
-            raise StreamRefused(StreamFault.MODEL_MISMATCH, "the backend stream holds an event that is not a JSON object")
+            raise StreamRefused(StreamFault.MODEL_MISMATCH,
+                                "the backend stream holds an event that is not a JSON object")
         # Exact: a body equal to the serialization of its parse has no repeated key; only
         # a body that differs pays for the parse that sees every key.
         if orjson.dumps(obj) != payload and has_duplicate_key(payload):

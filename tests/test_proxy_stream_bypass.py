@@ -67,7 +67,8 @@ class HostileBackend:
 
     async def start(self) -> None:
         async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": ADMITTED, "object": "model", "owned_by": "t"}]})
+            models = [{"id": ADMITTED, "object": "model", "owned_by": "t"}]
+            return web.json_response({"object": "list", "data": models})
 
         async def generate(request: web.Request) -> web.StreamResponse:
             await request.read()
