@@ -34,7 +34,8 @@ def shapes() -> dict[str, list[bytes]]:
     """Reads of one stream of 1,000 events, per shape."""
     one = typical_event()
     crlf = typical_event(end=b"\r\n\r\n")
-    spaced = b"data: " + orjson.dumps(orjson.loads(one[6:-2]), option=orjson.OPT_INDENT_2).replace(b"\n", b" ") + b"\n\n"
+    indented = orjson.dumps(orjson.loads(one[6:-2]), option=orjson.OPT_INDENT_2)
+    spaced = b"data: " + indented.replace(b"\n", b" ") + b"\n\n"
     return {
         "one event per read": [one] * 1000,
         "8 events per read": [one * 8] * 125,

@@ -112,7 +112,8 @@ class StreamChecker:
         if self._buf:
             raise StreamRefused(StreamFault.PROTOCOL, "the backend stream ended in the middle of an event")
         if not self.verified:
-            raise StreamRefused(StreamFault.MODEL_MISMATCH, "the backend stream does not name the model that serves it")
+            raise StreamRefused(StreamFault.MODEL_MISMATCH,
+                                "the backend stream does not name the model that serves it")
         return b""
 
     # ------------------------------------------------------------------ lines and blocks
@@ -272,24 +273,28 @@ class StreamChecker:
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            raise StreamRefused(StreamFault.MODEL_MISMATCH, "the backend stream holds an event whose data is not JSON") from None
+            raise StreamRefused(StreamFault.MODEL_MISMATCH,
+                                "the backend stream holds an event whose data is not JSON") from None
         if type(obj) is not dict:
-            raise StreamRefused(StreamFault.MODEL_MISMATCH, "the backend stream holds an event that is not a JSON object")
+            raise StreamRefused(StreamFault.MODEL_MISMATCH,
+                                "the backend stream holds an event that is not a JSON object")
         # Exact: a body equal to the serialization of its parse has no repeated key; only
         # a body that differs pays for the parse that sees every key.
         if orjson.dumps(obj) != payload and has_duplicate_key(payload):
             raise StreamRefused(StreamFault.MODEL_MISMATCH, "the backend stream holds an event that repeats a key")
         model = obj.get("model", _ABSENT)
-        if model is not _ABSENT:
+        # (once verified, the usual event names the admitted model: no call needed)
+        if model is not _ABSENT and (not self.verified or model != self.admitted or type(model) is not str):
             self._named(model)
         response = obj.get("response")
-        if type(response) is dict:
+        if response is not None and type(response) is dict:
             model = response.get("model", _ABSENT)
             if model is not _ABSENT:
                 self._named(model)
-        usage = find_usage(obj)
-        if usage is not None:
-            self.usage.take(usage)
+        if "usage" in obj or response is not None:  # most chunks carry neither
+            usage = find_usage(obj)
+            if usage is not None:
+                self.usage.take(usage)
 
     def _named(self, model: object) -> None:
         if model == self.admitted and type(model) is str:

@@ -1,4 +1,4 @@
-"""Issue 18's stream bypasses, end to end: a hostile backend sends chosen bytes, the
+"""Issue 18's stream bypasses (and the non-streaming twin), end to end: a hostile backend sends chosen bytes, the
 official ``openai`` SDK reads the stream through the proxy.
 
 The backend here is a test fixture (an aiohttp app that writes the bytes each test
@@ -61,16 +61,18 @@ class HostileBackend:
 
     def __init__(self) -> None:
         self.body = b""
+        self.content_type = "text/event-stream"
         self.url = ""
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": ADMITTED, "object": "model", "owned_by": "t"}]})
+            models = [{"id": ADMITTED, "object": "model", "owned_by": "t"}]
+            return web.json_response({"object": "list", "data": models})
 
         async def generate(request: web.Request) -> web.StreamResponse:
             await request.read()
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            resp = web.StreamResponse(headers={"Content-Type": self.content_type})
             await resp.prepare(request)
             await resp.write(self.body)
             await resp.write_eof()
@@ -158,3 +160,21 @@ async def test_a_responses_stream_repeating_the_model_key_in_response_is_refused
     assert [e for e in got if getattr(getattr(e, "response", None), "model", ADMITTED) != ADMITTED] == []
     assert isinstance(error, openai.APIError) and error.code == "served_model_mismatch"
     _the_evidence_says_mismatch(proxy, "responses", None)
+
+
+async def test_a_non_streaming_body_repeating_the_model_key_is_withheld(
+        make_proxy: MakeProxy, hostile: HostileBackend) -> None:  # noqa: F811
+    """The non-streaming check is as strict. Here the escaped key comes first: a parser
+    that keeps the last duplicate (orjson, Python's json) reads the admitted model, one
+    that keeps the first reads the other, so the body proves nothing and is withheld."""
+    hostile.content_type = "application/json"
+    hostile.body = (b'{"id":"c1","object":"chat.completion","created":0,"mod\\u0065l":"' + OTHER.encode()
+                    + b'","model":"' + ADMITTED.encode() + b'","choices":[{"index":0,"finish_reason":"stop",'
+                    b'"message":{"role":"assistant","content":"hi"}}]}')
+    proxy = await make_proxy(base_url=hostile.url)
+    with pytest.raises(openai.InternalServerError) as info:
+        await proxy.client().chat.completions.create(model=ADMITTED, messages=MSG)
+    assert info.value.status_code == 502 and info.value.code == "served_model_mismatch"
+    assert OTHER not in str(info.value.body)
+    rec = proxy.requests_evidence()[-1]
+    assert (rec["decision"], rec["reason"], rec["stream"]) == ("error", "served_model_mismatch", False)

@@ -69,7 +69,8 @@ def sdk_events(stream: bytes, cuts: list[int] | None = None) -> list[str]:
     return [sse.data for sse in SSEDecoder().iter_bytes(iter(pieces))]
 
 
-def run(stream: bytes, cuts: list[int] | None = None, **limits: int) -> tuple[bytes, StreamRefused | None, StreamChecker]:
+def run(stream: bytes, cuts: list[int] | None = None,
+        **limits: int) -> tuple[bytes, StreamRefused | None, StreamChecker]:
     """Feed ``stream`` cut at ``cuts``; (bytes released, the refusal or None, checker)."""
     checker = StreamChecker(ADMITTED, UsageTotals(), **limits)
     cuts = cuts or []
@@ -427,3 +428,15 @@ def test_the_events_a_client_reads_are_exactly_the_events_checked() -> None:
         assert names_only_the_admitted_model(seen), stream
         assert names_only_the_admitted_model(sdk_events(bytes(out), [c for c in cuts if c < len(out)])), stream
     assert passed > 150  # streams let through whole are part of the sample
+
+
+def test_the_micro_benchmark_measures_streams_that_pass_whole() -> None:
+    """bench.stream_check_micro times the passing path: each of its shapes must be
+    forwarded byte for byte (a refused stream would time an early exit)."""
+    from bench.stream_check_micro import MODEL, shapes
+
+    assert MODEL == ADMITTED
+    for name, reads in shapes().items():
+        checker = StreamChecker(MODEL, UsageTotals())
+        out = b"".join(checker.feed(r) for r in reads) + checker.finish()
+        assert out == b"".join(reads) and checker.verified, name
