@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-base
 ENGINE_STAMP := $(VENV)/.stamp-engine
 
-.PHONY: demo test test-fast bench bench-quick system-deps engine-deps clean
+.PHONY: demo test test-fast bench bench-quick system-deps engine-deps vllm-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,15 +23,20 @@ $(ENGINE_STAMP): $(STAMP)
 
 engine-deps: $(ENGINE_STAMP)
 
+# vLLM (CPU build) for the `vllm` test tier, in its own venv (.cache/vllm-venv) so its pins
+# never decide the project's; idempotent, about 3 minutes and 2.5 GB the first time.
+vllm-deps:
+	@bash scripts/install-vllm.sh
+
 demo: $(STAMP)
 	$(PY) -m harness demo
 
-test: $(STAMP) system-deps engine-deps
+test: $(STAMP) system-deps engine-deps vllm-deps
 	$(PY) -m pytest -q
 
-# Everything but the engine tier and Prometheus, for a quick edit loop.
+# Everything but the engine tiers and Prometheus, for a quick edit loop.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not engine and not prometheus"
+	$(PY) -m pytest -q -m "not engine and not vllm and not prometheus"
 
 # The benchmark: installs wrk, nginx and LiteLLM (its own venv, .cache/litellm-venv)
 # when missing, then writes bench/results/latest.{md,json}. bench-quick: a few minutes.
