@@ -301,7 +301,13 @@ async def test_the_proxys_records_match_vllms_own_counters(vproxy: ProxyUnderTes
     recs = [r for r in vproxy.requests_evidence() if r["endpoint"] != "models"]
     admitted = [r for r in recs if r["decision"] == "admitted"]
     assert len(admitted) == 4 and len(recs) == 6
-    delta = lambda name: total(m1, name) - total(m0, name)  # noqa: E731
+    delta = lambda name, **lab: total(m1, name, **lab) - total(m0, name, **lab)  # noqa: E731
+    # vLLM's HTTP counter, per route: exactly the admitted requests, none of the refused.
+    for endpoint, route in (("chat_completions", "/v1/chat/completions"), ("completions", "/v1/completions"),
+                            ("responses", "/v1/responses")):
+        assert delta("http_requests_total", handler=route, method="POST") == len(
+            [r for r in admitted if r["endpoint"] == endpoint]), route
+    assert delta("http_requests_total", handler="/v1/messages") == 0
     assert delta("vllm:request_success_total") == len(admitted)
     assert delta("vllm:prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in admitted)
     assert delta("vllm:generation_tokens_total") == sum(r["usage"]["completion_tokens"] for r in admitted)
