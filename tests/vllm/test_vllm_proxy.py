@@ -230,6 +230,9 @@ async def test_the_backend_key_is_added_by_the_proxy(vproxy: ProxyUnderTest, vll
         model=SERVED, messages=MSG, max_tokens=2,
         extra_headers={"X-Api-Key": "client-chosen-key", "Api-Key": "client-chosen-key"})
     assert resp.model == SERVED
+    # The key reached vLLM, and nothing written about it: not the proxy's evidence, not vLLM's log.
+    key = vllm_engine.api_key
+    assert key and key not in vproxy.evidence_path.read_text() and key not in vllm_engine.log_text()
 
 
 async def test_vllms_401_becomes_an_openai_shaped_502(make_proxy, vllm_engine: VllmEngine) -> None:  # noqa: F811
