@@ -71,6 +71,7 @@ class ScriptedBackend:
     report_model: str | None = None
     echo_model: bool = False
     fail_status: int | None = None
+    fail_raw: bytes | None = None  # with fail_status: this body as sent, not the OpenAI shape
     chunk_delay_s: float = 0.0
     chunks: int = 8
     first_byte_delay_s: float = 0.0
@@ -153,6 +154,8 @@ class ScriptedBackend:
             await asyncio.sleep(self.first_byte_delay_s)
         if self.redirect_to:
             return web.Response(status=307, headers={"Location": self.redirect_to})
+        if self.fail_status and self.fail_raw is not None:
+            return web.Response(status=self.fail_status, body=self.fail_raw, content_type="application/json")
         if self.fail_status:
             msg = "scripted failure"
             if self.echo_headers:

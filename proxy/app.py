@@ -24,6 +24,7 @@ from .admission import Admission
 from .allowlists import check_fields, forwardable_request_headers
 from .auth import RecordBucket, authenticate
 from .authority import Authority
+from .backend_errors import client_error
 from .body_decoding import DecodeError, decode_body, encoding_label, parse_content_encoding
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
@@ -634,8 +635,13 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
             data = await resp.read(4 * 1024 * 1024, limits.idle_timeout_s)
             draft.upstream_error = "status_4xx" if resp.status < 500 else "status_5xx"
             draft.outcome, draft.reason = "upstream_error", f"backend_status_{resp.status}"
-            draft.status = resp.status
             completed = True
+            mapped = client_error(resp.status, data)
+            if mapped is not None:  # not the OpenAI shape, or the backend refused the proxy's key
+                draft.status, data = mapped
+                return web.Response(status=draft.status, body=data, content_type="application/json",
+                                    headers={"X-Request-Id": draft.request_id})
+            draft.status = resp.status
             return web.Response(status=resp.status, body=state.redactor.redact_bytes(data),
                                 headers={**forwardable_response_headers(resp.headers),
                                          "X-Request-Id": draft.request_id})

@@ -51,6 +51,7 @@ ERRORS: dict[str, ErrorSpec] = {
     # backend and proof
     "served_model_mismatch": ErrorSpec(502, "api_error"),
     "backend_unreachable": ErrorSpec(502, "api_error"),
+    "backend_auth_refused": ErrorSpec(502, "api_error"),
     "backend_redirect_refused": ErrorSpec(502, "api_error"),
     "backend_address_refused": ErrorSpec(502, "api_error"),
     "backend_protocol_error": ErrorSpec(502, "api_error"),

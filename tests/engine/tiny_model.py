@@ -13,8 +13,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
 N_EMBD, N_FF, N_LAYER, N_HEAD, N_CTX = 64, 128, 2, 4, 512
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -56,7 +54,10 @@ def tokenizer() -> tuple[list[str], list[int], list[str]]:
 
 
 def write_tiny_model(path: Path, seed: int = 0) -> Path:
+    # numpy and gguf come with the engine extra; imported here so that collecting the suite
+    # (make test-fast, which installs only the test extra) does not need them.
     import gguf
+    import numpy as np
 
     rng = np.random.default_rng(seed)
     tokens, types, merges = tokenizer()
