@@ -47,7 +47,7 @@ from .request_policy import (
     routing_override,
     websocket_upgrade,
 )
-from .served_model import ModelScanner, UsageTotals, check_json_body
+from .served_model import UsageTotals, check_json_body
 from .settings import ProxySettings
 from .stream_check import StreamChecker, StreamFault, StreamRefused
 from .upstream import BackendError, BackendResponse, Upstream, upstream_error_kind
@@ -107,7 +107,6 @@ class ProxyState:
     authority: Authority | None = None  # the artifacts, watched while serving (proxy.authority)
     in_flight: int = 0
     draining: bool = False
-    scanner: ModelScanner = field(init=False)
     # Made inside the loop that serves it (each worker makes its own): the loop is kept
     # because on Python 3.11 each asyncio.get_running_loop() is a getpid system call;
     # request ids come from a generator seeded once from the OS, not one getrandom
@@ -120,7 +119,6 @@ class ProxyState:
     forwarding: ForwardingRecorder | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.scanner = ModelScanner(self.admission.model)
         self.loop = asyncio.get_running_loop()
         self._ids = random.Random(os.urandom(32))
         self.batch = None

@@ -12,57 +12,9 @@ check anything: the proxy state still builds a ``ModelScanner``, to be removed w
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 import orjson
-
-_MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){0,400})"')
-
-
-def _decode_json_string(raw: bytes) -> str:
-    try:
-        value = orjson.loads(b'"' + raw + b'"')
-    except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace")
-    return value if isinstance(value, str) else ""
-
-
-def scan_model(event: bytes) -> str | None:
-    """The model an SSE event (or JSON body) names, or None if it names none."""
-    start = event.find(b'"model"')  # the regex needs this literal: find it at C speed first
-    if start < 0:
-        return None
-    m = _MODEL_RE.search(event, start)
-    if m is None:
-        return None
-    raw = m.group(1)
-    # Without escapes a JSON string is its UTF-8 bytes; decoding them directly is what
-    # _decode_json_string returns for them too (invalid UTF-8 included).
-    return raw.decode("utf-8", "replace") if b"\\" not in raw else _decode_json_string(raw)
-
-
-class ModelScanner:
-    """``scan_model`` with a shortcut for the usual event: one that names the admitted
-    model exactly as JSON writes it, once. Streams check every event, so this is on the
-    per-chunk path; any other event takes the full scan, and the answer is the same."""
-
-    __slots__ = ("admitted", "_needle")
-
-    def __init__(self, admitted: str) -> None:
-        self.admitted = admitted
-        encoded = orjson.dumps(admitted)
-        # Longer values are past the scan's 400-byte cap: never shortcut what it refuses.
-        self._needle = b'"model":' + encoded if len(encoded) <= 402 else None
-
-    def scan(self, event: bytes) -> str | None:
-        # The needle is a whole match of _MODEL_RE (value ended by its closing quote); with
-        # no other '"model"' in the event it is the match scan_model finds first.
-        needle = self._needle
-        if needle is not None and needle in event and event.count(b'"model"') == 1:
-            return self.admitted
-        return scan_model(event)
-
 
 @dataclass(slots=True)
 class UsageTotals:

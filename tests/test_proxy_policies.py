@@ -26,7 +26,6 @@ from proxy.request_policy import (
     provider_header,
     routing_override,
 )
-from proxy.served_model import ModelScanner, scan_model
 from proxy.upstream_policy import UpstreamRefusal, UpstreamTarget, check_resolved_address, classify_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,47 +143,6 @@ def test_forwarded_routes_are_never_other_providers_endpoints() -> None:
     """_dispatch skips the endpoint scan for the forwarded routes on this ground."""
     assert [p for p in FORWARDED if external_endpoint(p) is not None] == []
     assert external_endpoint("/v1/messages") is not None
-
-
-def test_served_model_scan() -> None:
-    assert scan_model(b'data: {"id":"x","model":"qwen3.6-35b-a3b","choices":[]}\n\n') == "qwen3.6-35b-a3b"
-    assert scan_model(b'data: {"choices":[{"delta":{"content":"say \\"model\\":\\"claude\\""}}]}\n\n') is None
-    assert scan_model(b'data: {"model":"claude\\u002dsonnet"}\n\n') == "claude-sonnet"
-
-
-@pytest.mark.parametrize("value", [b"qwen3.6-35b-a3b", b"claude\\u002dsonnet", b"caf\xc3\xa9", b"bad\xff",
-                                   b"tab\tin", b"q\\\"x", b""])
-def test_model_scan_decodes_as_json_would(value: bytes) -> None:
-    event = b'data: {"id":"x","model":"' + value + b'","choices":[]}\n\n'
-    raw = re.search(rb'"model"\s*:\s*"((?:[^"\\]|\\.){0,400})"', event)
-    assert raw is not None
-    try:
-        expected = orjson.loads(b'"' + raw.group(1) + b'"')
-    except orjson.JSONDecodeError:
-        expected = raw.group(1).decode("utf-8", "replace")
-    assert scan_model(event) == expected
-
-
-@pytest.mark.parametrize("admitted", ["qwen3.6-35b-a3b", 'q"uote\\d', "caf\u00e9-model", "m" * 401])
-def test_model_scanner_shortcut_answers_as_the_full_scan(admitted: str) -> None:
-    """The per-chunk shortcut may only ever save time: on every event, including ones
-    made to fool a substring test, it returns what scan_model returns."""
-    enc = orjson.dumps(admitted)
-    events = [
-        b'data: {"id":"x","model":' + enc + b',"choices":[]}\n\n',               # the usual chunk
-        b'data: {"id":"x","model": ' + enc + b',"choices":[]}\n\n',              # spaced: full scan
-        b'data: {"model":"claude","note":' + orjson.dumps('"model":' + admitted) + b'}\n\n',
-        b'data: {"name":"model","model":' + enc + b'}\n\n',                      # "model" as a value first
-        b'data: {"model":"other","x":{"model":' + enc + b'}}\n\n',              # two keys: the first wins
-        b'data: {"model":' + enc[:-1] + b'-v2"}\n\n',                           # admitted as a prefix
-        b'data: {"model":"' + admitted.encode()[:1] + b'\\u00' + b"%02x" % ord(admitted[1]) + enc[3:] + b'}\n\n',
-        b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',                  # names none
-        b"data: [DONE]\n\n",
-    ]
-    scanner = ModelScanner(admitted)
-    for event in events:
-        assert scanner.scan(event) == scan_model(event), event
-    assert (scanner.scan(events[0]) == admitted) is (len(enc) <= 402)
 
 
 CLEAN_RECORD = {"kind": "request", "path": "/v1/chat/completions", "reason": "ok", "usage": {"prompt_tokens": 3},
