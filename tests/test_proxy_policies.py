@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
-import orjson
 import pytest
 
 from proxy.admission import Admission
