@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import urllib.error
 import urllib.request
 from urllib.parse import quote
@@ -139,3 +140,17 @@ async def test_a_loop_of_tokenless_requests_cannot_fill_the_log(proxy: ProxyUnde
     for _ in range(10):
         await _raw(proxy, request.removesuffix(b"\r\n") + creds + b"\r\n")
     assert len(proxy.evidence()) - n == 10
+
+
+async def test_a_loop_of_tokenless_requests_cannot_fill_the_access_log(proxy: ProxyUnderTest,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The access line follows the record bucket: beyond it a tokenless request writes
+    neither a record nor a log line, so a loop cannot fill the disk through stderr."""
+    proxy.running.state.unauthenticated_records = RecordBucket(burst=5, per_s=0.0)
+    request = b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n"
+    with caplog.at_level(logging.INFO, logger="case_proxy.access"):
+        for _ in range(40):
+            assert (await _raw(proxy, request)).startswith(b"HTTP/1.1 407")
+        await asyncio.sleep(0.05)  # access lines are written after the answer (call_soon)
+    lines = [r for r in caplog.records if r.name == "case_proxy.access"]
+    assert len(lines) == 5 and all("reason=proxy_auth_required" in r.getMessage() for r in lines)
