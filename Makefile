@@ -5,16 +5,20 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-base
 ENGINE_STAMP := $(VENV)/.stamp-engine
 
-.PHONY: demo test test-fast bench bench-quick system-deps engine-deps clean
+.PHONY: demo test test-fast bench bench-quick system-deps sandbox-deps engine-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-# Debian packages the tests use (a real Prometheus server and promtool).
+# Debian packages the tests use (a real Prometheus server and promtool, bubblewrap).
 system-deps:
 	@bash scripts/install-system-deps.sh
+
+# What a harness run needs (bubblewrap for Case's sandbox), for the demo.
+sandbox-deps:
+	@bash scripts/install-system-deps.sh sandbox
 
 # llama.cpp (built from source by pip, cached afterwards) for the `engine` test tier.
 $(ENGINE_STAMP): $(STAMP)
@@ -23,14 +27,14 @@ $(ENGINE_STAMP): $(STAMP)
 
 engine-deps: $(ENGINE_STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sandbox-deps
 	$(PY) -m harness demo
 
 test: $(STAMP) system-deps engine-deps
 	$(PY) -m pytest -q
 
 # Everything but the engine tier and Prometheus, for a quick edit loop.
-test-fast: $(STAMP)
+test-fast: $(STAMP) sandbox-deps
 	$(PY) -m pytest -q -m "not engine and not prometheus"
 
 # The benchmark: installs wrk, nginx and LiteLLM (its own venv, .cache/litellm-venv)
