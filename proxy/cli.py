@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default 8787; 0 picks a free one)")
     serve.add_argument("--workers", type=int, default=None,
                        help="worker processes sharing the port via SO_REUSEPORT (default 1; one evidence chain each)")
+    serve.add_argument("--unix", type=Path, default=None, metavar="PATH",
+                       help="listen on this unix socket instead of a TCP port (its directory should be private)")
     serve.add_argument("--config", type=Path, default=None, help="TOML config file (see config/proxy.example.toml)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     check = sub.add_parser("check-config", help="validate configuration, artifacts and gates; exit 0 or 2")
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(config_file=args.config,
                                  host=getattr(args, "host", None), port=getattr(args, "port", None),
-                                 workers=getattr(args, "workers", None))
+                                 workers=getattr(args, "workers", None),
+                                 unix_socket=getattr(args, "unix", None))
     except ConfigError as exc:
         for line in exc.problems:
             print(f"case-proxy: {line}", file=sys.stderr)
