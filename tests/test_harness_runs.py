@@ -32,9 +32,19 @@ from .harness_support import (
 KNOWN_TOKEN = "run-token-for-tests-0123456789abcdefABCDEF"
 
 
+class _Sentinel:
+    """The file the sentinel Case writes into its repository (the only place a sandboxed
+    Case can write that outlives it), in any run under ``runs``."""
+
+    def __init__(self, runs: Path) -> None:
+        self.runs = runs
+
+    def exists(self) -> bool:
+        return any(self.runs.glob("*/repo/SENTINEL"))
+
+
 def _sentinel_profile(tmp_path: Path, **changes):  # type: ignore[no-untyped-def]
-    sentinel = tmp_path / "SENTINEL"
-    return rogue_profile("sentinel", str(sentinel), **changes), sentinel
+    return rogue_profile("sentinel", "{workdir}/SENTINEL", **changes), _Sentinel(tmp_path / "runs")
 
 
 NEGATIVE = [
