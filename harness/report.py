@@ -28,7 +28,9 @@ REPORT_SCHEMA_VERSION = 1
 BRIDGE_PROVIDER = "openai"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "report.schema.json"
 
-Status = Literal["pass", "fail", "blocked"]
+# unproven: every check held, but Case did not run in the sandbox (--no-sandbox), so
+# nothing shows it could not have gone around the proxy: never a pass.
+Status = Literal["pass", "fail", "blocked", "unproven"]
 
 
 class Reason(BaseModel):
@@ -68,6 +70,23 @@ class CaseProcess(BaseModel):
     exit_code: int | None = None
     duration_s: float | None = None
     timed_out: bool = False
+
+
+class Isolation(BaseModel):
+    """What isolated Case (from ``case_process_started`` and ``case_process_exited``)."""
+
+    kind: Literal["bubblewrap", "none"] = Field(description="none: --no-sandbox; such a run is never a pass")
+    version: str | None = Field(default=None, description="bubblewrap's version")
+    network: Literal["proxy-only", "host"] = Field(
+        description="proxy-only: a network namespace with loopback only, the proxy reached through a relay")
+    pid: Literal["namespace", "host"] = Field(description="namespace: Case and its children in their own PID namespace")
+    home: Literal["fresh", "host"] = Field(description="fresh: a tmpfs HOME made for this run")
+    uid: int | None = None
+    writable: list[str] = Field(default=[], description="the only host paths Case could write (the repository)")
+    ro_paths: list[str] = Field(default=[], description="host paths exposed read-only beyond the minimal system")
+    namespace_survivors: int | None = Field(
+        default=None, description="processes of Case's PID namespace left after it was killed (0 is the proof; "
+        "null: not proven)")
 
 
 class RequiredEvents(BaseModel):
@@ -139,6 +158,7 @@ class Report(BaseModel):
     tests_passed: bool
     tests: TestsResult
     case_process: CaseProcess
+    isolation: Isolation | None = Field(description="null when Case never started")
     required_events_passed: bool
     required_events: RequiredEvents
     secret_scan: SecretScanSummary
@@ -384,9 +404,17 @@ def compute_report(inp: ReportInputs) -> Report:
             ("admission JSON", started.get("admission_sha256"), inp.admission_sha256_after)):
         if before is not None and after is not None and before != after:
             fail("artifact_changed", f"the {label} changed during the run (SHA-256 before != after)")
+    isolation = _isolation(case_started, case_exited)
+    if blocked is None and case_started is not None:
+        if isolation is None or isolation.kind == "none":
+            fail("not_sandboxed", "Case ran without the sandbox (--no-sandbox): it could have reached the network, "
+                 "the harness's secrets or the acceptance tests; at best unproven")
+        elif isolation.namespace_survivors != 0:
+            fail("sandbox_not_emptied", "processes Case started were still alive after it was killed "
+                 f"({isolation.namespace_survivors if isolation.namespace_survivors is not None else 'not proven'})")
     status: Status
     if blocked is None:
-        status = "fail" if reasons else "pass"
+        status = "fail" if any(r.code != "not_sandboxed" for r in reasons) else "unproven" if reasons else "pass"
     else:  # blocked stays blocked unless the block itself was not honoured or not recorded honestly
         status = "fail" if any(r.code in _BLOCK_BREAKERS for r in reasons) else "blocked"
 
@@ -426,6 +454,7 @@ def compute_report(inp: ReportInputs) -> Report:
         case_process=CaseProcess(started=case_started is not None, exit_code=case_exited.get("exit_code"),
                                  duration_s=case_exited.get("duration_s"),
                                  timed_out=bool(case_exited.get("timed_out"))),
+        isolation=isolation,
         required_events_passed=not missing and not order_problems,
         required_events=RequiredEvents(passed=not missing and not order_problems, missing=missing,
                                        problems=order_problems),
@@ -444,6 +473,22 @@ def compute_report(inp: ReportInputs) -> Report:
         timings=Timings(started_at=started.get("time"), finished_at=events[-1].get("time") if events else None,
                         case_duration_s=case_exited.get("duration_s")),
     )
+
+
+def _isolation(started: dict[str, Any] | None, exited: dict[str, Any]) -> Isolation | None:
+    """The isolation Case ran under, from its two events; a run that recorded none (or
+    something unreadable) counts as not isolated."""
+    if started is None:
+        return None
+    raw = started.get("isolation")
+    if isinstance(raw, dict) and raw.get("kind") == "bubblewrap":
+        survivors = exited.get("namespace_survivors")
+        try:
+            return Isolation.model_validate({**raw, "namespace_survivors": survivors if isinstance(survivors, int)
+                                             else None})
+        except ValueError:
+            pass
+    return Isolation(kind="none", network="host", pid="host", home="host")
 
 
 def report_json(report: Report) -> str:
@@ -484,6 +529,7 @@ def render_text(report: Report) -> str:
         (f"case process: exit {r.case_process.exit_code}, {r.case_process.duration_s}s"
          + (" (timed out)" if r.case_process.timed_out else "")) if r.case_process.started
         else "case process: never started",
+        _isolation_line(r.isolation),
         f"required events passed: {str(r.required_events_passed).lower()}"
         + (f" (missing: {', '.join(r.required_events.missing)})" if r.required_events.missing else ""),
         f"secret scan: {'clean' if r.secret_scan.clean else 'FINDINGS' if r.secret_scan.ran else 'not run'}"
@@ -501,13 +547,23 @@ def render_text(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _isolation_line(iso: Isolation | None) -> str:
+    if iso is None:
+        return "isolation: - (Case never started)"
+    if iso.kind == "none":
+        return "isolation: NONE (--no-sandbox: Case shared the harness's network, files and processes)"
+    left = "not proven" if iso.namespace_survivors is None else str(iso.namespace_survivors)
+    return (f"isolation: bubblewrap {iso.version or '?'}, network {iso.network}, pid {iso.pid}, home {iso.home}, "
+            f"uid {iso.uid}; processes left after Case: {left}")
+
+
 def _short(digest: str | None) -> str:
     return digest[:12] if digest else "-"
 
 
 def render_html(report: Report) -> str:
     """A single self-contained page (no scripts, no external resources)."""
-    colour = {"pass": "#1a7f37", "fail": "#cf222e", "blocked": "#9a6700"}[report.status]
+    colour = {"pass": "#1a7f37", "fail": "#cf222e", "blocked": "#9a6700", "unproven": "#9a6700"}[report.status]
     body = html.escape(render_text(report))
     data = html.escape(report_json(report))
     return (

@@ -246,8 +246,17 @@ def _ns_inode(pid: int, kind: str = "pid") -> int | None:
         return None
 
 
+def own_pid_namespace() -> int | None:
+    """The harness's own PID namespace: never a sandbox's (killing its members would kill
+    every process of the machine's namespace)."""
+    return _ns_inode(os.getpid())
+
+
 def namespace_members(pid_ns: int) -> list[int]:
-    """Host pids of every process whose PID namespace is ``pid_ns`` (bounded by /proc)."""
+    """Host pids of every process whose PID namespace is ``pid_ns`` (bounded by /proc).
+    Refuses the harness's own namespace."""
+    if pid_ns == own_pid_namespace():
+        raise SandboxError("refusing to treat the harness's own PID namespace as a sandbox's")
     out: list[int] = []
     try:
         names = os.listdir("/proc")
@@ -349,8 +358,8 @@ def start(spec: SandboxSpec, argv: Sequence[str], env: Mapping[str, str], *, std
     pid_ns = info.get("pid-namespace")
     if isinstance(child, int) and not isinstance(pid_ns, int):
         pid_ns = _ns_inode(child)
-    if not isinstance(child, int) or not isinstance(pid_ns, int):
+    if not isinstance(child, int) or not isinstance(pid_ns, int) or pid_ns == own_pid_namespace():
         proc.kill()
         proc.wait(KILL_TIMEOUT_S)
-        raise SandboxError(f"bubblewrap did not report its namespace (exit code {proc.poll()})")
+        raise SandboxError(f"bubblewrap did not report a PID namespace of its own (exit code {proc.poll()})")
     return SandboxProcess(proc=proc, child_pid=child, pid_ns=pid_ns)

@@ -3,13 +3,21 @@
 Each mode does one thing a real agent might do wrong (or the harness must prevent), using
 the official ``openai`` SDK against whatever ``OPENAI_BASE_URL`` the harness gave it.
 Usage: ``rogue_case.py MODE WORKDIR [ARG]``.
+
+The escape modes (``direct-connect``, ``read-environ``, ``find-acceptance``, ``drop-pth``,
+``outlive``) try to leave the sandbox the way a hostile Case would; each prints one line
+per success (``REACHED``, ``FOUND``, ``READ``, ``WRITABLE``, ``WROTE``) so the tests can
+see what got through. None of them changes a file of the project: a writable acceptance
+test is opened for appending and closed unwritten, and a ``.pth`` holds only a comment.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import urllib.error
@@ -75,8 +83,135 @@ def main() -> int:
                 print(f"egress {url}: {type(exc).__name__}: {exc}")
         print("admitted:", _ask(model))
         return 0
+    if mode in ESCAPES:
+        ESCAPES[mode](workdir, sys.argv[3:])
+        print("admitted:", _ask(model))
+        return 0
     print(f"unknown mode {mode}", file=sys.stderr)
     return 2
+
+
+def _direct_connect(workdir: Path, args: list[str]) -> None:
+    """A provider's API straight over a socket, as Node's fetch or `curl --noproxy '*'`
+    would go: the decoy listener on the host's loopback stands in for the provider."""
+    port = int(args[0])
+    for host in ("127.0.0.1", "::1"):
+        try:
+            with socket.create_connection((host, port), timeout=3) as conn:
+                conn.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")
+                print(f"REACHED {host}:{port} by raw socket")
+        except OSError as exc:
+            print(f"direct {host}:{port}: {type(exc).__name__}: {exc}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore HTTPS_PROXY/NO_PROXY
+    try:
+        opener.open(f"http://127.0.0.1:{port}/v1/models", timeout=3)
+        print(f"REACHED 127.0.0.1:{port} by urllib without proxy")
+    except urllib.error.HTTPError:
+        print(f"REACHED 127.0.0.1:{port} by urllib without proxy")
+    except OSError as exc:
+        print(f"urllib no-proxy: {type(exc).__name__}: {exc}")
+
+
+_WANTED = (b"CASE_PROXY_TOKEN=", b"CTO_HARNESS_CASE_LOCAL_BASE_URL=", b"CTO_HARNESS_CASE_LOCAL_API_KEY=")
+
+
+def _read_environ(workdir: Path, args: list[str]) -> None:
+    """The harness's and the proxy's environment (token, backend URL and key) through /proc."""
+    pids = [os.getppid()] + [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    for pid in pids:
+        for what in ("environ", "cmdline"):
+            try:
+                data = Path(f"/proc/{pid}/{what}").read_bytes()
+            except OSError:
+                continue
+            for name in _WANTED:
+                if name in data:
+                    print(f"FOUND {name.decode().rstrip('=')} in /proc/{pid}/{what}")
+
+
+def _project_candidates(args: list[str]) -> list[Path]:
+    """Where the project tree could be: a path the attacker knows, the interpreter's
+    virtualenv, the parent's working directory, and every parent of the workdir."""
+    found = [Path(a) for a in args]
+    exe = Path(os.path.realpath(sys.executable))
+    found += list(exe.parents)
+    found += list(Path(sys.prefix).parents)
+    for link in (f"/proc/{os.getppid()}/cwd", "/proc/1/cwd"):
+        try:
+            found.append(Path(os.readlink(link)))
+        except OSError:
+            pass
+    found += list(Path.cwd().parents)
+    return found
+
+
+def _find_acceptance(workdir: Path, args: list[str]) -> None:
+    """The fixture's hidden acceptance tests and recorded session: read them, and show
+    they could be overwritten (opened for appending, closed unwritten)."""
+    seen: set[Path] = set()
+    for base in _project_candidates(args):
+        for root in (base, base / "harness" / "fixtures"):
+            try:
+                hits = list(root.glob("*/acceptance/*.py")) + list(root.glob("*/session.json"))
+            except OSError:
+                continue
+            for path in hits:
+                if path in seen:
+                    continue
+                seen.add(path)
+                try:
+                    path.read_bytes()
+                    print(f"READ {path}")
+                except OSError:
+                    pass
+                try:
+                    with open(path, "ab"):
+                        print(f"WRITABLE {path}")
+                except OSError:
+                    pass
+
+
+PTH_NAME = "zz_rogue_case.pth"
+
+
+def _drop_pth(workdir: Path, args: list[str]) -> None:
+    """A .pth in the interpreter's site-packages runs in every later process of it (the
+    harness's included). This one holds only a comment."""
+    import site
+
+    dirs = {Path(p) for p in site.getsitepackages()} | {Path(p) for p in sys.path if p.endswith("site-packages")}
+    for d in sorted(dirs):
+        try:
+            (d / PTH_NAME).write_text("# written by a hostile Case\n")
+            print(f"WROTE {d / PTH_NAME}")
+        except OSError as exc:
+            print(f"pth {d}: {type(exc).__name__}")
+
+
+def _outlive(workdir: Path, args: list[str]) -> None:
+    """setsid() and a double fork: a grandchild outside Case's process group that waits
+    for the report and then edits the run directory and the repository."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            run_dir = workdir.parent
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (run_dir / "report.json").exists():
+                (workdir / ".alive").write_text(str(time.time()))  # alive during acceptance
+                time.sleep(0.05)
+            for target in (run_dir / "LATE", workdir / "LATE"):
+                try:
+                    target.write_text("edited after the report\n")
+                except OSError:
+                    pass
+            os._exit(0)
+        os._exit(0)
+    time.sleep(0.2)
+    print("forked a setsid() grandchild")
+
+
+ESCAPES = {"direct-connect": _direct_connect, "read-environ": _read_environ, "find-acceptance": _find_acceptance,
+           "drop-pth": _drop_pth, "outlive": _outlive}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,321 @@
+"""Case's bubblewrap sandbox: the command it builds, the paths a profile may expose, and
+hostile Case programs (tests/harness_cases/rogue_case.py) trying each escape of issue 16.
+
+Runs use the scripted backend (a TEST FIXTURE: no GPU here), the real proxy, bubblewrap
+and git. Every listener is on the host's loopback; no test sends a packet elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import harness.sandbox as sbx
+from harness.events import read_events
+from harness.profile import FIXTURES_DIR, PROJECT_ROOT, ProfileError, SandboxProfile, parse_run_profile
+from harness.run import RunConfigError, run_once
+from harness.verify import verify_run
+
+from .harness_support import (
+    base_env,
+    events_of,
+    reason_codes,
+    reference_profile,
+    report_of,
+    rogue_profile,
+    run,
+    write_artifacts,
+)
+
+# --------------------------------------------------------------------------- the command (pure)
+
+
+def _spec(tmp: Path, **changes: object) -> sbx.SandboxSpec:
+    base: dict[str, object] = dict(
+        bwrap="/usr/bin/bwrap", python="/opt/py/bin/python", repo_dir=tmp / "run" / "repo",
+        task_file=tmp / "run" / "task.md", tools_dir=tmp / "run" / "sandbox" / "tools",
+        etc_dir=tmp / "run" / "sandbox" / "etc", socket_path=Path("/tmp/case-proxy-x/proxy.sock"),
+        ro_paths=(Path("/opt/py"),), system=(sbx.SystemEntry("/usr"), sbx.SystemEntry("/bin", "usr/bin")))
+    base.update(changes)
+    return sbx.SandboxSpec.model_validate(base)
+
+
+def _pairs(cmd: list[str], flag: str) -> list[tuple[str, str]]:
+    return [(cmd[i + 1], cmd[i + 2]) for i, a in enumerate(cmd) if a == flag]
+
+
+def test_command_unshares_everything_drops_to_uid_1000_and_dies_with_the_harness(tmp_path: Path) -> None:
+    cmd = sbx.build_command(_spec(tmp_path), ["agent", "--go"], info_fd=7)
+    opts = cmd[:cmd.index("--")]
+    for flag in ("--unshare-all", "--unshare-user", "--die-with-parent", "--new-session"):
+        assert flag in opts
+    assert "--share-net" not in opts
+    assert opts[opts.index("--uid") + 1] == "1000" and opts[opts.index("--gid") + 1] == "1000"
+    assert opts[opts.index("--info-fd") + 1] == "7"
+    assert cmd[-3:] == ["--", "agent", "--go"]
+    # The sandbox's init runs Case, relaying to the bind-mounted socket.
+    assert f"{sbx.INSIDE_TOOLS}/{sbx.INIT_NAME}" in cmd and sbx.INSIDE_SOCKET in cmd
+
+
+def test_the_repository_is_the_only_writable_host_path(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    cmd = sbx.build_command(spec, ["agent"])
+    opts = cmd[:cmd.index("--")]
+    writable = {src for src, _ in _pairs(opts, "--bind")}
+    assert writable == {str(spec.repo_dir), str(spec.socket_path)}
+    assert (str(spec.task_file), str(spec.task_file)) in _pairs(opts, "--ro-bind")
+    assert (str(spec.tools_dir), sbx.INSIDE_TOOLS) in _pairs(opts, "--ro-bind")
+    # Fresh tmpfs for /tmp and HOME, mounted before anything bound below them.
+    tmpfs = [opts[i + 1] for i, a in enumerate(opts) if a == "--tmpfs"]
+    assert tmpfs == ["/tmp", sbx.SANDBOX_HOME]
+    assert opts.index("/tmp") < opts.index(str(spec.repo_dir))
+    # Nothing of the project tree and no host /etc as a whole.
+    sources = [src for src, _ in _pairs(opts, "--ro-bind") + _pairs(opts, "--bind")]
+    for src in sources:
+        assert not Path(src).is_relative_to(PROJECT_ROOT) or Path(src).is_relative_to(PROJECT_ROOT / ".venv"), src
+        assert src not in ("/", "/etc", "/home", "/root", "/proc")
+    assert ("usr/bin", "/bin") in _pairs(opts, "--symlink")
+
+
+def test_no_environment_value_reaches_argv(tmp_path: Path) -> None:
+    env = sbx.sandbox_environment({"OPENAI_API_KEY": "sk-run-token-0123456789abcdef", "HOME": "/root",
+                                   "TMPDIR": "/var/tmp/operator"})
+    cmd = sbx.build_command(_spec(tmp_path), ["agent"])
+    assert not any("sk-run-token" in a for a in cmd)
+    # Case's HOME and TMPDIR are the sandbox's, never the operator's.
+    assert env["HOME"] == sbx.SANDBOX_HOME and env["TMPDIR"] == "/tmp"
+    assert env["PYTHONPATH"] == sbx.INSIDE_LIB
+
+
+def test_home_seed_is_bound_read_only_and_copied_by_the_init(tmp_path: Path) -> None:
+    seed = tmp_path / "seed"
+    cmd = sbx.build_command(_spec(tmp_path, home_seed=seed), ["agent"])
+    assert (str(seed), sbx.INSIDE_HOME_SEED) in _pairs(cmd, "--ro-bind")
+    assert cmd[cmd.index("--home-seed") + 1] == sbx.INSIDE_HOME_SEED
+
+
+# --------------------------------------------------------------------------- what a profile may expose
+
+
+PROFILE_HEAD = """
+[case]
+command = ["python", "agent.py"]
+provider = "qwen-local"
+model = "qwen3.6-35b-a3b"
+timeout_s = 60
+[case.sandbox]
+"""
+
+
+@pytest.mark.parametrize("path,words", [
+    (str(FIXTURES_DIR / "r1-string-slugify" / "acceptance"), "inside the project's fixtures"),
+    (str(PROJECT_ROOT), "contains the project's fixtures"),
+    (str(PROJECT_ROOT / "harness"), "contains the project's fixtures"),
+    (str(PROJECT_ROOT / "harness-runs" / "x"), "inside the default run directory"),
+    ("/", "whole file system"),
+    (str(Path.home()), "operator's home"),
+    ("relative/dir", "not an absolute path"),
+    ("/usr/../work", "contains '..'"),
+])
+def test_a_profile_cannot_expose_fixtures_runs_or_the_home(path: str, words: str) -> None:
+    for key in ("ro_paths", "home_seed"):
+        value = f'["{path}"]' if key == "ro_paths" else f'"{path}"'
+        with pytest.raises(ProfileError) as err:
+            parse_run_profile(PROFILE_HEAD + f"{key} = {value}\n")
+        assert words in str(err.value) and path in str(err.value)
+
+
+def test_a_symlink_cannot_smuggle_the_fixtures_in(tmp_path: Path) -> None:
+    link = tmp_path / "innocent"
+    link.symlink_to(FIXTURES_DIR)
+    with pytest.raises(ProfileError) as err:
+        parse_run_profile(PROFILE_HEAD + f'ro_paths = ["{link}"]\n')
+    assert "inside the project's fixtures" in str(err.value)
+
+
+def test_the_run_directory_is_refused_at_run_time(tmp_path: Path) -> None:
+    arts = write_artifacts(tmp_path / "in")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for ro in ([str(tmp_path)], [str(runs / "old-run")], [str(tmp_path / "missing")]):
+        profile = reference_profile(sandbox=SandboxProfile(ro_paths=ro))
+        with pytest.raises(RunConfigError) as err:
+            run(profile, base_env(arts), runs)
+        assert ro[0] in str(err.value)
+    assert not any(runs.iterdir()), "no run directory for a profile the harness refuses"
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def test_reference_agent_passes_inside_the_sandbox_and_the_report_says_so(tmp_path: Path) -> None:
+    arts = write_artifacts(tmp_path / "in")
+    outcome = run(reference_profile(), base_env(arts), tmp_path / "runs")
+    report = report_of(outcome.run_dir)
+    assert outcome.status == "pass", report.reasons
+    iso = report.isolation
+    assert iso is not None and iso.kind == "bubblewrap" and iso.version
+    assert (iso.network, iso.pid, iso.home, iso.uid) == ("proxy-only", "namespace", "fresh", 1000)
+    assert iso.namespace_survivors == 0
+    assert iso.writable == [str(outcome.run_dir / "repo")]
+    assert not any(Path(p) == PROJECT_ROOT or FIXTURES_DIR.is_relative_to(p) for p in iso.ro_paths)
+    assert verify_run(outcome.run_dir).ok
+    # The proxy listened on a unix socket, never on a TCP port.
+    _, events = read_events(outcome.run_dir / "events.jsonl")
+    started = next(e for e in events if e["event"] == "proxy_started")
+    assert started["listen"] == "unix" and started["port"] is None
+
+
+def test_without_bubblewrap_the_run_blocks_before_case_starts(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sbx, "find_bwrap", lambda: None)
+    arts = write_artifacts(tmp_path / "in")
+    outcome = run(rogue_profile("sentinel", "{workdir}/SENTINEL"), base_env(arts), tmp_path / "runs")
+    assert outcome.status == "blocked" and outcome.exit_code == 3
+    assert "sandbox_unavailable" in reason_codes(report_of(outcome.run_dir))
+    assert "case_process_started" not in events_of(outcome.run_dir)
+    assert not (outcome.run_dir / "repo" / "SENTINEL").exists()
+
+
+def test_no_sandbox_runs_but_is_never_a_pass(tmp_path: Path) -> None:
+    arts = write_artifacts(tmp_path / "in")
+    outcome = run_once(reference_profile(), base_env(arts), tmp_path / "runs", backend="scripted", sandbox=False)
+    report = report_of(outcome.run_dir)
+    assert outcome.status == "unproven" and outcome.exit_code == 4
+    assert report.status == "unproven" and reason_codes(report) == {"not_sandboxed"}
+    assert report.isolation is not None and report.isolation.kind == "none"
+    assert report.tests_passed  # everything else held: only the missing sandbox keeps it from a pass
+    assert verify_run(outcome.run_dir).ok
+
+
+class _Decoy:
+    """A listener on the host's loopback standing in for a provider's API."""
+
+    def __init__(self, family: int, host: str) -> None:
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+def test_hostile_case_cannot_reach_a_provider_directly(tmp_path: Path) -> None:
+    decoy = _Decoy(socket.AF_INET, "127.0.0.1")
+    try:
+        arts = write_artifacts(tmp_path / "in")
+        outcome = run(rogue_profile("direct-connect", str(decoy.port)), base_env(arts), tmp_path / "runs")
+    finally:
+        decoy.close()
+    stdout = (outcome.run_dir / "case" / "stdout.log").read_text()
+    assert "REACHED" not in stdout, stdout
+    assert decoy.connections == 0
+    assert "admitted: ok" in stdout  # the proxy, through the relay, is still there
+    assert outcome.status != "pass"
+
+
+def test_hostile_case_cannot_read_the_harness_or_proxy_environment(tmp_path: Path) -> None:
+    arts = write_artifacts(tmp_path / "in")
+    outcome = run(rogue_profile("read-environ"), base_env(arts), tmp_path / "runs")
+    stdout = (outcome.run_dir / "case" / "stdout.log").read_text()
+    assert "FOUND" not in stdout, stdout
+    assert "admitted: ok" in stdout
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            h.update(str(path).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_hostile_case_cannot_find_read_or_overwrite_the_acceptance_tests(tmp_path: Path) -> None:
+    before = _tree_digest(FIXTURES_DIR)
+    arts = write_artifacts(tmp_path / "in")
+    # It is even told where the project is.
+    outcome = run(rogue_profile("find-acceptance", str(PROJECT_ROOT), str(FIXTURES_DIR)), base_env(arts),
+                  tmp_path / "runs")
+    stdout = (outcome.run_dir / "case" / "stdout.log").read_text()
+    assert "READ " not in stdout and "WRITABLE " not in stdout, stdout
+    assert "admitted: ok" in stdout
+    assert _tree_digest(FIXTURES_DIR) == before
+
+
+def test_hostile_case_cannot_drop_a_pth_into_the_interpreter(tmp_path: Path) -> None:
+    import site
+
+    dirs = {Path(p) for p in site.getsitepackages()} | {Path(p) for p in sys.path if p.endswith("site-packages")}
+    dropped = [d / "zz_rogue_case.pth" for d in dirs]
+    arts = write_artifacts(tmp_path / "in")
+    try:
+        outcome = run(rogue_profile("drop-pth"), base_env(arts), tmp_path / "runs")
+        stdout = (outcome.run_dir / "case" / "stdout.log").read_text()
+        assert "WROTE" not in stdout, stdout
+        assert "pth " in stdout  # it did try
+        assert not any(p.exists() for p in dropped)
+    finally:
+        for p in dropped:
+            p.unlink(missing_ok=True)
+
+
+def _event_time(run_dir: Path, name: str) -> float:
+    _, events = read_events(run_dir / "events.jsonl")
+    stamp = next(e["time"] for e in events if e["event"] == name)
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_setsid_grandchild_does_not_outlive_case(tmp_path: Path) -> None:
+    arts = write_artifacts(tmp_path / "in")
+    outcome = run(rogue_profile("outlive"), base_env(arts), tmp_path / "runs")
+    run_dir = outcome.run_dir
+    assert "forked a setsid() grandchild" in (run_dir / "case" / "stdout.log").read_text()
+    # Give a survivor time to act on the report it waits for.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not (run_dir / "LATE").exists():
+        time.sleep(0.1)
+    assert not (run_dir / "LATE").exists() and not (run_dir / "repo" / "LATE").exists()
+    # Nor was it alive while the acceptance tests ran.
+    alive = run_dir / "repo" / ".alive"
+    assert alive.exists(), "the grandchild never ran"
+    assert float(alive.read_text()) < _event_time(run_dir, "fixture_tests_run")
+    report = report_of(run_dir)
+    assert report.isolation is not None and report.isolation.namespace_survivors == 0
+    assert verify_run(run_dir).ok
+
+
+def test_the_harness_never_mistakes_its_own_namespace_for_a_sandbox() -> None:
+    """Without a PID namespace of its own, "every member of the sandbox's namespace" would
+    be every process of the machine: kill_all must refuse, not kill them."""
+    own = sbx.own_pid_namespace()
+    assert own is not None
+    with pytest.raises(sbx.SandboxError):
+        sbx.namespace_members(own)
+    box = sbx.SandboxProcess(proc=None, child_pid=1, pid_ns=own)  # type: ignore[arg-type]
+    with pytest.raises(sbx.SandboxError):
+        box.kill_all(timeout_s=0.1)
