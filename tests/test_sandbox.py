@@ -20,6 +20,7 @@ import pytest
 import harness.sandbox as sbx
 from harness.events import read_events
 from harness.profile import FIXTURES_DIR, PROJECT_ROOT, ProfileError, SandboxProfile, parse_run_profile
+from harness.report import collect_inputs, compute_report
 from harness.run import RunConfigError, run_once
 from harness.verify import verify_run
 
@@ -171,6 +172,21 @@ def test_reference_agent_passes_inside_the_sandbox_and_the_report_says_so(tmp_pa
     _, events = read_events(outcome.run_dir / "events.jsonl")
     started = next(e for e in events if e["event"] == "proxy_started")
     assert started["listen"] == "unix" and started["port"] is None
+    # The same evidence with a survivor, with no proof, or without the sandbox is no pass.
+    inputs = collect_inputs(outcome.run_dir, decision_sha256_after=report.digests.decision_sha256_after,
+                            admission_sha256_after=report.digests.admission_sha256_after)
+    assert compute_report(inputs).status == "pass"
+    exited = next(e for e in inputs.events if e["event"] == "case_process_exited")
+    case_started = next(e for e in inputs.events if e["event"] == "case_process_started")
+    for survivors in (1, None):
+        exited["namespace_survivors"] = survivors
+        changed = compute_report(inputs)
+        assert changed.status == "fail" and reason_codes(changed) == {"sandbox_not_emptied"}
+    exited["namespace_survivors"] = 0
+    for isolation in ({"kind": "none"}, None, "bubblewrap"):
+        case_started["isolation"] = isolation
+        changed = compute_report(inputs)
+        assert changed.status == "unproven" and reason_codes(changed) == {"not_sandboxed"}
 
 
 def test_without_bubblewrap_the_run_blocks_before_case_starts(tmp_path: Path,
