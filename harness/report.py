@@ -22,6 +22,7 @@ from proxy.hashchain import ChainVerdict, read_chain_bytes
 from proxy.upstream_policy import is_known_provider_host
 
 from . import events as ev
+from .dns_sink import read_queries
 from .secret_scan import ScanResult
 
 REPORT_SCHEMA_VERSION = 1
@@ -47,12 +48,18 @@ class ExternalFallback(BaseModel):
     attempted_models: list[str]
     metrics_fallback_rejections: float | None = Field(
         description="sum of case_proxy_fallback_rejections_total in the last /metrics scrape (null: no scrape)")
+    dns_attempts: int = Field(default=0, description="queries for known model-API hosts seen by the sandbox's DNS sink")
 
 
 class Egress(BaseModel):
     attempts: int = Field(description="forward-proxy attempts (CONNECT / absolute-form), all refused by the proxy")
     hosts: dict[str, int] = Field(description="attempts by target host")
     provider_hosts: list[str] = Field(description="target hosts that belong to a model provider (fallback attempts)")
+    dns_names: dict[str, int] = Field(
+        default={}, description="names Case tried to resolve in its sandbox (the DNS sink answered NXDOMAIN), "
+        "with the number of queries; telemetry, update checks and the like land here without failing the run")
+    dns_provider_names: list[str] = Field(
+        default=[], description="resolved names of known model-API hosts: fallback attempts")
 
 
 class TestsResult(BaseModel):
@@ -82,6 +89,7 @@ class Isolation(BaseModel):
     pid: Literal["namespace", "host"] = Field(description="namespace: Case and its children in their own PID namespace")
     home: Literal["fresh", "host"] = Field(description="fresh: a tmpfs HOME made for this run")
     uid: int | None = None
+    dns: Literal["sink", "none"] = Field(default="none", description="sink: names Case resolves are recorded")
     writable: list[str] = Field(default=[], description="the only host paths Case could write (the repository)")
     ro_paths: list[str] = Field(default=[], description="host paths exposed read-only beyond the minimal system")
     namespace_survivors: int | None = Field(
@@ -183,6 +191,8 @@ class ReportInputs(BaseModel):
     metrics_text: str | None
     scan: ScanResult | None
     scan_problem: str | None = None
+    dns_queries: list[dict[str, str]] = []
+    dns_sha256: str | None = None
     decision_sha256_after: str | None
     admission_sha256_after: str | None
 
@@ -241,7 +251,9 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
             scan = ScanResult.model_validate_json(scan_path.read_bytes())
         except ValueError:
             scan_problem = "secret_scan.json is not a valid scan result"
-    return ReportInputs(events_verdict=verdict, events=events,
+    dns_path = run_dir / "dns" / "queries.jsonl"
+    dns_sha = _sha(dns_path.read_bytes()) if dns_path.is_file() else None
+    return ReportInputs(events_verdict=verdict, events=events, dns_queries=read_queries(dns_path), dns_sha256=dns_sha,
                         events_sha256=_sha(raw_events) if raw_events is not None else None,
                         evidence_present=evidence_path.exists(), evidence_verdict=evidence_verdict,
                         evidence=evidence, evidence_sha256=evidence_sha, metrics_text=metrics_text, scan=scan,
@@ -404,6 +416,14 @@ def compute_report(inp: ReportInputs) -> Report:
             ("admission JSON", started.get("admission_sha256"), inp.admission_sha256_after)):
         if before is not None and after is not None and before != after:
             fail("artifact_changed", f"the {label} changed during the run (SHA-256 before != after)")
+    dns_names = Counter(q["name"] for q in inp.dns_queries if q.get("name"))
+    dns_provider = {n: c for n, c in dns_names.items() if is_known_provider_host(n)}
+    if blocked is None and dns_provider:
+        fail("external_fallback_attempted", f"Case tried to resolve {sum(dns_provider.values())} time(s) a model "
+             f"provider's host: {', '.join(sorted(dns_provider))}")
+    recorded_dns = case_exited.get("dns_queries_sha256")
+    if recorded_dns is not None and recorded_dns != (inp.dns_sha256 or _sha(b"")):
+        fail("dns_log_changed", "dns/queries.jsonl differs from the digest recorded when the DNS sink stopped")
     isolation = _isolation(case_started, case_exited)
     if blocked is None and case_started is not None:
         if isolation is None or isolation.kind == "none":
@@ -441,13 +461,15 @@ def compute_report(inp: ReportInputs) -> Report:
         provider_class=preflight.get("provider_class"),
         admitted_requests=len(admitted),
         external_fallback=ExternalFallback(
-            used=bool(fallbacks), attempts=len(fallbacks),
+            used=bool(fallbacks) or bool(dns_provider), attempts=len(fallbacks),
+            dns_attempts=sum(dns_provider.values()),
             by_reason=dict(Counter(r.reason or "" for r in fallbacks)),
             by_family=dict(Counter(r.family or "other" for r in fallbacks)),
             attempted_models=sorted({r.requested_model for r in fallbacks if r.requested_model}),
             metrics_fallback_rejections=metrics_fallbacks),
         egress=Egress(attempts=len(egress), hosts=dict(egress_hosts),
-                      provider_hosts=sorted(h for h in egress_hosts if is_known_provider_host(h))),
+                      provider_hosts=sorted(h for h in egress_hosts if is_known_provider_host(h)),
+                      dns_names=dict(dns_names), dns_provider_names=sorted(dns_provider)),
         served_model_mismatches=mismatches,
         tests_passed=tests.passed and tests.committed,
         tests=tests,
@@ -520,10 +542,14 @@ def render_text(report: Report) -> str:
         f"decision: {r.decision_status or '-'}, provider class {r.provider_class or '-'}",
         f"admitted model requests: {r.admitted_requests}; served-model mismatches: {r.served_model_mismatches}",
         f"external fallback used: {str(r.external_fallback.used).lower()} ({r.external_fallback.attempts} attempts"
+        + (f", {r.external_fallback.dns_attempts} lookups of provider hosts" if r.external_fallback.dns_attempts else "")
         + (f": {', '.join(f'{k}={v}' for k, v in sorted(r.external_fallback.by_reason.items()))}"
            if r.external_fallback.by_reason else "") + ")",
         f"egress attempts: {r.egress.attempts}"
         + (f" ({', '.join(f'{h}={n}' for h, n in sorted(r.egress.hosts.items()))})" if r.egress.hosts else ""),
+        f"names resolved in the sandbox: {sum(r.egress.dns_names.values())}"
+        + (f" ({', '.join(f'{h}={n}' for h, n in sorted(r.egress.dns_names.items()))})" if r.egress.dns_names
+           else ""),
         f"tests passed: {str(r.tests_passed).lower()} ({r.tests.total} acceptance tests, {r.tests.failed} failed, "
         f"{r.tests.errors} errors; committed: {str(r.tests.committed).lower()})",
         (f"case process: exit {r.case_process.exit_code}, {r.case_process.duration_s}s"

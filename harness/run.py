@@ -109,6 +109,8 @@ _PROXY_PASS_THROUGH = (ENV_DECISION_FILE, ENV_ADMISSION_FILE, ENV_BASE_URL, ENV_
                        ENV_CONFIG_FILE)
 
 LISTENING_PREFIX = "CASE_PROXY_LISTENING "
+DNS_READY_PREFIX = "DNS_SINK_"
+DNS_START_TIMEOUT_S = 15.0
 BACKEND_READY_PREFIX = "SCRIPTED_BACKEND_READY "
 SCRIPTED_OWNER = "scripted-test-fixture"
 
@@ -529,6 +531,7 @@ class _RunState:
     proxy_socket: str | None = None
     proxy_root: str = ""
     sandbox: sbx.SandboxProcess | None = None
+    dns: _Helper | None = None  # the DNS sink in the sandbox's network namespace
 
 
 def case_argv(command: list[str], task_file: Path, workdir: Path) -> list[str]:
@@ -670,6 +673,8 @@ def _cleanup(st: _RunState) -> None:
     """Whatever happened, no helper the harness started outlives the run."""
     if st.sandbox is not None and st.sandbox.survivors():
         st.sandbox.kill_all()
+    if st.dns is not None:
+        _stop_dns_sink(st)
     if st.proxy is not None and st.proxy.proc.poll() is None:
         st.proxy.stop(PROXY_STOP_TIMEOUT_S)
     if st.backend is not None and st.backend.proc.poll() is None:
@@ -851,8 +856,9 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
         spec = _sandbox_spec(st, case, bwrap, repo_dir, task_file)
         try:
             st.sandbox = sbx.start(spec, argv, sbx.sandbox_environment(case_env), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+                                   stderr=subprocess.PIPE, before_case=lambda box: _start_dns_sink(st, box))
         except sbx.SandboxError as exc:
+            _stop_dns_sink(st)
             st.events.emit(ev.RUN_ABORTED, phase="sandbox", reason=str(exc))
             return
         proc = st.sandbox.proc
@@ -898,9 +904,11 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
     # Whatever Case left behind (daemons, setsid() children) goes now, before the
     # acceptance tests: the sandbox's whole PID namespace, proven empty.
     survivors: int | None = None
+    dns: dict[str, Any] = {}
     if st.sandbox is not None:
         survivors = len(st.sandbox.kill_all())
         st.say(f"case: sandbox emptied ({survivors} process(es) left in its PID namespace)")
+        dns = _stop_dns_sink(st)
     if _group_alive(pgid):
         kill_group(pgid)
     for cap in (out, err):
@@ -913,9 +921,33 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
         except OSError:
             pass
     st.events.emit(ev.CASE_PROCESS_EXITED, exit_code=exit_code, duration_s=round(duration, 3), timed_out=timed_out,
-                   namespace_survivors=survivors)
+                   namespace_survivors=survivors, **dns)
     st.say(f"case: exited with {exit_code} after {duration:.1f}s; model requests: "
            f"{_count_model_requests(evidence_path)}")
+
+
+def _start_dns_sink(st: _RunState, box: sbx.SandboxProcess) -> None:
+    """The DNS sink on the sandbox's loopback port 53, started in its network namespace
+    only, before Case runs. Fail closed: without it, a name Case tried would go unseen."""
+    out = st.run_dir / "dns"
+    out.mkdir(exist_ok=True)
+    argv = sbx.netns_command(box.child_pid, [sys.executable, "-m", "harness.dns_sink",
+                                             "--log", str(out / "queries.jsonl")])
+    st.dns = _start_helper(argv, _helper_env(os.environ), out / "sink.log", DNS_READY_PREFIX, DNS_START_TIMEOUT_S)
+    st.sampler.roots.add(st.dns.proc.pid)
+    if st.dns.url != "READY":
+        raise sbx.SandboxError("the DNS sink did not start in the sandbox's network namespace; see dns/sink.log")
+
+
+def _stop_dns_sink(st: _RunState) -> dict[str, Any]:
+    """Stop the sink and digest what it recorded (for ``case_process_exited``)."""
+    if st.dns is None:
+        return {}
+    st.dns.stop(KILL_GRACE_S)
+    st.dns = None
+    log = st.run_dir / "dns" / "queries.jsonl"
+    data = log.read_bytes() if log.is_file() else b""
+    return {"dns_queries": len(data.splitlines()), "dns_queries_sha256": _sha256_bytes(data)}
 
 
 def _sandbox_spec(st: _RunState, case: CaseProfile, bwrap: sbx.BwrapInfo, repo_dir: Path,
@@ -941,7 +973,7 @@ def _sandbox_spec(st: _RunState, case: CaseProfile, bwrap: sbx.BwrapInfo, repo_d
 def _isolation(bwrap: sbx.BwrapInfo, spec: sbx.SandboxSpec) -> dict[str, Any]:
     """What isolated Case, for ``case_process_started`` and the report."""
     return {"kind": "bubblewrap", "version": bwrap.version, "network": "proxy-only", "pid": "namespace",
-            "home": "fresh", "uid": sbx.SANDBOX_UID, "relay_port": spec.relay_port,
+            "home": "fresh", "uid": sbx.SANDBOX_UID, "relay_port": spec.relay_port, "dns": "sink",
             "writable": [str(spec.repo_dir)], "ro_paths": [str(p) for p in spec.ro_paths]}
 
 

@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -54,6 +54,8 @@ SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # Single files of the host's /etc a dynamically linked program needs; nothing else of /etc.
 SYSTEM_ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
 SYSTEM_ETC_DIRS = ("/etc/alternatives",)
+ETC_FILES = ("passwd", "group", "hosts", "resolv.conf", "nsswitch.conf")
+NSENTER = "/usr/bin/nsenter"
 INFO_TIMEOUT_S = 10.0
 KILL_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 10.0
@@ -126,7 +128,8 @@ def interpreter_paths() -> tuple[Path, ...]:
     return tuple(seen)
 
 
-def build_command(spec: SandboxSpec, argv: Sequence[str], *, info_fd: int | None = None) -> list[str]:
+def build_command(spec: SandboxSpec, argv: Sequence[str], *, info_fd: int | None = None,
+                  block_fd: int | None = None) -> list[str]:
     """The bubblewrap argv that runs ``argv`` (Case's command) under ``sandbox_init``.
 
     Pure: reads nothing and starts nothing. Order matters to bubblewrap: later mounts go
@@ -144,7 +147,7 @@ def build_command(spec: SandboxSpec, argv: Sequence[str], *, info_fd: int | None
             cmd += ["--ro-bind", entry.path, entry.path]
     cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", SANDBOX_HOME,
             "--dir", INSIDE_RUN]
-    for name in ("passwd", "group", "hosts"):
+    for name in ETC_FILES:
         cmd += ["--ro-bind", str(spec.etc_dir / name), f"/etc/{name}"]
     for path in spec.ro_paths:
         cmd += ["--ro-bind", str(path), str(path)]
@@ -157,6 +160,8 @@ def build_command(spec: SandboxSpec, argv: Sequence[str], *, info_fd: int | None
             "--chdir", str(spec.repo_dir)]
     if info_fd is not None:
         cmd += ["--info-fd", str(info_fd)]
+    if block_fd is not None:
+        cmd += ["--block-fd", str(block_fd)]
     cmd += ["--", spec.python, f"{INSIDE_TOOLS}/{INIT_NAME}", "--relay-port", str(spec.relay_port),
             "--socket", INSIDE_SOCKET]
     if spec.home_seed is not None:
@@ -192,7 +197,8 @@ def prepare_tools(tools_dir: Path, lib_files: Mapping[str, bytes]) -> None:
 
 
 def prepare_etc(etc_dir: Path) -> None:
-    """A minimal /etc: one user (Case), its group, loopback names; nothing of the host's."""
+    """A minimal /etc: one user (Case), its group, loopback names, and a resolver that
+    asks the DNS sink on the sandbox's loopback; nothing of the host's."""
     etc_dir.mkdir(parents=True, exist_ok=True)
     (etc_dir / "passwd").write_text(
         f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
@@ -202,6 +208,8 @@ def prepare_etc(etc_dir: Path) -> None:
                                    encoding="utf-8")
     (etc_dir / "hosts").write_text("127.0.0.1\tlocalhost case-sandbox\n::1\tlocalhost ip6-localhost\n",
                                    encoding="utf-8")
+    (etc_dir / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n", encoding="utf-8")
+    (etc_dir / "nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files dns\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- bubblewrap on this host
@@ -272,6 +280,7 @@ def _read_info(fd: int, timeout_s: float) -> dict[str, Any]:
     """bubblewrap's ``--info-fd`` JSON (child pid, namespace ids), read to EOF with a deadline."""
     deadline = time.monotonic() + timeout_s
     buf = b""
+    data: Any = None
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -283,12 +292,13 @@ def _read_info(fd: int, timeout_s: float) -> dict[str, Any]:
         if not chunk:
             break
         buf += chunk
+        try:  # complete as soon as it parses (the fd may stay open while bwrap blocks)
+            data = json.loads(buf)
+            break
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
         if len(buf) > 1024 * 1024:
             break
-    try:
-        data = json.loads(buf)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
     return data if isinstance(data, dict) else {}
 
 
@@ -335,25 +345,53 @@ class SandboxProcess:
             time.sleep(0.02)
 
 
+def netns_command(child_pid: int, argv: Sequence[str]) -> list[str]:
+    """``argv`` in the sandbox's network namespace only (the harness's helper on the
+    sandbox's loopback; its other namespaces stay the harness's)."""
+    return [NSENTER, f"--net=/proc/{child_pid}/ns/net", "--", *argv]
+
+
 def start(spec: SandboxSpec, argv: Sequence[str], env: Mapping[str, str], *, stdout: IO[bytes] | int | None,
-          stderr: IO[bytes] | int | None) -> SandboxProcess:
+          stderr: IO[bytes] | int | None,
+          before_case: Callable[[SandboxProcess], None] | None = None) -> SandboxProcess:
     """Start Case in the sandbox. The environment reaches Case through bubblewrap's own
-    (never argv). Raises :class:`SandboxError` if bubblewrap does not report its
-    namespace (it is then killed)."""
-    read_fd, write_fd = os.pipe()
+    (never argv). bubblewrap holds Case back (``--block-fd``) until ``before_case`` (e.g.
+    starting the DNS sink in its network namespace) has run. Raises
+    :class:`SandboxError` if bubblewrap does not report a namespace of its own or
+    ``before_case`` raises it (bubblewrap is then killed, Case never ran)."""
+    info_r, info_w = os.pipe()
+    block_r, block_w = os.pipe()
     try:
-        proc = subprocess.Popen(build_command(spec, argv, info_fd=write_fd), env=dict(env),
+        proc = subprocess.Popen(build_command(spec, argv, info_fd=info_w, block_fd=block_r), env=dict(env),
                                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                pass_fds=(write_fd,), start_new_session=True)
+                                pass_fds=(info_w, block_r), start_new_session=True)
     except OSError as exc:
-        os.close(read_fd)
-        os.close(write_fd)
+        for fd in (info_r, info_w, block_r, block_w):
+            os.close(fd)
         raise SandboxError(f"cannot start bubblewrap: {exc.strerror}") from None
-    os.close(write_fd)
+    os.close(info_w)
+    os.close(block_r)
     try:
-        info = _read_info(read_fd, INFO_TIMEOUT_S)
+        try:
+            info = _read_info(info_r, INFO_TIMEOUT_S)
+        finally:
+            os.close(info_r)
+        box = _started(proc, info)
+        if before_case is not None:
+            before_case(box)
+        os.write(block_w, b"1")
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(KILL_TIMEOUT_S)
+        raise
     finally:
-        os.close(read_fd)
+        os.close(block_w)
+    return box
+
+
+def _started(proc: subprocess.Popen[bytes], info: dict[str, Any]) -> SandboxProcess:
+    """The running sandbox from bubblewrap's info, or bubblewrap killed and an error."""
     child = info.get("child-pid")
     pid_ns = info.get("pid-namespace")
     if isinstance(child, int) and not isinstance(pid_ns, int):

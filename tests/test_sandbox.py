@@ -335,3 +335,41 @@ def test_the_harness_never_mistakes_its_own_namespace_for_a_sandbox() -> None:
     box = sbx.SandboxProcess(proc=None, child_pid=1, pid_ns=own)  # type: ignore[arg-type]
     with pytest.raises(sbx.SandboxError):
         box.kill_all(timeout_s=0.1)
+
+
+# --------------------------------------------------------------------------- the DNS sink
+
+
+def test_the_dns_sink_answers_nxdomain_to_the_question_asked() -> None:
+    from dnslib import QTYPE, RCODE, DNSRecord
+
+    from harness.dns_sink import answer
+
+    query = DNSRecord.question("api.anthropic.com", "AAAA")
+    reply, record = answer(query.pack())
+    assert reply is not None and record == {"name": "api.anthropic.com", "type": "AAAA"}
+    parsed = DNSRecord.parse(reply)
+    assert parsed.header.id == query.header.id and parsed.header.rcode == RCODE.NXDOMAIN
+    assert str(parsed.q.qname) == "api.anthropic.com." and parsed.q.qtype == QTYPE.AAAA and not parsed.rr
+    for junk in (b"", b"\x00" * 3, b"not dns at all", parsed.pack()):  # the last one is a reply, not a query
+        assert answer(junk) == (None, {"malformed": "true"})
+
+
+def test_names_case_resolves_are_evidence_provider_hosts_fail_the_run(tmp_path: Path) -> None:
+    arts = write_artifacts(tmp_path / "in")
+    outcome = run(rogue_profile("resolve"), base_env(arts), tmp_path / "runs")
+    stdout = (outcome.run_dir / "case" / "stdout.log").read_text()
+    assert "RESOLVED" not in stdout and "admitted: ok" in stdout
+    report = report_of(outcome.run_dir)
+    assert report.isolation is not None and report.isolation.dns == "sink"
+    assert set(report.egress.dns_names) == {"api.openai.com", "telemetry.example.com"}
+    assert report.egress.dns_provider_names == ["api.openai.com"]
+    assert report.external_fallback.used and report.external_fallback.dns_attempts >= 1
+    dns_reasons = [r.message for r in report.reasons if r.code == "external_fallback_attempted"]
+    assert len(dns_reasons) == 1 and "api.openai.com" in dns_reasons[0] and "telemetry" not in dns_reasons[0]
+    assert verify_run(outcome.run_dir).ok
+    # The sink's record is pinned by case_process_exited: an edit after the run shows.
+    with open(outcome.run_dir / "dns" / "queries.jsonl", "a") as fh:
+        fh.write('{"name": "innocent.example"}\n')
+    inputs = collect_inputs(outcome.run_dir, decision_sha256_after=None, admission_sha256_after=None)
+    assert "dns_log_changed" in reason_codes(compute_report(inputs))

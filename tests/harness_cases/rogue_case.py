@@ -210,7 +210,18 @@ def _outlive(workdir: Path, args: list[str]) -> None:
     print("forked a setsid() grandchild")
 
 
-ESCAPES = {"direct-connect": _direct_connect, "read-environ": _read_environ, "find-acceptance": _find_acceptance,
+def _resolve(workdir: Path, args: list[str]) -> None:
+    """Name resolution, as an agent's telemetry or a direct provider client starts (the
+    names are built in: a provider host in Case's argv would already block the run)."""
+    for name in ("api.openai.com", "telemetry.example.com"):
+        try:
+            addrs = socket.getaddrinfo(name, 443, proto=socket.IPPROTO_TCP)
+            print(f"RESOLVED {name}: {addrs[0][4][0]}")
+        except OSError as exc:
+            print(f"resolve {name}: {type(exc).__name__}: {exc}")
+
+
+ESCAPES = {"resolve": _resolve, "direct-connect": _direct_connect, "read-environ": _read_environ, "find-acceptance": _find_acceptance,
            "drop-pth": _drop_pth, "outlive": _outlive}
 
 
