@@ -36,18 +36,20 @@ TCP_TIMEOUT_S = 2.0
 
 def answer(packet: bytes) -> tuple[bytes | None, dict[str, str] | None]:
     """(reply, record) for one query: NXDOMAIN for the question it asked, and what to log.
-    A packet that is not a DNS query gets no reply and is logged as malformed. Pure."""
+    A packet that is not a DNS query gets no reply and is logged as malformed. Pure; never
+    raises (the packets come from Case: whatever dnslib makes of them must not stop the
+    sink)."""
     try:
         query = DNSRecord.parse(packet)
-    except (DNSError, struct.error, IndexError, ValueError, UnicodeDecodeError):
+        if query.header.qr or not query.questions:
+            return None, {"malformed": "true"}
+        q = query.questions[0]
+        name = str(q.qname).rstrip(".").lower()[:MAX_NAME]
+        reply = query.reply()
+        reply.header.rcode = RCODE.NXDOMAIN
+        return reply.pack(), {"name": name, "type": str(QTYPE.get(q.qtype, str(q.qtype)))}
+    except (DNSError, struct.error, IndexError, ValueError, UnicodeError, KeyError, TypeError, AttributeError):
         return None, {"malformed": "true"}
-    if query.header.qr or not query.questions:
-        return None, {"malformed": "true"}
-    q = query.questions[0]
-    name = str(q.qname).rstrip(".").lower()[:MAX_NAME]
-    reply = query.reply()
-    reply.header.rcode = RCODE.NXDOMAIN
-    return reply.pack(), {"name": name, "type": QTYPE.get(q.qtype, str(q.qtype))}
 
 
 class _Log:

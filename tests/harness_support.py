@@ -71,7 +71,8 @@ def rogue_profile(mode: str, *extra: str, **case_changes: Any) -> RunProfile:
 
     command = [sys.executable, str(ROGUE), mode, "{workdir}", *extra]
     case_changes.setdefault("sandbox", SandboxProfile(ro_paths=[str(ROGUE_DIR)]))
-    return reference_profile(command=command, timeout_s=60, **case_changes)
+    case_changes.setdefault("timeout_s", 60)
+    return reference_profile(command=command, **case_changes)
 
 
 def run(profile: RunProfile, env: dict[str, str], runs_dir: Path, backend: str = "scripted") -> RunOutcome:

@@ -25,6 +25,7 @@ from harness.run import RunConfigError, run_once
 from harness.verify import verify_run
 
 from .harness_support import (
+    ROGUE_DIR,
     base_env,
     events_of,
     reason_codes,
@@ -373,3 +374,33 @@ def test_names_case_resolves_are_evidence_provider_hosts_fail_the_run(tmp_path: 
         fh.write('{"name": "innocent.example"}\n')
     inputs = collect_inputs(outcome.run_dir, decision_sha256_after=None, admission_sha256_after=None)
     assert "dns_log_changed" in reason_codes(compute_report(inputs))
+
+
+def test_case_gets_a_fresh_seeded_home_and_never_the_operators(tmp_path: Path) -> None:
+    seed = tmp_path / "seed"
+    (seed / ".agent").mkdir(parents=True)
+    (seed / ".agent" / "config.toml").write_text("model = 'from the seed'\n")
+    operator_home = Path.home()
+    arts = write_artifacts(tmp_path / "in")
+    profile = rogue_profile("home", str(operator_home),
+                            sandbox=SandboxProfile(ro_paths=[str(ROGUE_DIR)], home_seed=str(seed)))
+    outcome = run(profile, base_env(arts), tmp_path / "runs")
+    stdout = (outcome.run_dir / "case" / "stdout.log").read_text()
+    assert f"MY HOME {sbx.SANDBOX_HOME} ['.agent']" in stdout, stdout
+    assert "SEEDED model = 'from the seed'" in stdout
+    listing = next(line for line in stdout.splitlines() if line.startswith(("OPERATOR HOME", "operator home")))
+    # At most the interpreter's prefix below it (a read-only bind), none of its dotfiles.
+    visible = set() if not listing.startswith("OPERATOR HOME") else set(eval(listing.removeprefix("OPERATOR HOME ")))
+    assert visible <= {".pyenv"}, listing
+    assert (seed / ".agent" / "config.toml").read_text() == "model = 'from the seed'\n"
+
+
+def test_at_the_time_limit_the_whole_sandbox_goes(tmp_path: Path) -> None:
+    arts = write_artifacts(tmp_path / "in")
+    started = time.monotonic()
+    outcome = run(rogue_profile("hang", timeout_s=3), base_env(arts), tmp_path / "runs")
+    report = report_of(outcome.run_dir)
+    assert "case_timed_out" in reason_codes(report)
+    assert report.isolation is not None and report.isolation.namespace_survivors == 0
+    assert report.case_process.duration_s is not None and report.case_process.duration_s < 10
+    assert time.monotonic() - started < 60

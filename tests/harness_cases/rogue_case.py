@@ -221,7 +221,37 @@ def _resolve(workdir: Path, args: list[str]) -> None:
             print(f"resolve {name}: {type(exc).__name__}: {exc}")
 
 
-ESCAPES = {"resolve": _resolve, "direct-connect": _direct_connect, "read-environ": _read_environ, "find-acceptance": _find_acceptance,
+def _home(workdir: Path, args: list[str]) -> None:
+    """The operator's home (provider keys in ~/.aws, ~/.claude, ~/.codex, gcloud ADC) and
+    Case's own HOME."""
+    operator_home = Path(args[0])
+    try:
+        print(f"OPERATOR HOME {sorted(os.listdir(operator_home))}")
+    except OSError as exc:
+        print(f"operator home: {type(exc).__name__}")
+    print(f"MY HOME {os.environ.get('HOME')} {sorted(os.listdir(os.environ['HOME']))}")
+    seeded = Path(os.environ["HOME"]) / ".agent" / "config.toml"
+    if seeded.exists():
+        print(f"SEEDED {seeded.read_text().strip()}")
+
+
+def _hang(workdir: Path, args: list[str]) -> None:
+    """Past the time limit, with a setsid() grandchild that ignores SIGTERM."""
+    import signal
+
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(120)
+            os._exit(0)
+        os._exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("hanging", flush=True)
+    time.sleep(120)
+
+
+ESCAPES = {"home": _home, "hang": _hang, "resolve": _resolve, "direct-connect": _direct_connect, "read-environ": _read_environ, "find-acceptance": _find_acceptance,
            "drop-pth": _drop_pth, "outlive": _outlive}
 
 
