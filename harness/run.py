@@ -933,7 +933,11 @@ def _start_dns_sink(st: _RunState, box: sbx.SandboxProcess) -> None:
     out.mkdir(exist_ok=True)
     argv = sbx.netns_command(box.child_pid, [sys.executable, "-m", "harness.dns_sink",
                                              "--log", str(out / "queries.jsonl")])
-    st.dns = _start_helper(argv, _helper_env(os.environ), out / "sink.log", DNS_READY_PREFIX, DNS_START_TIMEOUT_S)
+    try:
+        st.dns = _start_helper(argv, _helper_env(os.environ), out / "sink.log", DNS_READY_PREFIX,
+                               DNS_START_TIMEOUT_S)
+    except OSError as exc:
+        raise sbx.SandboxError(f"cannot start the DNS sink: {exc.strerror or type(exc).__name__}") from None
     st.sampler.roots.add(st.dns.proc.pid)
     if st.dns.url != "READY":
         raise sbx.SandboxError("the DNS sink did not start in the sandbox's network namespace; see dns/sink.log")

@@ -404,3 +404,16 @@ def test_at_the_time_limit_the_whole_sandbox_goes(tmp_path: Path) -> None:
     assert report.isolation is not None and report.isolation.namespace_survivors == 0
     assert report.case_process.duration_s is not None and report.case_process.duration_s < 10
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("nsenter", ["/bin/false", "/nonexistent/nsenter"])
+def test_without_the_dns_sink_case_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nsenter: str) -> None:
+    """Fail closed: a sandbox whose lookups would go unrecorded does not run Case."""
+    monkeypatch.setattr(sbx, "NSENTER", nsenter)
+    arts = write_artifacts(tmp_path / "in")
+    outcome = run(rogue_profile("sentinel", "{workdir}/SENTINEL"), base_env(arts), tmp_path / "runs")
+    assert outcome.status == "fail"
+    names = events_of(outcome.run_dir)
+    assert "case_process_started" not in names and "run_aborted" in names
+    assert "run_aborted" in reason_codes(report_of(outcome.run_dir))
+    assert not (outcome.run_dir / "repo" / "SENTINEL").exists()
