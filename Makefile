@@ -35,7 +35,7 @@ test: $(STAMP) system-deps engine-deps
 
 # Everything but the engine tier and Prometheus, for a quick edit loop.
 test-fast: $(STAMP) sandbox-deps
-	$(PY) -m pytest -q -m "not engine and not prometheus"
+	$(PY) -m pytest -q -m "not engine and not prometheus" --ignore=tests/engine
 
 # The benchmark: installs wrk, nginx and LiteLLM (its own venv, .cache/litellm-venv)
 # when missing, then writes bench/results/latest.{md,json}. bench-quick: a few minutes.

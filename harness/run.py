@@ -657,7 +657,7 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
 def _check_exposure(case: CaseProfile, runs_dir: Path) -> None:
     """What the sandbox would expose must exist and must not reach the run directories
     (known only now) or the fixtures; the interpreter prefixes are checked too."""
-    exposed = case.sandbox.exposed() + [(f"the harness interpreter prefix", p) for p in sbx.interpreter_paths()]
+    exposed = case.sandbox.exposed() + [("the harness interpreter prefix", p) for p in sbx.interpreter_paths()]
     problems = exposure_problems(exposed, [*static_protected(), ("the run directory", runs_dir)])
     for label, path in case.sandbox.exposed():
         if not path.exists():
