@@ -8,7 +8,11 @@ and git. Every listener is on the host's loopback; no test sends a packet elsewh
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -417,3 +421,70 @@ def test_without_the_dns_sink_case_never_runs(tmp_path: Path, monkeypatch: pytes
     assert "case_process_started" not in names and "run_aborted" in names
     assert "run_aborted" in reason_codes(report_of(outcome.run_dir))
     assert not (outcome.run_dir / "repo" / "SENTINEL").exists()
+
+
+def _pids_mentioning(*texts: str) -> list[int]:
+    """Processes whose argv or environment holds every one of ``texts``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                blob = b"\0".join(Path(f"/proc/{name}/{what}").read_bytes() for what in ("cmdline", "environ"))
+            except OSError:
+                continue
+            if all(t.encode() in blob for t in texts):
+                out.append(int(name))
+    return out
+
+
+def test_a_killed_harness_takes_the_sandbox_with_it(tmp_path: Path) -> None:
+    """--die-with-parent: when the harness itself dies (SIGKILL, no cleanup), Case and
+    everything it started die too; nothing keeps working on the repository."""
+    arts = write_artifacts(tmp_path / "in")
+    runs = tmp_path / "runs"
+    script = (
+        "import sys, json\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from pathlib import Path\n"
+        "from tests.harness_support import rogue_profile, run\n"
+        "run(rogue_profile('hang', timeout_s=120), json.loads(sys.argv[2]), Path(sys.argv[3]))\n")
+    harness = subprocess.Popen([sys.executable, "-c", script, str(PROJECT_ROOT), json.dumps(base_env(arts)), str(runs)],
+                               cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        bwrap_pid = None
+        while time.monotonic() < deadline and bwrap_pid is None:
+            for events in runs.glob("*/events.jsonl"):
+                for line in events.read_text().splitlines():
+                    rec = json.loads(line)
+                    if rec["event"] == "case_process_started":
+                        bwrap_pid = rec["pid"]
+            time.sleep(0.1)
+        assert bwrap_pid is not None, "Case never started"
+        run_dir = next(runs.iterdir())
+        deadline = time.monotonic() + 30  # until Case and its setsid() grandchild run
+        members: list[int] = []
+        while time.monotonic() < deadline and len(members) < 2:
+            members = _pids_mentioning("rogue_case.py", str(run_dir / "repo"))
+            time.sleep(0.1)
+        assert len(members) >= 2, "Case and its grandchild were not seen"
+        # bubblewrap's outer process (in the host's namespace) names Case's argv too.
+        namespaces = {os.stat(f"/proc/{p}/ns/pid").st_ino for p in members} - {sbx.own_pid_namespace()}
+        assert len(namespaces) == 1
+        harness.kill()
+        harness.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(sbx.namespace_members(ns) for ns in namespaces):
+            time.sleep(0.1)
+        assert not any(sbx.namespace_members(ns) for ns in namespaces)
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait(10)
+        # The killed harness's own helpers (proxy, scripted backend, DNS sink) are this
+        # test's to stop: they are not what is tested here.
+        for pid in _pids_mentioning(str(runs)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
