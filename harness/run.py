@@ -790,7 +790,7 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     _run_case(st, case, run_env, repo_dir, task_file, proxy_base, token, admitted, evidence_path, bwrap)
 
     say("acceptance: running the hidden tests on a clean export of Case's commit")
-    _acceptance(st, fixture, repo_dir, initial)
+    _acceptance(st, fixture, repo_dir, initial, bwrap)
     _scrape_metrics(st)
     _stop_proxy(st, evidence_path)
     return _finish(st)
@@ -981,8 +981,16 @@ def _isolation(bwrap: sbx.BwrapInfo, spec: sbx.SandboxSpec) -> dict[str, Any]:
             "writable": [str(spec.repo_dir)], "ro_paths": [str(p) for p in spec.ro_paths]}
 
 
-def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str) -> None:
-    """Acceptance tests on a clean export of Case's final commit (never the work tree)."""
+def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, bwrap: sbx.BwrapInfo | None) -> None:
+    """Acceptance tests on a clean export of Case's final commit (never the work tree).
+    They import Case's code, so with the sandbox they run in one too (no network, none
+    of the machine but the interpreter, the tests' temporary copy and the checkout)."""
+    wrap = None
+    if bwrap is not None:
+        def wrap(argv: list[str], cwd: Path, scratch: Path, import_root: Path) -> list[str]:
+            ro = [*sbx.interpreter_paths(), *([] if import_root.is_relative_to(scratch) else [import_root])]
+            return sbx.isolated_command(bwrap.path, argv, cwd=cwd, writable=[scratch], read_only=ro,
+                                        system=sbx.host_system())
     try:
         head = head_commit(repo_dir)
     except RuntimeError:
@@ -993,7 +1001,7 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str) -
         with tempfile.TemporaryDirectory(prefix=f"checkout-{fixture.id}-") as tmp:
             try:
                 checkout = export_commit(repo_dir, head, Path(tmp) / "checkout")
-                result = run_acceptance(fixture, checkout)
+                result = run_acceptance(fixture, checkout, wrap=wrap)
             except (RuntimeError, ValueError, OSError) as exc:
                 result = AcceptanceResult(passed=False, total=0, failed=0, errors=1, exit_code=-1,
                                           output_tail=f"[case-harness] could not check out Case's commit: "
@@ -1003,7 +1011,8 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str) -
                                   output_tail="[case-harness] Case made no commit; acceptance tests not run\n")
     (st.run_dir / "acceptance.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     st.events.emit(ev.FIXTURE_TESTS_RUN, commit=head if committed else None, committed=committed,
-                   passed=result.passed, total=result.total, failed=result.failed, errors=result.errors)
+                   passed=result.passed, total=result.total, failed=result.failed, errors=result.errors,
+                   sandboxed=wrap is not None)
     st.say(f"acceptance: {'passed' if result.passed else 'FAILED'} ({result.total} tests, "
            f"{result.failed} failed, {result.errors} errors)")
 

@@ -169,6 +169,25 @@ def build_command(spec: SandboxSpec, argv: Sequence[str], *, info_fd: int | None
     return [*cmd, "--", *argv]
 
 
+def isolated_command(bwrap: str, argv: Sequence[str], *, cwd: Path, writable: Sequence[Path],
+                     read_only: Sequence[Path], system: Sequence[SystemEntry]) -> list[str]:
+    """A plain sandbox for a program that runs Case's code but is not Case (the
+    acceptance tests import Case's commit): the same namespaces, uid and read-only
+    system, no network at all (not even the relay), only ``writable`` and ``read_only``
+    of the host. Pure."""
+    cmd: list[str] = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID),
+                      "--hostname", "case-sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    for entry in system:
+        cmd += ["--symlink", entry.symlink_to, entry.path] if entry.symlink_to else ["--ro-bind", entry.path,
+                                                                                      entry.path]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    for path in read_only:
+        cmd += ["--ro-bind", str(path), str(path)]
+    for path in writable:
+        cmd += ["--bind", str(path), str(path)]
+    return [*cmd, "--chdir", str(cwd), "--", *argv]
+
+
 def sandbox_environment(env: Mapping[str, str]) -> dict[str, str]:
     """Case's environment adjusted to the sandbox: its own HOME and TMPDIR (never the
     operator's), a PATH of system directories plus the harness interpreter's bin, and

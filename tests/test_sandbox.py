@@ -488,3 +488,29 @@ def test_a_killed_harness_takes_the_sandbox_with_it(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_case_code_run_by_the_acceptance_tests_is_sandboxed_too(tmp_path: Path) -> None:
+    """Case's commit is imported by the acceptance tests: code there tries every escape
+    (the harness's and proxy's environment, a provider, the fixtures, outliving the run)."""
+    decoy = _Decoy(socket.AF_INET, "127.0.0.1")
+    try:
+        arts = write_artifacts(tmp_path / "in")
+        # It is told where the fixtures are.
+        outcome = run(rogue_profile("poison-commit", str(decoy.port), str(FIXTURES_DIR)), base_env(arts),
+                      tmp_path / "runs")
+    finally:
+        decoy.close()
+    run_dir = outcome.run_dir
+    acceptance = json.loads((run_dir / "acceptance.json").read_text())
+    tail = acceptance["output_tail"]
+    assert "nothing found" in tail, tail  # the code ran, and found nothing
+    assert "FOUND" not in tail and "REACHED" not in tail and "READ " not in tail, tail
+    assert decoy.connections == 0
+    _, events = read_events(run_dir / "events.jsonl")
+    assert next(e for e in events if e["event"] == "fixture_tests_run")["sandboxed"] is True
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not (run_dir / "LATE-FROM-ACCEPTANCE").exists():
+        time.sleep(0.1)
+    assert not (run_dir / "LATE-FROM-ACCEPTANCE").exists()
+    assert outcome.status == "fail"
