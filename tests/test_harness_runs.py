@@ -232,6 +232,7 @@ def test_demo_passes_with_demo_grade_and_verifies(tmp_path: Path) -> None:
                                                   if k in ("PATH", "HOME", "LANG")}, out=Out()) == 0
     text = "".join(lines)
     assert "demo OK" in text
+    assert "ok  Case sandboxed (pass run)" in text and "bubblewrap, proxy-only, 0 processes left" in text
     pass_runs = [d for d in (tmp_path / "runs").iterdir() if (d / "report.json").is_file()
                  and report_of(d).status == "pass"]
     assert len(pass_runs) == 1

@@ -514,3 +514,14 @@ def test_case_code_run_by_the_acceptance_tests_is_sandboxed_too(tmp_path: Path) 
         time.sleep(0.1)
     assert not (run_dir / "LATE-FROM-ACCEPTANCE").exists()
     assert outcome.status == "fail"
+
+
+def test_the_acceptance_sandbox_has_no_network_and_only_what_it_is_given(tmp_path: Path) -> None:
+    cmd = sbx.isolated_command("/usr/bin/bwrap", ["python", "-m", "pytest"], cwd=tmp_path / "t",
+                               writable=[tmp_path], read_only=[Path("/opt/py")], system=(sbx.SystemEntry("/usr"),))
+    opts = cmd[:cmd.index("--")]
+    assert "--unshare-all" in opts and "--share-net" not in opts and "--die-with-parent" in opts
+    assert {src for src, _ in _pairs(opts, "--bind")} == {str(tmp_path)}
+    assert {src for src, _ in _pairs(opts, "--ro-bind")} == {"/usr", "/opt/py"}
+    assert not any(sbx.INSIDE_SOCKET in a or sbx.INIT_NAME in a for a in cmd)
+    assert cmd[-3:] == ["python", "-m", "pytest"]
