@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("preflight", help="check every gate; exit 0 if all hold, 3 if any blocks")
     profile_args(pre)
+    pre.add_argument("--no-sandbox", action="store_true",
+                     help="do not require the bubblewrap sandbox (as for run --no-sandbox)")
     run = sub.add_parser("run", help="one run: gates, proxy, Case, acceptance tests, secret scan, report")
     profile_args(run)
     run.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where runs go (default ./harness-runs)")
@@ -108,11 +110,19 @@ def cmd_preflight(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     profile = load_profile(args.profile, args.fixture, env)
     result = preflight(env, profile)
-    if result.ok:
-        print(f"ok: every gate holds ({len(result.checked)} checked: {', '.join(result.checked)})")
+    failures = [(f.code, f.message) for f in result.failures]
+    if not args.no_sandbox:
+        from .sandbox import probe_bwrap
+
+        probed = probe_bwrap()
+        if isinstance(probed, str):
+            failures.append(("sandbox_unavailable", probed))
+    if not failures:
+        print(f"ok: every gate holds ({len(result.checked)} checked: {', '.join(result.checked)})"
+              + ("" if args.no_sandbox else "; bubblewrap can sandbox Case"))
         return EXIT_PASS
-    for failure in result.failures:
-        print(f"blocked: {failure.code}: {failure.message}")
+    for code, message in failures:
+        print(f"blocked: {code}: {message}")
     return EXIT_BLOCKED
 
 
