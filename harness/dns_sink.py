@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import select
 import signal
 import socket
@@ -80,8 +81,10 @@ def _tcp_query(conn: socket.socket) -> bytes | None:
 
 
 def serve(host: str, port: int, log: _Log) -> None:
-    """UDP and TCP on ``host:port`` until SIGTERM; one query at a time (Case has no reason
+    """UDP and TCP on ``host:port`` until SIGTERM or the harness that started it is gone
+    (a killed harness must not leave it running); one query at a time (Case has no reason
     to resolve much, and nothing here waits on the network)."""
+    parent = os.getppid()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind((host, port))
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -97,7 +100,7 @@ def serve(host: str, port: int, log: _Log) -> None:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     print(READY_LINE, flush=True)
-    while not stop:
+    while not stop and os.getppid() == parent:
         try:
             readable, _, _ = select.select([udp, tcp], [], [], 0.5)
         except InterruptedError:

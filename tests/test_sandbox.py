@@ -477,6 +477,10 @@ def test_a_killed_harness_takes_the_sandbox_with_it(tmp_path: Path) -> None:
         while time.monotonic() < deadline and any(sbx.namespace_members(ns) for ns in namespaces):
             time.sleep(0.1)
         assert not any(sbx.namespace_members(ns) for ns in namespaces)
+        # The DNS sink (the harness's own helper in Case's network namespace) goes too.
+        while time.monotonic() < deadline and _pids_mentioning("harness.dns_sink", str(runs)):
+            time.sleep(0.1)
+        assert not _pids_mentioning("harness.dns_sink", str(runs))
     finally:
         if harness.poll() is None:
             harness.kill()
