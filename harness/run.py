@@ -69,6 +69,7 @@ from proxy.settings import (
 )
 
 from . import events as ev
+from . import repo_guard
 from . import sandbox as sbx
 from .events import EventLog
 from .fixture_catalog import AcceptanceResult, Fixture, export_commit, head_commit, load_fixture, materialize, run_acceptance
@@ -532,6 +533,7 @@ class _RunState:
     proxy_root: str = ""
     sandbox: sbx.SandboxProcess | None = None
     dns: _Helper | None = None  # the DNS sink in the sandbox's network namespace
+    git_config: bytes = b""  # the repository's .git/config as the harness wrote it
 
 
 def case_argv(command: list[str], task_file: Path, workdir: Path) -> list[str]:
@@ -786,6 +788,7 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     say(f"identity: backend serves {admitted} (evidence grade {grade})")
 
     initial = materialize(fixture, repo_dir, task_file)
+    st.git_config = repo_guard.snapshot_config(repo_dir)
     _generate_config(case, run_dir, proxy_base, admitted)
     _run_case(st, case, run_env, repo_dir, task_file, proxy_base, token, admitted, evidence_path, bwrap)
 
@@ -985,6 +988,10 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
     """Acceptance tests on a clean export of Case's final commit (never the work tree).
     They import Case's code, so with the sandbox they run in one too (no network, none
     of the machine but the interpreter, the tests' temporary copy and the checkout)."""
+    # Case could write .git/config and friends; git would obey them outside the sandbox.
+    reset = repo_guard.reclaim(repo_dir, st.git_config)
+    if reset:
+        st.say(f"acceptance: took back Case's repository git controls: {', '.join(reset)}")
     wrap = None
     if bwrap is not None:
         def wrap(argv: list[str], cwd: Path, scratch: Path, import_root: Path) -> list[str]:
@@ -1012,7 +1019,7 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
     (st.run_dir / "acceptance.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     st.events.emit(ev.FIXTURE_TESTS_RUN, commit=head if committed else None, committed=committed,
                    passed=result.passed, total=result.total, failed=result.failed, errors=result.errors,
-                   sandboxed=wrap is not None)
+                   sandboxed=wrap is not None, git_controls_reset=reset)
     st.say(f"acceptance: {'passed' if result.passed else 'FAILED'} ({result.total} tests, "
            f"{result.failed} failed, {result.errors} errors)")
 

@@ -529,3 +529,35 @@ def test_the_acceptance_sandbox_has_no_network_and_only_what_it_is_given(tmp_pat
     assert {src for src, _ in _pairs(opts, "--ro-bind")} == {"/usr", "/opt/py"}
     assert not any(sbx.INSIDE_SOCKET in a or sbx.INIT_NAME in a for a in cmd)
     assert cmd[-3:] == ["python", "-m", "pytest"]
+
+
+def test_case_cannot_make_the_harness_run_git_commands_of_its_choosing(tmp_path: Path) -> None:
+    """A textconv driver in the repository's .git/config would run in the secret scan's
+    `git log -p`, as the harness, outside the sandbox."""
+    arts = write_artifacts(tmp_path / "in")
+    outcome = run(rogue_profile("git-controls"), base_env(arts), tmp_path / "runs")
+    run_dir = outcome.run_dir
+    assert "admitted: ok" in (run_dir / "case" / "stdout.log").read_text()
+    assert not list(run_dir.glob("PWNED-BY-GIT*"))
+    _, events = read_events(run_dir / "events.jsonl")
+    tests_run = next(e for e in events if e["event"] == "fixture_tests_run")
+    assert tests_run["committed"] is True
+    assert {".git/config", ".git/hooks"} <= set(tests_run["git_controls_reset"])
+    assert "textconv" not in (run_dir / "repo" / ".git" / "config").read_text()
+    assert report_of(run_dir).secret_scan.ran
+
+
+def test_reclaim_removes_a_gitdir_file_and_alternates(tmp_path: Path) -> None:
+    from harness import repo_guard
+
+    repo = tmp_path / "repo"
+    (repo / ".git" / "objects" / "info").mkdir(parents=True)
+    (repo / ".git" / "config").write_bytes(b"[core]\n")
+    (repo / ".git" / "objects" / "info" / "alternates").write_text(str(PROJECT_ROOT / ".git" / "objects"))
+    assert repo_guard.reclaim(repo, b"[core]\n") == [".git/objects/info/alternates"]
+    assert repo_guard.reclaim(repo, b"[core]\n") == []
+    elsewhere = tmp_path / "elsewhere"
+    (repo / ".git").rename(elsewhere)
+    (repo / ".git").write_text(f"gitdir: {elsewhere}\n")
+    assert repo_guard.reclaim(repo, b"[core]\n") == [".git (not a directory)"]
+    assert not (repo / ".git").exists() and elsewhere.is_dir()
