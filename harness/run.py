@@ -15,15 +15,19 @@ Order of a run (issue 3, "A run"):
 3. preflight: every gate, with a bounded probe of the backend's ``/v1/models``. A block
    emits ``gate_blocked``, writes the ``blocked`` report and stops: Case never starts;
 4. the proxy as a subprocess with a fresh per-run token passed only by environment, its
-   evidence log inside the run directory; wait for its LISTENING line and ``/readyz``;
+   evidence log inside the run directory, listening on a unix socket in a private
+   temporary directory (``--no-sandbox``: 127.0.0.1); wait for its LISTENING line and
+   ``/readyz``;
 5. identity from the backend's ``/v1/models`` (a direct, bounded probe);
 6. the fixture repository and the task file (outside the repository);
-7. Case in a scrubbed environment and its own process group, with a time limit that
-   kills the whole group; its output redacted before it is written; the argv of every
-   process the harness started is sampled while Case runs (kept in memory only, handed
-   to the secret scan);
-8. acceptance tests on a clean export of Case's final commit, ``/metrics`` scrape, proxy
-   stop, secret scan, report.
+7. Case in its bubblewrap sandbox (``harness.sandbox``: the proxy through a relay, the
+   DNS sink, nothing else of the machine) with a scrubbed environment and a time limit;
+   afterwards every process of its PID namespace is killed and the count left recorded;
+   its output redacted before it is written; the argv of every process the harness
+   started is sampled while Case runs (kept in memory only, handed to the secret scan);
+8. the repository's git controls taken back (``harness.repo_guard``), acceptance tests on
+   a clean export of Case's final commit (sandboxed too: they import Case's code),
+   ``/metrics`` scrape, proxy stop, secret scan, report.
 
 The endpoint value, the run token and the backend key are never written by this module:
 files get the upstream class and fingerprint instead, and logs go through the redactor.
