@@ -64,10 +64,9 @@ def exposure_problems(exposed: Iterable[tuple[str, Path]], protected: Iterable[t
 
 def static_protected() -> list[tuple[str, Path]]:
     """What no profile may expose, known without a run: the fixtures (acceptance tests,
-    recorded sessions), the default run directory, and the operator's home as a whole
-    (a subdirectory such as an interpreter prefix may be exposed)."""
-    out = [("the project's fixtures", FIXTURES_DIR), ("the default run directory", DEFAULT_RUNS_DIR)]
-    return out
+    recorded sessions) and the default run directory. (The operator's home is refused
+    only whole: :func:`home_problems`.)"""
+    return [("the project's fixtures", FIXTURES_DIR), ("the default run directory", DEFAULT_RUNS_DIR)]
 
 
 def home_problems(exposed: Iterable[tuple[str, Path]], home: Path) -> list[str]:
@@ -75,7 +74,8 @@ def home_problems(exposed: Iterable[tuple[str, Path]], home: Path) -> list[str]:
     a directory below it may."""
     real_home = _real(home)
     return [f"{label}: {raw} would expose the operator's home {real_home} whole"
-            for label, raw in exposed if PurePosixPath(raw).is_absolute() and real_home.is_relative_to(_real(Path(raw)))]
+            for label, raw in exposed
+            if PurePosixPath(raw).is_absolute() and real_home.is_relative_to(_real(Path(raw)))]
 
 
 class SandboxProfile(BaseModel):

@@ -542,7 +542,8 @@ def render_text(report: Report) -> str:
         f"decision: {r.decision_status or '-'}, provider class {r.provider_class or '-'}",
         f"admitted model requests: {r.admitted_requests}; served-model mismatches: {r.served_model_mismatches}",
         f"external fallback used: {str(r.external_fallback.used).lower()} ({r.external_fallback.attempts} attempts"
-        + (f", {r.external_fallback.dns_attempts} lookups of provider hosts" if r.external_fallback.dns_attempts else "")
+        + (f", {r.external_fallback.dns_attempts} lookups of provider hosts"
+           if r.external_fallback.dns_attempts else "")
         + (f": {', '.join(f'{k}={v}' for k, v in sorted(r.external_fallback.by_reason.items()))}"
            if r.external_fallback.by_reason else "") + ")",
         f"egress attempts: {r.egress.attempts}"

@@ -197,7 +197,8 @@ def _outlive(workdir: Path, args: list[str]) -> None:
             run_dir = workdir.parent
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not (run_dir / "report.json").exists():
-                (workdir / ".alive").write_text(str(time.time()))  # alive during acceptance
+                (workdir / ".alive.tmp").write_text(str(time.time()))  # alive during acceptance?
+                os.replace(workdir / ".alive.tmp", workdir / ".alive")  # whole, even if killed now
                 time.sleep(0.05)
             for target in (run_dir / "LATE", workdir / "LATE"):
                 try:
@@ -311,8 +312,11 @@ def _git_controls(workdir: Path, args: list[str]) -> None:
     _commit(workdir, "notes")
 
 
-ESCAPES = {"git-controls": _git_controls, "poison-commit": _poison_commit, "home": _home, "hang": _hang, "resolve": _resolve, "direct-connect": _direct_connect, "read-environ": _read_environ, "find-acceptance": _find_acceptance,
-           "drop-pth": _drop_pth, "outlive": _outlive}
+ESCAPES = {
+    "git-controls": _git_controls, "poison-commit": _poison_commit, "home": _home, "hang": _hang,
+    "resolve": _resolve, "direct-connect": _direct_connect, "read-environ": _read_environ,
+    "find-acceptance": _find_acceptance, "drop-pth": _drop_pth, "outlive": _outlive,
+}
 
 
 if __name__ == "__main__":
