@@ -862,7 +862,7 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
     if bwrap is not None:
         spec = _sandbox_spec(st, case, bwrap, repo_dir, task_file)
         try:
-            st.sandbox = sbx.start(spec, argv, sbx.sandbox_environment(case_env), stdout=subprocess.PIPE,
+            st.sandbox = sbx.start(spec, argv, sbx.sandbox_environment(case_env, spec.ro_paths), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, before_case=lambda box: _start_dns_sink(st, box))
         except sbx.SandboxError as exc:
             _stop_dns_sink(st)

@@ -188,15 +188,20 @@ def isolated_command(bwrap: str, argv: Sequence[str], *, cwd: Path, writable: Se
     return [*cmd, "--chdir", str(cwd), "--", *argv]
 
 
-def sandbox_environment(env: Mapping[str, str]) -> dict[str, str]:
+def sandbox_environment(env: Mapping[str, str], visible: Sequence[Path] = ()) -> dict[str, str]:
     """Case's environment adjusted to the sandbox: its own HOME and TMPDIR (never the
-    operator's), a PATH of system directories plus the harness interpreter's bin, and
-    the run's tools on PYTHONPATH (the reference agent lives there)."""
+    operator's), the run's tools on PYTHONPATH (the reference agent lives there), and a
+    PATH of the harness interpreter's bin, the entries of the given PATH that lie in a
+    ``visible`` (read-only exposed) path, and the system directories: an agent installed
+    under a profile's ``ro_paths`` is found by name; nothing else of the host's PATH is."""
     out = dict(env)
     out["HOME"] = SANDBOX_HOME
     out["USER"] = out["LOGNAME"] = SANDBOX_USER
     out["TMPDIR"] = "/tmp"
-    out["PATH"] = f"{os.path.dirname(sys.executable)}:{DEFAULT_PATH}"
+    kept = [entry for entry in (env.get("PATH") or "").split(":")
+            if entry.startswith("/") and any(Path(entry).is_relative_to(v) for v in visible)]
+    parts = [os.path.dirname(sys.executable), *kept, *DEFAULT_PATH.split(":")]
+    out["PATH"] = ":".join(dict.fromkeys(parts))
     out["PYTHONPATH"] = INSIDE_LIB
     return out
 

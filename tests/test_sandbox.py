@@ -98,6 +98,11 @@ def test_no_environment_value_reaches_argv(tmp_path: Path) -> None:
     # Case's HOME and TMPDIR are the sandbox's, never the operator's.
     assert env["HOME"] == sbx.SANDBOX_HOME and env["TMPDIR"] == "/tmp"
     assert env["PYTHONPATH"] == sbx.INSIDE_LIB
+    # PATH: an agent under an exposed path is found; the operator's other entries are not passed on.
+    env = sbx.sandbox_environment({"PATH": "/opt/agent/bin:/root/.local/bin:relative:/usr/bin"}, [Path("/opt/agent")])
+    parts = env["PATH"].split(":")
+    assert "/opt/agent/bin" in parts and "/root/.local/bin" not in parts and "relative" not in parts
+    assert parts[0] == os.path.dirname(sys.executable) and "/usr/bin" in parts and len(parts) == len(set(parts))
 
 
 def test_home_seed_is_bound_read_only_and_copied_by_the_init(tmp_path: Path) -> None:
