@@ -161,6 +161,13 @@ def test_the_run_directory_is_refused_at_run_time(tmp_path: Path) -> None:
             run(profile, base_env(arts), runs)
         assert ro[0] in str(err.value)
     assert not any(runs.iterdir()), "no run directory for a profile the harness refuses"
+    agent = tmp_path / "agent" / "run.sh"
+    agent.parent.mkdir()
+    agent.write_text("#!/bin/sh\n")
+    with pytest.raises(RunConfigError) as err:
+        run(reference_profile(command=[str(agent), "{workdir}"]), base_env(arts), runs)
+    assert f"case.command[0]: {agent} is not visible in Case's sandbox" in str(err.value)
+    assert not any(runs.iterdir())
 
 
 # --------------------------------------------------------------------------- whole runs
