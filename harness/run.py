@@ -671,11 +671,12 @@ def _check_exposure(case: CaseProfile, runs_dir: Path) -> None:
     seed = case.sandbox.home_seed
     if seed is not None and Path(seed).exists() and not Path(seed).is_dir():
         problems.append(f"case.sandbox.home_seed: {seed} is not a directory")
-    # A host path in Case's command that the sandbox will not show would fail only once
-    # Case runs ("No such file"): say so now.
+    # A host file in Case's command (its program, a script) that the sandbox will not show
+    # would fail only once Case runs ("No such file"): say so now. (A directory given as
+    # an argument may be data the command never opens: not checked.)
     roots = [Path(e.path) for e in sbx.host_system()] + [p for _, p in exposed]
     for i, arg in enumerate(case_argv(list(case.command), Path("{task_file}"), Path("{workdir}"))):
-        if arg.startswith("/") and "{" not in arg and Path(arg).exists() \
+        if arg.startswith("/") and "{" not in arg and Path(arg).is_file() \
                 and not any(Path(os.path.realpath(arg)).is_relative_to(os.path.realpath(r)) for r in roots):
             problems.append(f"case.command[{i}]: {arg} is not visible in Case's sandbox; add its directory "
                             "to [case.sandbox].ro_paths")
