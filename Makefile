@@ -5,16 +5,20 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-base
 ENGINE_STAMP := $(VENV)/.stamp-engine
 
-.PHONY: demo test test-fast wheel bench bench-quick system-deps engine-deps vllm-deps clean
+.PHONY: demo test test-fast wheel bench bench-quick system-deps sandbox-deps engine-deps vllm-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-# Debian packages the tests use (a real Prometheus server and promtool).
+# Debian packages the tests use (a real Prometheus server and promtool, bubblewrap).
 system-deps:
 	@bash scripts/install-system-deps.sh
+
+# What a harness run needs (bubblewrap for Case's sandbox), for the demo.
+sandbox-deps:
+	@bash scripts/install-system-deps.sh sandbox
 
 # llama.cpp (built from source by pip, cached afterwards) for the `engine` test tier.
 $(ENGINE_STAMP): $(STAMP)
@@ -28,14 +32,14 @@ engine-deps: $(ENGINE_STAMP)
 vllm-deps:
 	@bash scripts/install-vllm.sh
 
-demo: $(STAMP)
+demo: $(STAMP) sandbox-deps
 	$(PY) -m harness demo
 
 test: $(STAMP) system-deps engine-deps vllm-deps
 	$(PY) -m pytest -q
 
 # Everything but the engine tiers, Prometheus, the wheel install and systemd, for a quick edit loop.
-test-fast: $(STAMP)
+test-fast: $(STAMP) sandbox-deps
 	$(PY) -m pytest -q -m "not engine and not vllm and not prometheus and not wheel and not systemd"
 
 # The wheel operators install (docs/operations.md), into dist/. build/ and the egg-info go first:

@@ -2,7 +2,8 @@
 
 Exit codes: 0 pass (preflight: every gate holds; verify: the report recomputes and both
 chains hold); 1 fail (verify: problems found); 2 usage or configuration error; 3 blocked
-(preflight: a gate blocks; run: the run ended ``blocked``, Case never started).
+(preflight: a gate blocks; run: the run ended ``blocked``, Case never started); 4 unproven
+(run --no-sandbox: everything held but Case was not sandboxed, so it is never a pass).
 
 Inputs come from the environment (``CTO_HARNESS_*``) and a TOML run profile:
 ``--profile FILE``, else the file named by ``CASE_HARNESS_PROFILE``, else the packaged
@@ -79,11 +80,16 @@ def _parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("preflight", help="check every gate; exit 0 if all hold, 3 if any blocks")
     profile_args(pre)
+    pre.add_argument("--no-sandbox", action="store_true",
+                     help="do not require the bubblewrap sandbox (as for run --no-sandbox)")
     run = sub.add_parser("run", help="one run: gates, proxy, Case, acceptance tests, secret scan, report")
     profile_args(run)
     run.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where runs go (default ./harness-runs)")
     run.add_argument("--backend", choices=["external", "scripted"], default="external",
                      help="external: CTO_HARNESS_CASE_LOCAL_BASE_URL; scripted: the built-in test backend (demo grade)")
+    run.add_argument("--no-sandbox", action="store_true",
+                     help="run Case without the bubblewrap sandbox (it shares the harness's network, files and "
+                          "processes); the report says isolation.kind none and the run is at best 'unproven'")
     ver = sub.add_parser("verify", help="recompute a run's report from its evidence; exit 0 ok, 1 problems")
     ver.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     ver.add_argument("--decision-file", type=Path, default=None,
@@ -128,11 +134,19 @@ def cmd_preflight(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if missing := run_problems(acceptance, profile.case.command):
         raise UsageError("; ".join(missing))
     result = preflight(env, profile)
-    if result.ok:
-        print(f"ok: every gate holds ({len(result.checked)} checked: {', '.join(result.checked)})")
+    failures = [(f.code, f.message) for f in result.failures]
+    if not args.no_sandbox:
+        from .sandbox import probe_bwrap
+
+        probed = probe_bwrap()
+        if isinstance(probed, str):
+            failures.append(("sandbox_unavailable", probed))
+    if not failures:
+        print(f"ok: every gate holds ({len(result.checked)} checked: {', '.join(result.checked)})"
+              + ("" if args.no_sandbox else "; bubblewrap can sandbox Case"))
         return EXIT_PASS
-    for failure in result.failures:
-        print(f"blocked: {failure.code}: {failure.message}")
+    for code, message in failures:
+        print(f"blocked: {code}: {message}")
     return EXIT_BLOCKED
 
 
@@ -143,7 +157,8 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     profile = load_profile(args.profile, args.fixture, env)
     try:
-        outcome = run_once(profile, env, args.runs_dir, backend=args.backend, progress=_progress)
+        outcome = run_once(profile, env, args.runs_dir, backend=args.backend, progress=_progress,
+                           sandbox=not args.no_sandbox)
     except RunConfigError as exc:
         raise UsageError(str(exc)) from None
     except (OSError, ChainError) as exc:  # e.g. an unwritable --runs-dir: nothing can be recorded

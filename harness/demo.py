@@ -329,6 +329,9 @@ def run_demo(runs_dir: Path, *, source_env: Mapping[str, str] | None = None, out
                         f"{outcome.status}, evidence_grade {grade}",
                         outcome.status == "pass" and grade == "demo", str(outcome.run_dir)))
         pass_run = outcome.run_dir
+        isolation = _isolation(pass_run)
+        rows.append(Row("Case sandboxed (pass run)", "bubblewrap, proxy-only, 0 processes left", isolation,
+                        isolation == "bubblewrap, proxy-only, 0 processes left", str(pass_run)))
 
         for case in NEGATIVE_CASES:
             tick.label = f"gate: {case.name}"
@@ -375,6 +378,15 @@ def _evidence_grade(run_dir: Path) -> str:
         return str(json.loads((run_dir / "report.json").read_text(encoding="utf-8")).get("evidence_grade"))
     except (OSError, json.JSONDecodeError, AttributeError):
         return "?"
+
+
+def _isolation(run_dir: Path) -> str:
+    """What isolated Case in a run, in the table's words."""
+    try:
+        iso = json.loads((run_dir / "report.json").read_text(encoding="utf-8")).get("isolation") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "?"
+    return f"{iso.get('kind')}, {iso.get('network')}, {iso.get('namespace_survivors')} processes left"
 
 
 def _print_table(rows: list[Row], out: Any) -> None:

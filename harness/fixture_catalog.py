@@ -30,6 +30,7 @@ import tempfile
 import time
 import tomllib
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -375,7 +376,13 @@ def _stage_packages(fixture: Fixture, checkout_dir: Path, staging: Path) -> Path
     return staging
 
 
-def run_acceptance(fixture: Fixture, checkout_dir: Path, timeout_s: float | None = None) -> AcceptanceResult:
+# Wraps the acceptance test argv (argv, cwd, writable temp root, import root) into an
+# isolating command: Case's committed code runs inside the tests (harness.sandbox).
+AcceptanceWrap = Callable[[list[str], Path, Path, Path], list[str]]
+
+
+def run_acceptance(fixture: Fixture, checkout_dir: Path, timeout_s: float | None = None,
+                   wrap: AcceptanceWrap | None = None) -> AcceptanceResult:
     """Run the fixture's hidden acceptance tests against ``checkout_dir``.
 
     ``checkout_dir`` should be a clean checkout of Case's final commit
@@ -383,6 +390,7 @@ def run_acceptance(fixture: Fixture, checkout_dir: Path, timeout_s: float | None
     ``acceptance/`` (with a pytest.ini the harness writes, so nothing in the checkout
     can configure pytest), with only the fixture's ``packages`` from the checkout on
     PYTHONPATH, a scrubbed environment (no credentials) and plugin autoload disabled.
+    ``wrap`` (the harness's sandbox) isolates the test process, which imports Case's code.
     ``passed`` requires exit code 0, at least one test, and no failure, error or skip.
     """
     checkout_dir = Path(checkout_dir).resolve()
@@ -398,6 +406,8 @@ def run_acceptance(fixture: Fixture, checkout_dir: Path, timeout_s: float | None
         home = tmp_path / "home"
         home.mkdir()
         argv = resolve_command(fixture.spec.acceptance_test_command, acceptance_dir=tests_dir)
+        if wrap is not None:
+            argv = wrap(argv, tests_dir, tmp_path, import_root)
         return _run_pytest(
             argv,
             cwd=tests_dir,

@@ -9,13 +9,15 @@ too). Nothing in a profile can switch a gate off.
 from __future__ import annotations
 
 import hashlib
+import os
 import tomllib
+from collections.abc import Iterable
 from importlib.resources import files
 from importlib.resources.abc import Traversable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Package data, so an installed wheel has its default profile; config/ keeps a copy for
 # readers, which a test holds identical to this one.
@@ -24,6 +26,90 @@ DEFAULT_STAGE = "stage2-artificial-fixture"
 DEFAULT_FIXTURE = "r1-string-slugify"
 PLACEHOLDERS = ("{task_file}", "{workdir}")
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# What a profile may never show Case: the fixtures (their acceptance tests and sessions)
+# and the runs directory of a source checkout.
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+DEFAULT_RUNS_DIR = Path(__file__).resolve().parents[1] / "harness-runs"
+
+
+def _real(path: Path) -> Path:
+    """The path with symlinks resolved as far as they exist (a link cannot smuggle a
+    protected directory in under another name)."""
+    return Path(os.path.realpath(path))
+
+
+def exposure_problems(exposed: Iterable[tuple[str, Path]], protected: Iterable[tuple[str, Path]]) -> list[str]:
+    """Why paths Case would see are not allowed: each exposed path (label, path) must be
+    absolute, not ``/``, and neither inside nor above a protected directory (the
+    fixtures with their acceptance tests and sessions, the run directories, the
+    operator's home as a whole). Pure but for resolving symlinks."""
+    guarded = [(name, _real(p)) for name, p in protected]
+    problems: list[str] = []
+    for label, raw in exposed:
+        path = PurePosixPath(raw)
+        if not path.is_absolute():
+            problems.append(f"{label}: {raw} is not an absolute path")
+            continue
+        if ".." in path.parts:
+            problems.append(f"{label}: {raw} contains '..'")
+            continue
+        real = _real(Path(raw))
+        if real == Path("/"):
+            problems.append(f"{label}: {raw} would expose the whole file system")
+            continue
+        for name, guard in guarded:
+            if real == guard or real.is_relative_to(guard):
+                problems.append(f"{label}: {raw} is inside {name} ({guard}); Case must never see it")
+                break
+            if guard.is_relative_to(real):
+                problems.append(f"{label}: {raw} contains {name} ({guard}); Case must never see it")
+                break
+    return problems
+
+
+def static_protected() -> list[tuple[str, Path]]:
+    """What no profile may expose, known without a run: the fixtures (acceptance tests,
+    recorded sessions) and the default run directory. (The operator's home is refused
+    only whole: :func:`home_problems`.)"""
+    return [("the project's fixtures", FIXTURES_DIR), ("the default run directory", DEFAULT_RUNS_DIR)]
+
+
+def home_problems(exposed: Iterable[tuple[str, Path]], home: Path) -> list[str]:
+    """The operator's home may not be exposed whole (its dotfiles hold provider keys);
+    a directory below it may."""
+    real_home = _real(home)
+    return [f"{label}: {raw} would expose the operator's home {real_home} whole"
+            for label, raw in exposed
+            if PurePosixPath(raw).is_absolute() and real_home.is_relative_to(_real(Path(raw)))]
+
+
+class SandboxProfile(BaseModel):
+    """``[case.sandbox]``: what Case needs from the machine, read-only.
+
+    ``ro_paths`` are bound read-only at the same path (an agent's install directory,
+    Node, another interpreter); ``home_seed`` is a directory whose content is copied into
+    Case's fresh HOME at start (an agent's config). Neither may expose the project's
+    fixtures, a run directory or the operator's home as a whole.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ro_paths: list[Annotated[str, Field(min_length=1)]] = []
+    home_seed: str | None = Field(default=None, min_length=1)
+
+    def exposed(self) -> list[tuple[str, Path]]:
+        out = [(f"case.sandbox.ro_paths[{i}]", Path(p)) for i, p in enumerate(self.ro_paths)]
+        if self.home_seed is not None:
+            out.append(("case.sandbox.home_seed", Path(self.home_seed)))
+        return out
+
+    @model_validator(mode="after")
+    def _nothing_protected(self) -> SandboxProfile:
+        problems = exposure_problems(self.exposed(), static_protected())
+        problems += home_problems(self.exposed(), Path.home())
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class ProfileError(ValueError):
@@ -58,6 +144,7 @@ class CaseProfile(BaseModel):
     env_allow: list[Annotated[str, Field(pattern=_ENV_NAME)]] = []
     timeout_s: float = Field(gt=0, le=24 * 3600)
     config_template: ConfigTemplate | None = None
+    sandbox: SandboxProfile = SandboxProfile()
 
     @field_validator("command")
     @classmethod

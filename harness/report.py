@@ -25,6 +25,7 @@ from proxy.hashchain import ChainVerdict, read_chain_bytes
 from proxy.upstream_policy import is_known_provider_host
 
 from . import events as ev
+from .dns_sink import read_queries
 from .secret_scan import ScanResult
 
 REPORT_SCHEMA_VERSION = 1
@@ -34,7 +35,9 @@ BRIDGE_PROVIDER = "openai"
 PACKAGED_SCHEMA: Traversable = files("harness") / "data" / "report.schema.json"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "report.schema.json"
 
-Status = Literal["pass", "fail", "blocked"]
+# unproven: every check held, but Case did not run in the sandbox (--no-sandbox), so
+# nothing shows it could not have gone around the proxy: never a pass.
+Status = Literal["pass", "fail", "blocked", "unproven"]
 
 
 class Reason(BaseModel):
@@ -51,12 +54,18 @@ class ExternalFallback(BaseModel):
     attempted_models: list[str]
     metrics_fallback_rejections: float | None = Field(
         description="sum of case_proxy_fallback_rejections_total in the last /metrics scrape (null: no scrape)")
+    dns_attempts: int = Field(default=0, description="queries for known model-API hosts seen by the sandbox's DNS sink")
 
 
 class Egress(BaseModel):
     attempts: int = Field(description="forward-proxy attempts (CONNECT / absolute-form), all refused by the proxy")
     hosts: dict[str, int] = Field(description="attempts by target host")
     provider_hosts: list[str] = Field(description="target hosts that belong to a model provider (fallback attempts)")
+    dns_names: dict[str, int] = Field(
+        default={}, description="names Case tried to resolve in its sandbox (the DNS sink answered NXDOMAIN), "
+        "with the number of queries; telemetry, update checks and the like land here without failing the run")
+    dns_provider_names: list[str] = Field(
+        default=[], description="resolved names of known model-API hosts: fallback attempts")
 
 
 class TestsResult(BaseModel):
@@ -74,6 +83,24 @@ class CaseProcess(BaseModel):
     exit_code: int | None = None
     duration_s: float | None = None
     timed_out: bool = False
+
+
+class Isolation(BaseModel):
+    """What isolated Case (from ``case_process_started`` and ``case_process_exited``)."""
+
+    kind: Literal["bubblewrap", "none"] = Field(description="none: --no-sandbox; such a run is never a pass")
+    version: str | None = Field(default=None, description="bubblewrap's version")
+    network: Literal["proxy-only", "host"] = Field(
+        description="proxy-only: a network namespace with loopback only, the proxy reached through a relay")
+    pid: Literal["namespace", "host"] = Field(description="namespace: Case and its children in their own PID namespace")
+    home: Literal["fresh", "host"] = Field(description="fresh: a tmpfs HOME made for this run")
+    uid: int | None = None
+    dns: Literal["sink", "none"] = Field(default="none", description="sink: names Case resolves are recorded")
+    writable: list[str] = Field(default=[], description="the only host paths Case could write (the repository)")
+    ro_paths: list[str] = Field(default=[], description="host paths exposed read-only beyond the minimal system")
+    namespace_survivors: int | None = Field(
+        default=None, description="processes of Case's PID namespace left after it was killed (0 is the proof; "
+        "null: not proven)")
 
 
 class RequiredEvents(BaseModel):
@@ -145,6 +172,7 @@ class Report(BaseModel):
     tests_passed: bool
     tests: TestsResult
     case_process: CaseProcess
+    isolation: Isolation | None = Field(description="null when Case never started")
     required_events_passed: bool
     required_events: RequiredEvents
     secret_scan: SecretScanSummary
@@ -169,6 +197,8 @@ class ReportInputs(BaseModel):
     metrics_text: str | None
     scan: ScanResult | None
     scan_problem: str | None = None
+    dns_queries: list[dict[str, str]] = []
+    dns_sha256: str | None = None
     decision_sha256_after: str | None
     admission_sha256_after: str | None
     # Forwarded requests whose completion record is missing (proxy.evidence_files), as
@@ -239,7 +269,9 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
             scan = ScanResult.model_validate_json(scan_path.read_bytes())
         except ValueError:
             scan_problem = "secret_scan.json is not a valid scan result"
-    return ReportInputs(events_verdict=verdict, events=events,
+    dns_path = run_dir / "dns" / "queries.jsonl"
+    dns_sha = _sha(dns_path.read_bytes()) if dns_path.is_file() else None
+    return ReportInputs(events_verdict=verdict, events=events, dns_queries=read_queries(dns_path), dns_sha256=dns_sha,
                         events_sha256=_sha(raw_events) if raw_events is not None else None,
                         evidence_present=evidence_path.exists(), evidence_verdict=evidence_verdict,
                         evidence=evidence, evidence_sha256=evidence_sha, metrics_text=metrics_text, scan=scan,
@@ -408,9 +440,25 @@ def compute_report(inp: ReportInputs) -> Report:
             ("admission JSON", started.get("admission_sha256"), inp.admission_sha256_after)):
         if before is not None and after is not None and before != after:
             fail("artifact_changed", f"the {label} changed during the run (SHA-256 before != after)")
+    dns_names = Counter(q["name"] for q in inp.dns_queries if q.get("name"))
+    dns_provider = {n: c for n, c in dns_names.items() if is_known_provider_host(n)}
+    if blocked is None and dns_provider:
+        fail("external_fallback_attempted", f"Case tried to resolve {sum(dns_provider.values())} time(s) a model "
+             f"provider's host: {', '.join(sorted(dns_provider))}")
+    recorded_dns = case_exited.get("dns_queries_sha256")
+    if recorded_dns is not None and recorded_dns != (inp.dns_sha256 or _sha(b"")):
+        fail("dns_log_changed", "dns/queries.jsonl differs from the digest recorded when the DNS sink stopped")
+    isolation = _isolation(case_started, case_exited)
+    if blocked is None and case_started is not None:
+        if isolation is None or isolation.kind == "none":
+            fail("not_sandboxed", "Case ran without the sandbox (--no-sandbox): it could have reached the network, "
+                 "the harness's secrets or the acceptance tests; at best unproven")
+        elif isolation.namespace_survivors != 0:
+            fail("sandbox_not_emptied", "processes Case started were still alive after it was killed "
+                 f"({isolation.namespace_survivors if isolation.namespace_survivors is not None else 'not proven'})")
     status: Status
     if blocked is None:
-        status = "fail" if reasons else "pass"
+        status = "fail" if any(r.code != "not_sandboxed" for r in reasons) else "unproven" if reasons else "pass"
     else:  # blocked stays blocked unless the block itself was not honoured or not recorded honestly
         status = "fail" if any(r.code in _BLOCK_BREAKERS for r in reasons) else "blocked"
 
@@ -437,19 +485,22 @@ def compute_report(inp: ReportInputs) -> Report:
         provider_class=preflight.get("provider_class"),
         admitted_requests=len(admitted),
         external_fallback=ExternalFallback(
-            used=bool(fallbacks), attempts=len(fallbacks),
+            used=bool(fallbacks) or bool(dns_provider), attempts=len(fallbacks),
+            dns_attempts=sum(dns_provider.values()),
             by_reason=dict(Counter(r.reason or "" for r in fallbacks)),
             by_family=dict(Counter(r.family or "other" for r in fallbacks)),
             attempted_models=sorted({r.requested_model for r in fallbacks if r.requested_model}),
             metrics_fallback_rejections=metrics_fallbacks),
         egress=Egress(attempts=len(egress), hosts=dict(egress_hosts),
-                      provider_hosts=sorted(h for h in egress_hosts if is_known_provider_host(h))),
+                      provider_hosts=sorted(h for h in egress_hosts if is_known_provider_host(h)),
+                      dns_names=dict(dns_names), dns_provider_names=sorted(dns_provider)),
         served_model_mismatches=mismatches,
         tests_passed=tests.passed and tests.committed,
         tests=tests,
         case_process=CaseProcess(started=case_started is not None, exit_code=case_exited.get("exit_code"),
                                  duration_s=case_exited.get("duration_s"),
                                  timed_out=bool(case_exited.get("timed_out"))),
+        isolation=isolation,
         required_events_passed=not missing and not order_problems,
         required_events=RequiredEvents(passed=not missing and not order_problems, missing=missing,
                                        problems=order_problems),
@@ -468,6 +519,22 @@ def compute_report(inp: ReportInputs) -> Report:
         timings=Timings(started_at=started.get("time"), finished_at=events[-1].get("time") if events else None,
                         case_duration_s=case_exited.get("duration_s")),
     )
+
+
+def _isolation(started: dict[str, Any] | None, exited: dict[str, Any]) -> Isolation | None:
+    """The isolation Case ran under, from its two events; a run that recorded none (or
+    something unreadable) counts as not isolated."""
+    if started is None:
+        return None
+    raw = started.get("isolation")
+    if isinstance(raw, dict) and raw.get("kind") == "bubblewrap":
+        survivors = exited.get("namespace_survivors")
+        try:
+            return Isolation.model_validate({**raw, "namespace_survivors": survivors if isinstance(survivors, int)
+                                             else None})
+        except ValueError:
+            pass
+    return Isolation(kind="none", network="host", pid="host", home="host")
 
 
 def report_json(report: Report) -> str:
@@ -499,15 +566,21 @@ def render_text(report: Report) -> str:
         f"decision: {r.decision_status or '-'}, provider class {r.provider_class or '-'}",
         f"admitted model requests: {r.admitted_requests}; served-model mismatches: {r.served_model_mismatches}",
         f"external fallback used: {str(r.external_fallback.used).lower()} ({r.external_fallback.attempts} attempts"
+        + (f", {r.external_fallback.dns_attempts} lookups of provider hosts"
+           if r.external_fallback.dns_attempts else "")
         + (f": {', '.join(f'{k}={v}' for k, v in sorted(r.external_fallback.by_reason.items()))}"
            if r.external_fallback.by_reason else "") + ")",
         f"egress attempts: {r.egress.attempts}"
         + (f" ({', '.join(f'{h}={n}' for h, n in sorted(r.egress.hosts.items()))})" if r.egress.hosts else ""),
+        f"names resolved in the sandbox: {sum(r.egress.dns_names.values())}"
+        + (f" ({', '.join(f'{h}={n}' for h, n in sorted(r.egress.dns_names.items()))})" if r.egress.dns_names
+           else ""),
         f"tests passed: {str(r.tests_passed).lower()} ({r.tests.total} acceptance tests, {r.tests.failed} failed, "
         f"{r.tests.errors} errors; committed: {str(r.tests.committed).lower()})",
         (f"case process: exit {r.case_process.exit_code}, {r.case_process.duration_s}s"
          + (" (timed out)" if r.case_process.timed_out else "")) if r.case_process.started
         else "case process: never started",
+        _isolation_line(r.isolation),
         f"required events passed: {str(r.required_events_passed).lower()}"
         + (f" (missing: {', '.join(r.required_events.missing)})" if r.required_events.missing else ""),
         f"secret scan: {'clean' if r.secret_scan.clean else 'FINDINGS' if r.secret_scan.ran else 'not run'}"
@@ -525,13 +598,23 @@ def render_text(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _isolation_line(iso: Isolation | None) -> str:
+    if iso is None:
+        return "isolation: - (Case never started)"
+    if iso.kind == "none":
+        return "isolation: NONE (--no-sandbox: Case shared the harness's network, files and processes)"
+    left = "not proven" if iso.namespace_survivors is None else str(iso.namespace_survivors)
+    return (f"isolation: bubblewrap {iso.version or '?'}, network {iso.network}, pid {iso.pid}, home {iso.home}, "
+            f"uid {iso.uid}; processes left after Case: {left}")
+
+
 def _short(digest: str | None) -> str:
     return digest[:12] if digest else "-"
 
 
 def render_html(report: Report) -> str:
     """A single self-contained page (no scripts, no external resources)."""
-    colour = {"pass": "#1a7f37", "fail": "#cf222e", "blocked": "#9a6700"}[report.status]
+    colour = {"pass": "#1a7f37", "fail": "#cf222e", "blocked": "#9a6700", "unproven": "#9a6700"}[report.status]
     body = html.escape(render_text(report))
     data = html.escape(report_json(report))
     return (

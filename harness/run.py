@@ -15,15 +15,19 @@ Order of a run (issue 3, "A run"):
 3. preflight: every gate, with a bounded probe of the backend's ``/v1/models``. A block
    emits ``gate_blocked``, writes the ``blocked`` report and stops: Case never starts;
 4. the proxy as a subprocess with a fresh per-run token passed only by environment, its
-   evidence log inside the run directory; wait for its LISTENING line and ``/readyz``;
+   evidence log inside the run directory, listening on a unix socket in a private
+   temporary directory (``--no-sandbox``: 127.0.0.1); wait for its LISTENING line and
+   ``/readyz``;
 5. identity from the backend's ``/v1/models`` (a direct, bounded probe);
 6. the fixture repository and the task file (outside the repository);
-7. Case in a scrubbed environment and its own process group, with a time limit that
-   kills the whole group; its output redacted before it is written; the argv of every
-   process the harness started is sampled while Case runs (kept in memory only, handed
-   to the secret scan);
-8. acceptance tests on a clean export of Case's final commit, ``/metrics`` scrape, proxy
-   stop, secret scan, report.
+7. Case in its bubblewrap sandbox (``harness.sandbox``: the proxy through a relay, the
+   DNS sink, nothing else of the machine) with a scrubbed environment and a time limit;
+   afterwards every process of its PID namespace is killed and the count left recorded;
+   its output redacted before it is written; the argv of every process the harness
+   started is sampled while Case runs (kept in memory only, handed to the secret scan);
+8. the repository's git controls taken back (``harness.repo_guard``), acceptance tests on
+   a clean export of Case's final commit (sandboxed too: they import Case's code),
+   ``/metrics`` scrape, proxy stop, secret scan, report.
 
 The endpoint value, the run token and the backend key are never written by this module:
 files get the upstream class and fingerprint instead, and logs go through the redactor.
@@ -37,6 +41,7 @@ import json
 import os
 import queue
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,14 +73,17 @@ from proxy.settings import (
 )
 
 from . import events as ev
+from . import repo_guard
+from . import sandbox as sbx
 from .events import EventLog
 from .fixture_catalog import AcceptanceResult, Fixture, export_commit, head_commit, load_fixture, materialize, run_acceptance
 from .gates import PreflightResult, run_preflight
+from .profile import CaseProfile, RunProfile, exposure_problems, static_protected
 from .runtime_check import run_problems
-from .profile import CaseProfile, RunProfile
 from .report import collect_inputs, compute_report, render_text, report_json
 from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
 from .secret_scan import SecretSet, TextScanner, collect_secrets, scan_run_dir
+from .unix_http import unix_http_get
 
 # --------------------------------------------------------------------------- constants
 
@@ -107,6 +115,8 @@ _PROXY_PASS_THROUGH = (ENV_DECISION_FILE, ENV_ADMISSION_FILE, ENV_BASE_URL, ENV_
                        ENV_CONFIG_FILE)
 
 LISTENING_PREFIX = "CASE_PROXY_LISTENING "
+DNS_READY_PREFIX = "DNS_SINK_"
+DNS_START_TIMEOUT_S = 15.0
 BACKEND_READY_PREFIX = "SCRIPTED_BACKEND_READY "
 SCRIPTED_OWNER = "scripted-test-fixture"
 
@@ -128,7 +138,7 @@ class RunOutcome(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     run_dir: Path
-    status: Literal["pass", "fail", "blocked"]
+    status: Literal["pass", "fail", "blocked", "unproven"]
     exit_code: int
 
 
@@ -523,6 +533,12 @@ class _RunState:
     backend: _Helper | None = None
     proxy: _Helper | None = None
     sampler: ArgvSampler = field(default_factory=ArgvSampler)
+    socket_dir: Path | None = None  # harness-private directory of the proxy's unix socket
+    proxy_socket: str | None = None
+    proxy_root: str = ""
+    sandbox: sbx.SandboxProcess | None = None
+    dns: _Helper | None = None  # the DNS sink in the sandbox's network namespace
+    git_config: bytes = b""  # the repository's .git/config as the harness wrote it
 
 
 def case_argv(command: list[str], task_file: Path, workdir: Path) -> list[str]:
@@ -602,12 +618,14 @@ def _write_report(st: _RunState) -> str:
 
 
 def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, backend: Backend = "external",
-             progress: Progress | None = None) -> RunOutcome:
+             progress: Progress | None = None, sandbox: bool = True) -> RunOutcome:
     """One complete run; returns where its evidence is and the computed status.
 
     ``env`` is the harness environment (``os.environ`` from the CLI); it is read, never
-    modified, and only the profile's ``env_allow`` names from it reach Case. Raises
-    :class:`RunConfigError` for usage problems found before a run directory exists.
+    modified, and only the profile's ``env_allow`` names from it reach Case. Case runs in
+    the bubblewrap sandbox (``harness.sandbox``) unless ``sandbox=False`` (``--no-sandbox``),
+    and such a run can at best be ``unproven``. Raises :class:`RunConfigError` for usage
+    problems found before a run directory exists.
     """
     if backend not in ("external", "scripted"):
         raise RunConfigError(f"backend must be 'external' or 'scripted', not {backend!r}")
@@ -619,6 +637,8 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
         raise RunConfigError("; ".join(missing))
     say: Progress = progress or (lambda _msg: None)
     runs_dir = Path(runs_dir).absolute()
+    if sandbox:
+        _check_exposure(profile.case, runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     run_id = f"{_utc_stamp()}-{fixture.id}-{secrets.token_hex(3)}"
     run_dir = runs_dir / run_id
@@ -637,7 +657,7 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
         st.events.emit(ev.RUN_STARTED, run_id=run_id, fixture=fixture.id, stage=profile.stage,
                        profile_sha256=profile.sha256(), decision_sha256=_digest(decision_path),
                        admission_sha256=_digest(admission_path), backend=backend)
-        status = _run_body(st, profile, fixture, dict(env), backend, token)
+        status = _run_body(st, profile, fixture, dict(env), backend, token, sandbox)
     finally:
         _cleanup(st)
         st.events.close()
@@ -645,13 +665,44 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
     return RunOutcome(run_dir=run_dir, status=status, exit_code=STATUS_EXIT.get(status, EXIT_FAIL))
 
 
+def _check_exposure(case: CaseProfile, runs_dir: Path) -> None:
+    """What the sandbox would expose must exist and must not reach the run directories
+    (known only now) or the fixtures; the interpreter prefixes are checked too."""
+    exposed = case.sandbox.exposed() + [("the harness interpreter prefix", p) for p in sbx.interpreter_paths()]
+    problems = exposure_problems(exposed, [*static_protected(), ("the run directory", runs_dir)])
+    for label, path in case.sandbox.exposed():
+        if not path.exists():
+            problems.append(f"{label}: {path} does not exist")
+    seed = case.sandbox.home_seed
+    if seed is not None and Path(seed).exists() and not Path(seed).is_dir():
+        problems.append(f"case.sandbox.home_seed: {seed} is not a directory")
+    # A host file in Case's command (its program, a script) that the sandbox will not show
+    # would fail only once Case runs ("No such file"): say so now. (A directory given as
+    # an argument may be data the command never opens: not checked.)
+    roots = [Path(e.path) for e in sbx.host_system()] + [p for _, p in exposed]
+    for i, arg in enumerate(case_argv(list(case.command), Path("{task_file}"), Path("{workdir}"))):
+        if arg.startswith("/") and "{" not in arg and Path(arg).is_file() \
+                and not any(Path(os.path.realpath(arg)).is_relative_to(os.path.realpath(r)) for r in roots):
+            problems.append(f"case.command[{i}]: {arg} is not visible in Case's sandbox; add its directory "
+                            "to [case.sandbox].ro_paths")
+    if problems:
+        raise RunConfigError("; ".join(problems))
+
+
 def _cleanup(st: _RunState) -> None:
     """Whatever happened, no helper the harness started outlives the run."""
+    if st.sandbox is not None and st.sandbox.survivors():
+        st.sandbox.kill_all()
+    if st.dns is not None:
+        _stop_dns_sink(st)
     if st.proxy is not None and st.proxy.proc.poll() is None:
         st.proxy.stop(PROXY_STOP_TIMEOUT_S)
     if st.backend is not None and st.backend.proc.poll() is None:
         st.say("backend: stopping")
         st.backend.stop(PROXY_STOP_TIMEOUT_S)
+    if st.socket_dir is not None:
+        shutil.rmtree(st.socket_dir, ignore_errors=True)
+        st.socket_dir = None
 
 
 def _admitted_model(admission_path: Path | None, fallback: str) -> str:
@@ -664,7 +715,7 @@ def _admitted_model(admission_path: Path | None, fallback: str) -> str:
 
 
 def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[str, str], backend: Backend,
-              token: str) -> str:
+              token: str, sandboxed: bool) -> str:
     run_dir, say, case = st.run_dir, st.say, profile.case
     run_env = dict(env)
     if backend == "scripted":
@@ -689,8 +740,15 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     say("preflight: checking every gate")
     result = preflight(run_env, profile, argv=argv, extra_secrets=[token])
     fields = identity_fields(result)
-    if not result.ok:
-        reasons = [{"code": f.code, "message": f.message} for f in result.failures]
+    reasons = [{"code": f.code, "message": f.message} for f in result.failures]
+    bwrap: sbx.BwrapInfo | None = None
+    if sandboxed:
+        probed = sbx.probe_bwrap()
+        if isinstance(probed, str):
+            reasons.append({"code": "sandbox_unavailable", "message": probed})
+        else:
+            bwrap = probed
+    if reasons:
         st.events.emit(ev.GATE_BLOCKED, reasons=reasons, **fields)
         for r in reasons:
             say(f"blocked: {r['code']}: {r['message']}")
@@ -705,7 +763,14 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     proxy_env[ENV_TOKEN] = token
     proxy_env[ENV_EVIDENCE_FILE] = str(evidence_path)
     # One worker whatever the operator's config says: a run's proof is one evidence chain.
-    proxy_argv = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "1"]
+    proxy_argv = [sys.executable, "-m", "proxy", "serve", "--workers", "1"]
+    if bwrap is not None:
+        # Sandboxed: a unix socket in a directory only the harness (and, bound in, its
+        # Case) can reach; no TCP port for any other local user or run.
+        st.socket_dir = Path(tempfile.mkdtemp(prefix="case-proxy-"))
+        proxy_argv += ["--unix", str(st.socket_dir / "proxy.sock")]
+    else:
+        proxy_argv += ["--host", "127.0.0.1", "--port", "0"]
     st.proxy = _start_helper(proxy_argv, proxy_env, run_dir / "proxy" / "proxy.log", LISTENING_PREFIX,
                              PROXY_LISTEN_TIMEOUT_S)
     st.sampler.roots.add(st.proxy.proc.pid)
@@ -714,11 +779,16 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
         st.events.emit(ev.RUN_ABORTED, phase="proxy",
                        reason=f"the proxy did not start (exit code {st.proxy.proc.poll()}); see proxy/proxy.log")
         return _finish(st)
-    proxy_base = st.proxy.url
-    proxy_root = proxy_base.removesuffix("/v1")
-    st.events.emit(ev.PROXY_STARTED, pid=st.proxy.proc.pid, port=_port_of(proxy_base))
+    if st.proxy.url.startswith("unix:"):
+        st.proxy_socket = st.proxy.url.removeprefix("unix:")
+        proxy_base = f"http://127.0.0.1:{sbx.RELAY_PORT}/v1"  # the relay inside the sandbox
+        st.events.emit(ev.PROXY_STARTED, pid=st.proxy.proc.pid, port=None, listen="unix")
+    else:
+        proxy_base = st.proxy.url
+        st.proxy_root = proxy_base.removesuffix("/v1")
+        st.events.emit(ev.PROXY_STARTED, pid=st.proxy.proc.pid, port=_port_of(proxy_base), listen="tcp")
 
-    if not _wait_ready(proxy_root, st.proxy.proc):
+    if not _wait_ready(st, st.proxy.proc):
         st.events.emit(ev.RUN_ABORTED, phase="proxy_ready",
                        reason="the proxy did not become ready (backend does not list the admitted model?)")
         return _finish(st)
@@ -736,12 +806,13 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     say(f"identity: backend serves {admitted} (evidence grade {grade})")
 
     initial = materialize(fixture, repo_dir, task_file)
+    st.git_config = repo_guard.snapshot_config(repo_dir)
     _generate_config(case, run_dir, proxy_base, admitted)
-    _run_case(st, case, run_env, repo_dir, task_file, proxy_base, token, admitted, evidence_path)
+    _run_case(st, case, run_env, repo_dir, task_file, proxy_base, token, admitted, evidence_path, bwrap)
 
     say("acceptance: running the hidden tests on a clean export of Case's commit")
-    _acceptance(st, fixture, repo_dir, initial)
-    _scrape_metrics(st, proxy_root)
+    _acceptance(st, fixture, repo_dir, initial, bwrap)
+    _scrape_metrics(st)
     _stop_proxy(st, evidence_path)
     return _finish(st)
 
@@ -756,13 +827,20 @@ def _stop_proxy(st: _RunState, evidence_path: Path) -> None:
                    metrics_sha256=_digest(metrics) if metrics.is_file() else None)
 
 
-def _wait_ready(root: str, proc: subprocess.Popen[Any]) -> bool:
+def _proxy_get(st: _RunState, path: str, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[int, bytes]:
+    """The harness's own GET to the run's proxy: over its unix socket when sandboxed."""
+    if st.proxy_socket is not None:
+        return unix_http_get(st.proxy_socket, path, timeout_s=timeout_s, max_bytes=PROBE_MAX_BYTES)
+    return http_get(st.proxy_root + path, timeout_s=timeout_s)
+
+
+def _wait_ready(st: _RunState, proc: subprocess.Popen[Any]) -> bool:
     deadline = time.monotonic() + PROXY_READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
         try:
-            status, _ = http_get(root + "/readyz", timeout_s=2.0)
+            status, _ = _proxy_get(st, "/readyz", timeout_s=2.0)
             if status == 200:
                 return True
         except OSError:
@@ -787,15 +865,29 @@ def _generate_config(case: CaseProfile, run_dir: Path, proxy_base: str, model: s
 
 
 def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo_dir: Path, task_file: Path,
-              proxy_base: str, token: str, model: str, evidence_path: Path) -> None:
+              proxy_base: str, token: str, model: str, evidence_path: Path, bwrap: sbx.BwrapInfo | None) -> None:
     argv = case_argv(list(case.command), task_file, repo_dir)
     case_env = case_environment(run_env, case.env_allow, proxy_base, token, model)
     timeout_s = case.timeout_s
     redactor = Redactor(st.secrets.values)
-    st.say(f"case: starting ({Path(argv[0]).name} ..., time limit {timeout_s:g}s)")
+    st.say(f"case: starting ({Path(argv[0]).name} ..., time limit {timeout_s:g}s, "
+           f"{'sandboxed by bubblewrap ' + bwrap.version if bwrap else 'NOT sandboxed'})")
     started = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=repo_dir, env=case_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    if bwrap is not None:
+        spec = _sandbox_spec(st, case, bwrap, repo_dir, task_file)
+        try:
+            st.sandbox = sbx.start(spec, argv, sbx.sandbox_environment(case_env, spec.ro_paths), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, before_case=lambda box: _start_dns_sink(st, box))
+        except sbx.SandboxError as exc:
+            _stop_dns_sink(st)
+            st.events.emit(ev.RUN_ABORTED, phase="sandbox", reason=str(exc))
+            return
+        proc = st.sandbox.proc
+        isolation = _isolation(bwrap, spec)
+    else:
+        proc = subprocess.Popen(argv, cwd=repo_dir, env=case_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        isolation = {"kind": "none"}
     pgid = proc.pid  # start_new_session: the child leads its own session and group
     st.sampler.roots.add(proc.pid)
     st.sampler.groups.add(pgid)
@@ -804,7 +896,7 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
     out.start()
     err.start()
     st.events.emit(ev.CASE_PROCESS_STARTED, pid=proc.pid,
-          argv_sha256=_sha256_bytes("\0".join(argv).encode()), env_names=sorted(case_env))
+          argv_sha256=_sha256_bytes("\0".join(argv).encode()), env_names=sorted(case_env), isolation=isolation)
     timed_out = False
     deadline = started + timeout_s
     next_progress = started + PROGRESS_INTERVAL_S
@@ -813,7 +905,10 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
         now = time.monotonic()
         if now >= deadline:
             timed_out = True
-            st.say(f"case: time limit of {timeout_s:g}s reached; stopping its process group")
+            st.say(f"case: time limit of {timeout_s:g}s reached; stopping "
+                   f"{'its sandbox' if st.sandbox else 'its process group'}")
+            if st.sandbox is not None:
+                st.sandbox.kill_all()
             kill_group(pgid)
             break
         if now >= next_progress:
@@ -827,7 +922,14 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
         proc.kill()
         exit_code = proc.wait(KILL_GRACE_S)
     duration = time.monotonic() - started
-    # Children Case left behind (daemons, servers) go with its group.
+    # Whatever Case left behind (daemons, setsid() children) goes now, before the
+    # acceptance tests: the sandbox's whole PID namespace, proven empty.
+    survivors: int | None = None
+    dns: dict[str, Any] = {}
+    if st.sandbox is not None:
+        survivors = len(st.sandbox.kill_all())
+        st.say(f"case: sandbox emptied ({survivors} process(es) left in its PID namespace)")
+        dns = _stop_dns_sink(st)
     if _group_alive(pgid):
         kill_group(pgid)
     for cap in (out, err):
@@ -839,13 +941,81 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
             stream.close()
         except OSError:
             pass
-    st.events.emit(ev.CASE_PROCESS_EXITED, exit_code=exit_code, duration_s=round(duration, 3), timed_out=timed_out)
+    st.events.emit(ev.CASE_PROCESS_EXITED, exit_code=exit_code, duration_s=round(duration, 3), timed_out=timed_out,
+                   namespace_survivors=survivors, **dns)
     st.say(f"case: exited with {exit_code} after {duration:.1f}s; model requests: "
            f"{_count_model_requests(evidence_path)}")
 
 
-def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str) -> None:
-    """Acceptance tests on a clean export of Case's final commit (never the work tree)."""
+def _start_dns_sink(st: _RunState, box: sbx.SandboxProcess) -> None:
+    """The DNS sink on the sandbox's loopback port 53, started in its network namespace
+    only, before Case runs. Fail closed: without it, a name Case tried would go unseen."""
+    out = st.run_dir / "dns"
+    out.mkdir(exist_ok=True)
+    argv = sbx.netns_command(box.child_pid, [sys.executable, "-m", "harness.dns_sink",
+                                             "--log", str(out / "queries.jsonl")])
+    try:
+        st.dns = _start_helper(argv, _helper_env(os.environ), out / "sink.log", DNS_READY_PREFIX,
+                               DNS_START_TIMEOUT_S)
+    except OSError as exc:
+        raise sbx.SandboxError(f"cannot start the DNS sink: {exc.strerror or type(exc).__name__}") from None
+    st.sampler.roots.add(st.dns.proc.pid)
+    if st.dns.url != "READY":
+        raise sbx.SandboxError("the DNS sink did not start in the sandbox's network namespace; see dns/sink.log")
+
+
+def _stop_dns_sink(st: _RunState) -> dict[str, Any]:
+    """Stop the sink and digest what it recorded (for ``case_process_exited``)."""
+    if st.dns is None:
+        return {}
+    st.dns.stop(KILL_GRACE_S)
+    st.dns = None
+    log = st.run_dir / "dns" / "queries.jsonl"
+    data = log.read_bytes() if log.is_file() else b""
+    return {"dns_queries": len(data.splitlines()), "dns_queries_sha256": _sha256_bytes(data)}
+
+
+def _sandbox_spec(st: _RunState, case: CaseProfile, bwrap: sbx.BwrapInfo, repo_dir: Path,
+                  task_file: Path) -> sbx.SandboxSpec:
+    """What Case may see: the run's tools (the relay and a copy of the reference agent,
+    nothing else of the project), a generated /etc, the interpreter and the profile's
+    read-only paths, the generated config (read-only), the repository (writable)."""
+    assert st.proxy_socket is not None
+    box = st.run_dir / "sandbox"
+    agent = (PROJECT_ROOT / "harness" / "reference_agent.py").read_bytes()
+    sbx.prepare_tools(box / "tools", {"harness/__init__.py": b"", "harness/reference_agent.py": agent})
+    sbx.prepare_etc(box / "etc")
+    ro = [*sbx.interpreter_paths(), *(Path(p) for p in case.sandbox.ro_paths)]
+    generated = st.run_dir / "case" / "generated"
+    if generated.is_dir():
+        ro.append(generated)
+    return sbx.SandboxSpec(bwrap=bwrap.path, python=sys.executable, repo_dir=repo_dir, task_file=task_file,
+                           tools_dir=box / "tools", etc_dir=box / "etc", socket_path=Path(st.proxy_socket),
+                           ro_paths=tuple(ro), system=sbx.host_system(),
+                           home_seed=Path(case.sandbox.home_seed) if case.sandbox.home_seed else None)
+
+
+def _isolation(bwrap: sbx.BwrapInfo, spec: sbx.SandboxSpec) -> dict[str, Any]:
+    """What isolated Case, for ``case_process_started`` and the report."""
+    return {"kind": "bubblewrap", "version": bwrap.version, "network": "proxy-only", "pid": "namespace",
+            "home": "fresh", "uid": sbx.SANDBOX_UID, "relay_port": spec.relay_port, "dns": "sink",
+            "writable": [str(spec.repo_dir)], "ro_paths": [str(p) for p in spec.ro_paths]}
+
+
+def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, bwrap: sbx.BwrapInfo | None) -> None:
+    """Acceptance tests on a clean export of Case's final commit (never the work tree).
+    They import Case's code, so with the sandbox they run in one too (no network, none
+    of the machine but the interpreter, the tests' temporary copy and the checkout)."""
+    # Case could write .git/config and friends; git would obey them outside the sandbox.
+    reset = repo_guard.reclaim(repo_dir, st.git_config)
+    if reset:
+        st.say(f"acceptance: took back Case's repository git controls: {', '.join(reset)}")
+    wrap = None
+    if bwrap is not None:
+        def wrap(argv: list[str], cwd: Path, scratch: Path, import_root: Path) -> list[str]:
+            ro = [*sbx.interpreter_paths(), *([] if import_root.is_relative_to(scratch) else [import_root])]
+            return sbx.isolated_command(bwrap.path, argv, cwd=cwd, writable=[scratch], read_only=ro,
+                                        system=sbx.host_system())
     try:
         head = head_commit(repo_dir)
     except RuntimeError:
@@ -856,7 +1026,7 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str) -
         with tempfile.TemporaryDirectory(prefix=f"checkout-{fixture.id}-") as tmp:
             try:
                 checkout = export_commit(repo_dir, head, Path(tmp) / "checkout")
-                result = run_acceptance(fixture, checkout)
+                result = run_acceptance(fixture, checkout, wrap=wrap)
             except (RuntimeError, ValueError, OSError) as exc:
                 result = AcceptanceResult(passed=False, total=0, failed=0, errors=1, exit_code=-1,
                                           output_tail=f"[case-harness] could not check out Case's commit: "
@@ -866,14 +1036,15 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str) -
                                   output_tail="[case-harness] Case made no commit; acceptance tests not run\n")
     (st.run_dir / "acceptance.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     st.events.emit(ev.FIXTURE_TESTS_RUN, commit=head if committed else None, committed=committed,
-                   passed=result.passed, total=result.total, failed=result.failed, errors=result.errors)
+                   passed=result.passed, total=result.total, failed=result.failed, errors=result.errors,
+                   sandboxed=wrap is not None, git_controls_reset=reset)
     st.say(f"acceptance: {'passed' if result.passed else 'FAILED'} ({result.total} tests, "
            f"{result.failed} failed, {result.errors} errors)")
 
 
-def _scrape_metrics(st: _RunState, proxy_root: str) -> None:
+def _scrape_metrics(st: _RunState) -> None:
     try:
-        status, body = http_get(proxy_root + "/metrics", timeout_s=PROBE_TIMEOUT_S)
+        status, body = _proxy_get(st, "/metrics")
     except OSError:
         return
     if status == 200:

@@ -170,7 +170,8 @@ def _git_log_text(repo: Path) -> str | None:
     env = {k: os.environ[k] for k in ("PATH", "LANG", "HOME") if k in os.environ}
     env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_PAGER": "cat"})
     try:
-        out = subprocess.run(["git", "-C", str(repo), "log", "-p", "--all", "--no-color", "--format=commit %H%n%B"],
+        out = subprocess.run(["git", "-C", str(repo), "log", "-p", "--all", "--no-color", "--no-textconv",
+                              "--no-ext-diff", "--format=commit %H%n%B"],
                              capture_output=True, env=env, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=None,
                        help="worker processes sharing the port via SO_REUSEPORT ($CASE_PROXY_WORKERS; default 1; "
                             "one evidence chain each)")
+    serve.add_argument("--unix", type=Path, default=None, metavar="PATH",
+                       help="listen on this unix socket instead of a TCP port (its directory should be private)")
     serve.add_argument("--config", type=Path, default=None,
                        help="TOML config file ($CASE_PROXY_CONFIG; see config/proxy.example.toml)")
     serve.add_argument("--log-level", default=None, choices=LOG_LEVELS,
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                                  host=getattr(args, "host", None), port=getattr(args, "port", None),
                                  workers=getattr(args, "workers", None),
                                  log_format=getattr(args, "log_format", None),
-                                 access_log=getattr(args, "access_log", None))
+                                 access_log=getattr(args, "access_log", None),
+                                 unix_socket=getattr(args, "unix", None))
         level = log_level(getattr(args, "log_level", None), os.environ)
     except ConfigError as exc:
         for line in exc.problems:

@@ -120,7 +120,13 @@ class RunningProxy:
     runner: web.AppRunner
     port: int
     host: str
+    unix_socket: Path | None = None
     _stopped: bool = field(default=False)
+
+    @property
+    def listening(self) -> str:
+        """Where clients reach it: ``unix:PATH`` or the base URL."""
+        return f"unix:{self.unix_socket}" if self.unix_socket is not None else self.base_url
 
     @property
     def base_url(self) -> str:
@@ -133,6 +139,11 @@ class RunningProxy:
         self._stopped = True
         self.state.draining = True
         await self.runner.cleanup()
+        if self.unix_socket is not None:
+            try:
+                self.unix_socket.unlink()
+            except OSError:
+                pass
 
 
 async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None) -> RunningProxy:
@@ -198,15 +209,29 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
                            shutdown_timeout=limits.drain_timeout_s, auto_decompress=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=worker is not None,
-                       backlog=LISTEN_BACKLOG)
+    site: web.BaseSite
+    if settings.unix_socket is not None:
+        site = web.UnixSite(runner, str(settings.unix_socket), backlog=LISTEN_BACKLOG)
+        where = f"unix:{settings.unix_socket}"
+    else:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=worker is not None,
+                           backlog=LISTEN_BACKLOG)
+        where = f"{settings.host}:{settings.port}"
     try:
-        await site.start()
+        # The socket is created with the umask's mode: owner only from the first moment.
+        old_umask = os.umask(0o177) if settings.unix_socket is not None else None
+        try:
+            await site.start()
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
     except OSError as exc:
         await runner.cleanup()
-        raise StartupError([f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"], EXIT_CONFIG) from None
+        raise StartupError([f"cannot listen on {where}: {exc.strerror}"], EXIT_CONFIG) from None
     readiness.start()
     authority.start()
+    if settings.unix_socket is not None:
+        return RunningProxy(state=state, runner=runner, port=0, host="", unix_socket=settings.unix_socket)
     sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
     port = sockets[0].getsockname()[1] if sockets else settings.port
     return RunningProxy(state=state, runner=runner, port=port, host=settings.host)
@@ -290,8 +315,8 @@ async def serve_forever(settings: ProxySettings, worker: WorkerRole | None = Non
     if on_ready is not None:
         on_ready()
     else:
-        print(f"CASE_PROXY_LISTENING {proxy.base_url}", flush=True)
-    log.info("listening on %s, admitted model %s%s", proxy.base_url, proxy.state.admission.model,
+        print(f"CASE_PROXY_LISTENING {proxy.listening}", flush=True)
+    log.info("listening on %s, admitted model %s%s", proxy.listening, proxy.state.admission.model,
              f" (worker {worker.index})" if worker is not None else "")
     await stop.wait()
     log.info("stopping: draining open requests for up to %.0fs", settings.limits.drain_timeout_s)

@@ -60,6 +60,9 @@ class ProxySettings(BaseModel):
     port: int = Field(default=8787, ge=0, le=65535)
     # Worker processes sharing the port (SO_REUSEPORT). One evidence chain per worker.
     workers: int = Field(default=1, ge=1, le=64)
+    # Listen on this unix socket instead of host:port (``serve --unix``): the harness's
+    # per-run proxy, reachable only by whoever can reach the socket's directory.
+    unix_socket: Path | None = None
     decision_file: Path
     admission_file: Path
     base_url: SecretStr
@@ -90,6 +93,28 @@ def env_path(env: Mapping[str, str], name: str) -> Path | None:
     """The path a variable names, or None when it is unset or blank."""
     value = (env.get(name) or "").strip()
     return Path(value) if value else None
+
+
+# sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+def unix_socket_problems(path: Path, host: str | None, port: int | None, workers: int) -> list[str]:
+    """Why ``--unix PATH`` cannot be used, one line each (empty: it can)."""
+    problems: list[str] = []
+    if host is not None or port is not None:
+        problems.append("--unix: give either --unix or --host/--port, not both")
+    if workers != 1:
+        problems.append("--unix: one worker only (workers share a TCP port, not a socket path)")
+    if not path.is_absolute():
+        problems.append(f"--unix: {path} is not an absolute path")
+    if len(os.fsencode(str(path))) > UNIX_PATH_MAX:
+        problems.append(f"--unix: {path} is longer than {UNIX_PATH_MAX} bytes (the kernel's limit)")
+    if path.exists() or path.is_symlink():
+        problems.append(f"--unix: {path} already exists (a stale socket? remove it first)")
+    elif not path.parent.is_dir():
+        problems.append(f"--unix: directory {path.parent} does not exist")
+    return problems
 
 
 class ConfigError(ValueError):
@@ -235,7 +260,7 @@ def _log_values(env: Mapping[str, str], section: dict[str, Any], log_format: str
 def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None = None,
                   host: str | None = None, port: int | None = None,
                   workers: int | None = None, log_format: str | None = None,
-                  access_log: bool | None = None) -> ProxySettings:
+                  access_log: bool | None = None, unix_socket: Path | None = None) -> ProxySettings:
     """Build settings or raise ConfigError listing every problem found."""
     env = os.environ if env is None else env
     problems: list[str] = []
@@ -249,6 +274,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
 
     flags = {("server", "host"): host or None, ("server", "port"): port, ("server", "workers"): workers}
     values, sources = resolve_server_values(flags, env, toml)
+    values["unix_socket"] = unix_socket
     values.update(_log_values(env, toml.get("log", {}), log_format, access_log, problems))
     if "request_fields" in toml:
         extra, field_problems = parse_extra_fields(toml["request_fields"])
@@ -276,6 +302,10 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
             # It becomes a header value: a line break there would split the request.
             problems.append(f"{ENV_API_KEY}: the backend API key holds a line break or NUL character")
         values["backend_api_key"] = api_key
+    if unix_socket is not None:
+        workers_set = values.get("workers", 1)
+        problems.extend(unix_socket_problems(unix_socket, host, port,
+                                             workers_set if isinstance(workers_set, int) else 1))
     if problems:
         raise ConfigError(problems)
     try:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,13 @@ from harness.report import Report, load_report
 from harness.run import RunOutcome, run_once
 from proxy.settings import ENV_ADMISSION_FILE, ENV_DECISION_FILE
 
-ROGUE = Path(__file__).resolve().parent / "harness_cases" / "rogue_case.py"
+ROGUE_SOURCE = Path(__file__).resolve().parent / "harness_cases"
+# Case is sandboxed and never sees the project tree: the hostile programs are copied into a
+# directory of their own, which their profile exposes read-only ([case.sandbox].ro_paths).
+ROGUE_DIR = Path(tempfile.mkdtemp(prefix="rogue-case-"))
+for _src in ROGUE_SOURCE.glob("*.py"):
+    shutil.copyfile(_src, ROGUE_DIR / _src.name)
+ROGUE = ROGUE_DIR / "rogue_case.py"
 # The same well-formed CTO-WORK-020 artifacts the demo writes.
 DECISION: dict[str, Any] = DEMO_DECISION
 ADMISSION: dict[str, Any] = DEMO_ADMISSION
@@ -59,8 +67,12 @@ def reference_profile(**case_changes: Any) -> RunProfile:
 
 
 def rogue_profile(mode: str, *extra: str, **case_changes: Any) -> RunProfile:
+    from harness.profile import SandboxProfile
+
     command = [sys.executable, str(ROGUE), mode, "{workdir}", *extra]
-    return reference_profile(command=command, timeout_s=60, **case_changes)
+    case_changes.setdefault("sandbox", SandboxProfile(ro_paths=[str(ROGUE_DIR)]))
+    case_changes.setdefault("timeout_s", 60)
+    return reference_profile(command=command, **case_changes)
 
 
 def run(profile: RunProfile, env: dict[str, str], runs_dir: Path, backend: str = "scripted") -> RunOutcome:

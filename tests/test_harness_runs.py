@@ -33,9 +33,19 @@ from .harness_support import (
 KNOWN_TOKEN = "run-token-for-tests-0123456789abcdefABCDEF"
 
 
+class _Sentinel:
+    """The file the sentinel Case writes into its repository (the only place a sandboxed
+    Case can write that outlives it), in any run under ``runs``."""
+
+    def __init__(self, runs: Path) -> None:
+        self.runs = runs
+
+    def exists(self) -> bool:
+        return any(self.runs.glob("*/repo/SENTINEL"))
+
+
 def _sentinel_profile(tmp_path: Path, **changes):  # type: ignore[no-untyped-def]
-    sentinel = tmp_path / "SENTINEL"
-    return rogue_profile("sentinel", str(sentinel), **changes), sentinel
+    return rogue_profile("sentinel", "{workdir}/SENTINEL", **changes), _Sentinel(tmp_path / "runs")
 
 
 NEGATIVE = [
@@ -267,6 +277,7 @@ def test_demo_passes_with_demo_grade_and_verifies(tmp_path: Path) -> None:
                                                   if k in ("PATH", "HOME", "LANG")}, out=Out()) == 0
     text = "".join(lines)
     assert "demo OK" in text
+    assert "ok  Case sandboxed (pass run)" in text and "bubblewrap, proxy-only, 0 processes left" in text
     pass_runs = [d for d in (tmp_path / "runs").iterdir() if (d / "report.json").is_file()
                  and report_of(d).status == "pass"]
     assert len(pass_runs) == 1

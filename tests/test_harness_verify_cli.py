@@ -145,6 +145,13 @@ def test_cli_preflight_exit_codes(tmp_path: Path, pass_run: tuple[Path, Path, Pa
         ok = _cli("preflight", env=env)
         assert ok.returncode == 0 and ok.stdout.startswith("ok: every gate holds"), ok.stdout + ok.stderr
         assert line.split()[1] not in ok.stdout + ok.stderr  # the endpoint value is never printed
+        # No bubblewrap on the PATH: the sandbox cannot be built, so the run would block.
+        no_bwrap = {**env, "PATH": str(tmp_path / "empty-bin")}
+        blocked = _cli("preflight", env=no_bwrap)
+        assert blocked.returncode == 3, blocked.stdout + blocked.stderr
+        assert "blocked: sandbox_unavailable: bubblewrap (bwrap) is not installed" in blocked.stdout
+        unsandboxed = _cli("preflight", "--no-sandbox", env=no_bwrap)
+        assert unsandboxed.returncode == 0 and unsandboxed.stdout.startswith("ok: every gate holds")
     finally:
         backend.terminate()
         backend.wait(10)
