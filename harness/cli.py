@@ -133,7 +133,7 @@ def cmd_preflight(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise UsageError(str(exc)) from None
     if missing := run_problems(acceptance, profile.case.command):
         raise UsageError("; ".join(missing))
-    result = preflight(env, profile)
+    result = preflight(env, profile, sandboxed=not args.no_sandbox)
     failures = [(f.code, f.message) for f in result.failures]
     if not args.no_sandbox:
         from .sandbox import probe_bwrap

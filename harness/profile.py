@@ -28,8 +28,10 @@ PLACEHOLDERS = ("{task_file}", "{workdir}")
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # What a profile may never show Case: the fixtures (their acceptance tests and sessions)
 # and the runs directory of a source checkout.
-FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
-DEFAULT_RUNS_DIR = Path(__file__).resolve().parents[1] / "harness-runs"
+# (In a source checkout PROJECT_ROOT is the checkout; installed, it is site-packages.)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES_DIR = PROJECT_ROOT / "harness" / "fixtures"
+DEFAULT_RUNS_DIR = PROJECT_ROOT / "harness-runs"
 
 
 def _real(path: Path) -> Path:

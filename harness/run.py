@@ -493,13 +493,18 @@ def _port_of(url: str) -> int | None:
 
 
 def preflight(env: Mapping[str, str], profile: RunProfile, *, argv: tuple[str, ...] = (),
-              extra_secrets: Iterable[str] = ()) -> PreflightResult:
-    """Every gate, with a bounded probe of the backend (only if its URL is admissible)."""
+              extra_secrets: Iterable[str] = (), sandboxed: bool = False) -> PreflightResult:
+    """Every gate, with a bounded probe of the backend (only if its URL is admissible).
+    ``sandboxed``: Case will run in the bubblewrap sandbox, so the harness's own
+    environment and the operator's HOME are out of its reach; what the profile exposes to
+    it (``[case.sandbox]``) is checked instead (docs/gates.md)."""
     secrets_ = collect_secrets(env, extra_secrets)
     if not argv:
         argv = tuple(case_argv(list(profile.case.command), Path("task.md"), Path("repo")))
     return run_preflight(env, profile, lambda url, key: probe_backend_models(url, key, PROBE_TIMEOUT_S),
-                         argv=argv, secrets=tuple(secrets_.values), api_key=backend_api_key(env))
+                         argv=argv, secrets=tuple(secrets_.values), api_key=backend_api_key(env),
+                         case_isolated=sandboxed,
+                         exposed=[path for _, path in profile.case.sandbox.exposed()] if sandboxed else ())
 
 
 def identity_fields(result: PreflightResult) -> dict[str, Any]:
@@ -738,7 +743,7 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     repo_dir, task_file = run_dir / "repo", run_dir / "task.md"
     argv = tuple(case_argv(list(case.command), task_file, repo_dir))
     say("preflight: checking every gate")
-    result = preflight(run_env, profile, argv=argv, extra_secrets=[token])
+    result = preflight(run_env, profile, argv=argv, extra_secrets=[token], sandboxed=sandboxed)
     fields = identity_fields(result)
     reasons = [{"code": f.code, "message": f.message} for f in result.failures]
     bwrap: sbx.BwrapInfo | None = None
