@@ -6,6 +6,7 @@ subprocess, and a real git repository; everything listens on 127.0.0.1.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ ROGUE_DIR = Path(tempfile.mkdtemp(prefix="rogue-case-"))
 for _src in ROGUE_SOURCE.glob("*.py"):
     shutil.copyfile(_src, ROGUE_DIR / _src.name)
 ROGUE = ROGUE_DIR / "rogue_case.py"
+atexit.register(shutil.rmtree, ROGUE_DIR, True)
 # The same well-formed CTO-WORK-020 artifacts the demo writes.
 DECISION: dict[str, Any] = DEMO_DECISION
 ADMISSION: dict[str, Any] = DEMO_ADMISSION

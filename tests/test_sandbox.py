@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -462,6 +463,7 @@ def test_a_killed_harness_takes_the_sandbox_with_it(tmp_path: Path) -> None:
         "run(rogue_profile('hang', timeout_s=120), json.loads(sys.argv[2]), Path(sys.argv[3]))\n")
     harness = subprocess.Popen([sys.executable, "-c", script, str(PROJECT_ROOT), json.dumps(base_env(arts)), str(runs)],
                                cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rogue_dirs: set[Path] = set()
     try:
         deadline = time.monotonic() + 60
         bwrap_pid = None
@@ -480,6 +482,8 @@ def test_a_killed_harness_takes_the_sandbox_with_it(tmp_path: Path) -> None:
             members = _pids_mentioning("rogue_case.py", str(run_dir / "repo"))
             time.sleep(0.1)
         assert len(members) >= 2, "Case and its grandchild were not seen"
+        rogue_dirs = {Path(a.decode()).parent for p in members
+                      for a in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") if a.endswith(b"rogue_case.py")}
         # bubblewrap's outer process (in the host's namespace) names Case's argv too.
         namespaces = {os.stat(f"/proc/{p}/ns/pid").st_ino for p in members} - {sbx.own_pid_namespace()}
         assert len(namespaces) == 1
@@ -501,9 +505,15 @@ def test_a_killed_harness_takes_the_sandbox_with_it(tmp_path: Path) -> None:
         # test's to stop: they are not what is tested here.
         for pid in _pids_mentioning(str(runs)):
             try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            except (OSError, ProcessLookupError):
+                continue
+            if b"--unix" in argv:  # the proxy's private socket directory
+                shutil.rmtree(Path(argv[argv.index(b"--unix") + 1].decode()).parent, ignore_errors=True)
+        for d in rogue_dirs:  # the killed process's copy of the hostile programs (no atexit ran)
+            if d.name.startswith("rogue-case-"):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def test_case_code_run_by_the_acceptance_tests_is_sandboxed_too(tmp_path: Path) -> None:
