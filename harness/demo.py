@@ -152,6 +152,9 @@ class NegativeCase:
     case_changes: Callable[[RunProfile], dict[str, Any]] | None = None
     # Models the scripted backend lists beside the admitted one (backend "router" only).
     router_lists: tuple[str, ...] = ()
+    # False: Case would run unsandboxed (--no-sandbox), so the harness's own environment
+    # and HOME are within its reach and what is there blocks (docs/gates.md).
+    sandbox: bool = True
 
 
 def _no_base_url(env: dict[str, str], _: DemoInputs) -> None:
@@ -214,8 +217,8 @@ NEGATIVE_CASES: tuple[NegativeCase, ...] = (
                  _unchanged, model=EXTERNAL_MODEL),
     NegativeCase("decision_status != local_provider_required", "decision_not_local_provider_required", "scripted",
                  _decision_not_required),
-    NegativeCase("external provider fallback (ANTHROPIC_API_KEY)", "external_fallback_configured", "scripted",
-                 _anthropic_key),
+    NegativeCase("external provider fallback (ANTHROPIC_API_KEY in the shell, no sandbox)",
+                 "external_fallback_configured", "scripted", _anthropic_key, sandbox=False),
     NegativeCase("external upstream", "external_upstream", "external", _external_upstream),
     NegativeCase("env_allow passes the harness's own variable", "env_allow_harness_variable", "scripted",
                  _unchanged, case_changes=_allow(ENV_BASE_URL)),
@@ -228,7 +231,7 @@ NEGATIVE_CASES: tuple[NegativeCase, ...] = (
     NegativeCase("AWS key passed to Case (AWS_ACCESS_KEY_ID)", "external_fallback_configured", "scripted", _aws_key,
                  case_changes=_allow("AWS_ACCESS_KEY_ID")),
     NegativeCase("AWS credentials file in HOME, no sandbox", "external_credential_file", "scripted",
-                 _home_with_aws_credentials),
+                 _home_with_aws_credentials, sandbox=False),
     NegativeCase("config template asks gpt-4o", "unadmitted_model_configured", "scripted", _unchanged,
                  case_changes=_template('model = "gpt-4o"\n')),
     NegativeCase("backend also lists claude-sonnet-4-6", "backend_serves_external_model", "router", _unchanged,
@@ -343,10 +346,11 @@ def run_demo(runs_dir: Path, *, source_env: Mapping[str, str] | None = None, out
             if case.backend == "router":
                 with _router_backend(case.router_lists) as url:
                     env[ENV_BASE_URL] = url
-                    neg = run_once(profile, env, runs_dir, backend="external", progress=tick.say)
+                    neg = run_once(profile, env, runs_dir, backend="external", progress=tick.say,
+                                   sandbox=case.sandbox)
             else:
                 neg = run_once(profile, env, runs_dir, backend=case.backend,  # type: ignore[arg-type]
-                               progress=tick.say)
+                               progress=tick.say, sandbox=case.sandbox)
             codes = blocked_codes(neg.run_dir)
             started = any(ev.get("event") == "case_process_started" for ev in read_events(neg.run_dir))
             ok = neg.status == "blocked" and case.expected_code in codes and not started

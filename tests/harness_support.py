@@ -77,8 +77,9 @@ def rogue_profile(mode: str, *extra: str, **case_changes: Any) -> RunProfile:
     return reference_profile(command=command, **case_changes)
 
 
-def run(profile: RunProfile, env: dict[str, str], runs_dir: Path, backend: str = "scripted") -> RunOutcome:
-    return run_once(profile, env, runs_dir, backend=backend)  # type: ignore[arg-type]
+def run(profile: RunProfile, env: dict[str, str], runs_dir: Path, backend: str = "scripted",
+        sandbox: bool = True) -> RunOutcome:
+    return run_once(profile, env, runs_dir, backend=backend, sandbox=sandbox)  # type: ignore[arg-type]
 
 
 def events_of(run_dir: Path) -> list[str]:

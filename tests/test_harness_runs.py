@@ -69,11 +69,13 @@ NEGATIVE = [
     ("profile provider differs", "admission_mismatch_provider", "scripted", None, {"provider": "anthropic"}, None),
     ("claude as fallback", "unadmitted_model_configured", "scripted", None,
      {"fallback_models": ["claude-sonnet-4-6"]}, None),
-    ("anthropic key in env", "external_fallback_configured", "scripted",
+    # "unsandboxed": only a Case that could read the harness's environment is blocked by
+    # what is there (docs/gates.md); the sandboxed counterpart is the test after this one.
+    ("anthropic key in env, unsandboxed", "external_fallback_configured", "scripted",
      lambda e: e.__setitem__("ANTHROPIC_API_KEY", "sk-ant-not-real-000000000000000000"), {}, None),
     ("env_allow passes ANTHROPIC_BASE_URL", "external_fallback_configured", "scripted", None,
      {"env_allow": ["PATH", "ANTHROPIC_BASE_URL"]}, None),
-    ("OPENAI_BASE_URL elsewhere", "external_fallback_configured", "scripted",
+    ("OPENAI_BASE_URL elsewhere, unsandboxed", "external_fallback_configured", "scripted",
      lambda e: e.__setitem__("OPENAI_BASE_URL", "https://api.openai.com/v1"), {}, None),
     ("env_allow passes the backend URL variable", "env_allow_harness_variable", "scripted", None,
      {"env_allow": ["PATH", ENV_BASE_URL]}, None),
@@ -104,7 +106,7 @@ def test_each_gate_blocks_before_case_starts(tmp_path: Path, name, code, backend
     if env_change:
         env_change(env)
     profile, sentinel = _sentinel_profile(tmp_path, **profile_change)
-    outcome = run(profile, env, tmp_path / "runs", backend=backend)
+    outcome = run(profile, env, tmp_path / "runs", backend=backend, sandbox="unsandboxed" not in name)
     assert outcome.status == "blocked" and outcome.exit_code == 3
     names = events_of(outcome.run_dir)
     assert "case_process_started" not in names and "gate_blocked" in names
@@ -114,6 +116,27 @@ def test_each_gate_blocks_before_case_starts(tmp_path: Path, name, code, backend
     assert report.status == "blocked" and code in reason_codes(report)
     assert arts.snapshot() == before
     assert report.digests.decision_sha256_before == report.digests.decision_sha256_after
+
+
+def test_a_provider_key_in_the_operators_shell_does_not_reach_a_sandboxed_case(tmp_path: Path) -> None:
+    """The other half of docs/gates.md's rule: a sandboxed Case cannot read the
+    harness's environment or the operator's HOME, so a provider key and a credential file
+    there do not block; Case starts and its environment holds neither."""
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text("[default]\naws_access_key_id = NOTAREALKEY\n")
+    arts = write_artifacts(tmp_path / "in")
+    env = {**base_env(arts), "HOME": str(home), "ANTHROPIC_API_KEY": "sk-ant-not-real-000000000000000000",
+           "OPENAI_BASE_URL": "https://api.openai.com/v1"}
+    profile = rogue_profile("read-environ")
+    outcome = run(profile, env, tmp_path / "runs")
+    names = events_of(outcome.run_dir)
+    assert "gate_blocked" not in names and "case_process_started" in names
+    report = report_of(outcome.run_dir)
+    assert not {"external_fallback_configured", "external_credential_file"} & reason_codes(report)
+    # rogue_case's read-environ prints FOUND for ANTHROPIC_API_KEY= in any /proc/*/environ
+    # it can read, its own included.
+    assert "FOUND" not in (outcome.run_dir / "case" / "stdout.log").read_text()
 
 
 def test_the_sentinel_does_appear_when_no_gate_blocks(tmp_path: Path) -> None:
@@ -135,7 +158,7 @@ def test_every_gate_failure_is_reported_not_only_the_first(tmp_path: Path) -> No
     env = base_env(arts)
     env["ANTHROPIC_API_KEY"] = "sk-ant-not-real-000000000000000000"
     profile, _ = _sentinel_profile(tmp_path, model="claude-sonnet-4-6")
-    report = report_of(run(profile, env, tmp_path / "runs").run_dir)
+    report = report_of(run(profile, env, tmp_path / "runs", sandbox=False).run_dir)
     assert {"decision_not_local_provider_required", "admission_status_blocks", "admission_mismatch_model",
             "external_fallback_configured"} <= reason_codes(report)
 
@@ -191,7 +214,7 @@ def test_credential_file_in_the_operator_home_blocks_an_unsandboxed_run(tmp_path
     arts = write_artifacts(tmp_path / "in")
     env = {**base_env(arts), "HOME": str(home)}
     profile, sentinel = _sentinel_profile(tmp_path)
-    outcome = run(profile, env, tmp_path / "runs")
+    outcome = run(profile, env, tmp_path / "runs", sandbox=False)
     report = report_of(outcome.run_dir)
     assert outcome.status == "blocked" and reason_codes(report) == {"external_credential_file"}
     assert str(home / ".aws" / "credentials") in " ".join(r.message for r in report.reasons)

@@ -112,7 +112,8 @@ def _direct_connect(workdir: Path, args: list[str]) -> None:
         print(f"urllib no-proxy: {type(exc).__name__}: {exc}")
 
 
-_WANTED = (b"CASE_PROXY_TOKEN=", b"CTO_HARNESS_CASE_LOCAL_BASE_URL=", b"CTO_HARNESS_CASE_LOCAL_API_KEY=")
+_WANTED = (b"CASE_PROXY_TOKEN=", b"CTO_HARNESS_CASE_LOCAL_BASE_URL=", b"CTO_HARNESS_CASE_LOCAL_API_KEY=",
+           b"ANTHROPIC_API_KEY=")
 
 
 def _read_environ(workdir: Path, args: list[str]) -> None:
