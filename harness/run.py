@@ -673,8 +673,15 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
 def _check_exposure(case: CaseProfile, runs_dir: Path) -> None:
     """What the sandbox would expose must exist and must not reach the run directories
     (known only now) or the fixtures; the interpreter prefixes are checked too."""
-    exposed = case.sandbox.exposed() + [("the harness interpreter prefix", p) for p in sbx.interpreter_paths()]
-    problems = exposure_problems(exposed, [*static_protected(), ("the run directory", runs_dir)])
+    interpreter = [("the harness interpreter prefix", p) for p in sbx.interpreter_paths()]
+    exposed = case.sandbox.exposed() + interpreter
+    protected = [*static_protected(), ("the run directory", runs_dir)]
+    problems = exposure_problems(case.sandbox.exposed(), protected)
+    # A protected directory strictly inside the interpreter prefix (the fixtures of an
+    # installed wheel, in its site-packages) is covered by a tmpfs (sbx.masked_paths).
+    inside = {p for _, p in protected for _, root in interpreter
+              if _real_path(p) != _real_path(root) and _real_path(p).is_relative_to(_real_path(root))}
+    problems += exposure_problems(interpreter, [(n, p) for n, p in protected if p not in inside])
     for label, path in case.sandbox.exposed():
         if not path.exists():
             problems.append(f"{label}: {path} does not exist")
@@ -996,8 +1003,17 @@ def _sandbox_spec(st: _RunState, case: CaseProfile, bwrap: sbx.BwrapInfo, repo_d
         ro.append(generated)
     return sbx.SandboxSpec(bwrap=bwrap.path, python=sys.executable, repo_dir=repo_dir, task_file=task_file,
                            tools_dir=box / "tools", etc_dir=box / "etc", socket_path=Path(st.proxy_socket),
-                           ro_paths=tuple(ro), system=sbx.host_system(),
+                           ro_paths=tuple(ro), system=sbx.host_system(), masked=_masked(st.run_dir.parent),
                            home_seed=Path(case.sandbox.home_seed) if case.sandbox.home_seed else None)
+
+
+def _real_path(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _masked(runs_dir: Path) -> tuple[Path, ...]:
+    """What the sandboxes cover with a tmpfs inside the interpreter prefix they expose."""
+    return sbx.masked_paths(sbx.interpreter_paths(), [*(p for _, p in static_protected()), runs_dir])
 
 
 def _isolation(bwrap: sbx.BwrapInfo, spec: sbx.SandboxSpec) -> dict[str, Any]:
@@ -1020,7 +1036,7 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
         def wrap(argv: list[str], cwd: Path, scratch: Path, import_root: Path) -> list[str]:
             ro = [*sbx.interpreter_paths(), *([] if import_root.is_relative_to(scratch) else [import_root])]
             return sbx.isolated_command(bwrap.path, argv, cwd=cwd, writable=[scratch], read_only=ro,
-                                        system=sbx.host_system())
+                                        system=sbx.host_system(), masked=_masked(st.run_dir.parent))
     try:
         head = head_commit(repo_dir)
     except RuntimeError:

@@ -98,6 +98,8 @@ class SandboxSpec(BaseModel):
     home_seed: Path | None = None
     system: tuple[SystemEntry, ...] = ()
     relay_port: int = RELAY_PORT
+    masked: tuple[Path, ...] = Field(default=(), description="directories inside ro_paths covered by an empty "
+                                                              "tmpfs (see masked_paths)")
 
 
 def host_system() -> tuple[SystemEntry, ...]:
@@ -114,6 +116,21 @@ def host_system() -> tuple[SystemEntry, ...]:
     for p in SYSTEM_ETC_DIRS:
         if os.path.isdir(p) and not os.path.islink(p):
             out.append(SystemEntry(p))
+    return tuple(out)
+
+
+def masked_paths(exposed: Sequence[Path], protected: Sequence[Path]) -> tuple[Path, ...]:
+    """The protected directories that lie strictly inside an exposed one and exist: an
+    installed wheel keeps the fixtures (acceptance tests, recorded sessions) in the
+    site-packages that the interpreter prefix exposes. Each gets an empty tmpfs on top
+    of the read-only bind, so Case sees an empty directory there. Pure but for
+    resolving symlinks and checking that the directory exists."""
+    roots = [Path(os.path.realpath(p)) for p in exposed]
+    out: dict[Path, None] = {}
+    for raw in protected:
+        real = Path(os.path.realpath(raw))
+        if real.is_dir() and any(real != r and real.is_relative_to(r) for r in roots):
+            out[real] = None
     return tuple(out)
 
 
@@ -151,6 +168,8 @@ def build_command(spec: SandboxSpec, argv: Sequence[str], *, info_fd: int | None
         cmd += ["--ro-bind", str(spec.etc_dir / name), f"/etc/{name}"]
     for path in spec.ro_paths:
         cmd += ["--ro-bind", str(path), str(path)]
+    for path in spec.masked:
+        cmd += ["--tmpfs", str(path)]
     if spec.home_seed is not None:
         cmd += ["--ro-bind", str(spec.home_seed), INSIDE_HOME_SEED]
     cmd += ["--ro-bind", str(spec.task_file), str(spec.task_file),
@@ -170,7 +189,8 @@ def build_command(spec: SandboxSpec, argv: Sequence[str], *, info_fd: int | None
 
 
 def isolated_command(bwrap: str, argv: Sequence[str], *, cwd: Path, writable: Sequence[Path],
-                     read_only: Sequence[Path], system: Sequence[SystemEntry]) -> list[str]:
+                     read_only: Sequence[Path], system: Sequence[SystemEntry],
+                     masked: Sequence[Path] = ()) -> list[str]:
     """A plain sandbox for a program that runs Case's code but is not Case (the
     acceptance tests import Case's commit): the same namespaces, uid and read-only
     system, no network at all (not even the relay), only ``writable`` and ``read_only``
@@ -183,6 +203,8 @@ def isolated_command(bwrap: str, argv: Sequence[str], *, cwd: Path, writable: Se
     cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for path in read_only:
         cmd += ["--ro-bind", str(path), str(path)]
+    for path in masked:
+        cmd += ["--tmpfs", str(path)]
     for path in writable:
         cmd += ["--bind", str(path), str(path)]
     return [*cmd, "--chdir", str(cwd), "--", *argv]

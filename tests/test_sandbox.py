@@ -583,3 +583,27 @@ def test_reclaim_removes_a_gitdir_file_and_alternates(tmp_path: Path) -> None:
     (repo / ".git").write_text(f"gitdir: {elsewhere}\n")
     assert repo_guard.reclaim(repo, b"[core]\n") == [".git (not a directory)"]
     assert not (repo / ".git").exists() and elsewhere.is_dir()
+
+
+def test_fixtures_inside_an_exposed_prefix_are_masked_and_the_prefix_allowed(tmp_path: Path) -> None:
+    """An installed wheel keeps the fixtures in the site-packages the interpreter prefix
+    exposes. A hostile program in the sandbox lists that directory: it is empty (a tmpfs
+    lies over it), while the rest of the prefix stays readable. Without the mask the
+    acceptance test file is listed."""
+    bwrap = shutil.which("bwrap")
+    assert bwrap, "bubblewrap is installed by make test (scripts/install-system-deps.sh)"
+    prefix = tmp_path / "venv"
+    fixtures = prefix / "lib" / "site-packages" / "harness" / "fixtures"
+    (fixtures / "r1" / "acceptance").mkdir(parents=True)
+    (fixtures / "r1" / "acceptance" / "test_hidden.py").write_text("SECRET = 1\n")
+    (prefix / "lib" / "site-packages" / "visible.py").write_text("x = 1\n")
+    masked = sbx.masked_paths([prefix], [fixtures, tmp_path / "runs-elsewhere", prefix])
+    assert masked == (fixtures.resolve(),)  # strictly inside and existing only
+    listing = [sys.executable, "-c", "import os, sys; print(sorted(os.listdir(sys.argv[1])), "
+               "os.path.exists(sys.argv[2]))", str(fixtures), str(prefix / "lib" / "site-packages" / "visible.py")]
+    ro = [prefix, *sbx.interpreter_paths()]
+    for mask, expected in (((), "['r1'] True"), (masked, "[] True")):
+        cmd = sbx.isolated_command(bwrap, listing, cwd=tmp_path, writable=[], read_only=ro,
+                                   system=sbx.host_system(), masked=mask)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == expected, out.stderr

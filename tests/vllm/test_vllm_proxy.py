@@ -257,11 +257,14 @@ async def test_vllms_401_becomes_an_openai_shaped_502(make_proxy, vllm_engine: V
 
 
 async def test_client_disconnect_cancels_vllms_request(vproxy: ProxyUnderTest, vllm_engine: VllmEngine) -> None:
-    """The client goes after the first tokens of a 2,000-token stream: vLLM's own gauge
-    of running requests drops to zero long before 2,000 tokens could be generated, and
-    its generated-token counter stops far short of them."""
+    """The client goes after the first tokens of a 3,800-token stream: vLLM's own gauge
+    of running requests drops to zero long before 3,800 tokens could be generated, and
+    its generated-token counter stops far short of them. (The tiny model makes 2,000
+    tokens in a few seconds on these cores: a loaded machine once let a 2,000-token
+    stream finish before the cancellation arrived, so the stream is as long as the
+    model's context allows.)"""
     m0 = await vllm_metrics(vllm_engine)
-    body = {"model": SERVED, "messages": MSG, "max_tokens": 2000, "stream": True, "ignore_eos": True}
+    body = {"model": SERVED, "messages": MSG, "max_tokens": 3800, "stream": True, "ignore_eos": True}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         async with s.post(vproxy.base_url + "/chat/completions", json=body,
                           headers={"Authorization": f"Bearer {vproxy.token}"}) as r:
@@ -280,7 +283,7 @@ async def test_client_disconnect_cancels_vllms_request(vproxy: ProxyUnderTest, v
         await asyncio.sleep(0.1)
     assert running == 0
     m2 = await vllm_metrics(vllm_engine)
-    assert total(m2, "vllm:generation_tokens_total") - total(m0, "vllm:generation_tokens_total") < 1500
+    assert total(m2, "vllm:generation_tokens_total") - total(m0, "vllm:generation_tokens_total") < 2800
 
 
 async def test_the_proxys_records_match_vllms_own_counters(vproxy: ProxyUnderTest,
