@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-base
 ENGINE_STAMP := $(VENV)/.stamp-engine
 
-.PHONY: demo test test-fast wheel bench bench-quick system-deps sandbox-deps engine-deps vllm-deps clean
+.PHONY: demo test test-fast lint wheel bench bench-quick system-deps sandbox-deps engine-deps vllm-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ vllm-deps:
 demo: $(STAMP) sandbox-deps
 	$(PY) -m harness demo
 
-test: $(STAMP) system-deps engine-deps vllm-deps
+# ruff (rules in pyproject.toml) and mypy on proxy/ and harness/: part of `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check proxy harness bench tests
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint system-deps engine-deps vllm-deps
 	$(PY) -m pytest -q
 
 # Everything but the engine tiers, Prometheus, the wheel install and systemd, for a quick edit loop.

@@ -19,8 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from .loads import chat_body, measured_wrk, run_streams, run_wrk, write_body
-from .procs import (Proc, litellm_available, peak_rss_mb, start_litellm, start_nginx, start_nginx_proxy,
-                    start_proxy, start_sse_backend)
+from .procs import (
+    Proc,
+    litellm_available,
+    peak_rss_mb,
+    start_litellm,
+    start_nginx,
+    start_nginx_proxy,
+    start_proxy,
+    start_sse_backend,
+)
 from .stats import WrkResult, added, ratio, stream_stretch, summarize
 
 Log = Callable[[str], None]

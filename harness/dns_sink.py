@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from dnslib import DNSRecord, QTYPE, RCODE
+from dnslib import QTYPE, RCODE, DNSRecord
 from dnslib.dns import DNSError
 
 READY_LINE = "DNS_SINK_READY"
@@ -116,9 +116,9 @@ def serve(host: str, port: int, log: _Log) -> None:
                 continue
             conn, _ = tcp.accept()
             try:
-                packet = _tcp_query(conn)
-                if packet is not None:
-                    reply, record = answer(packet)
+                query = _tcp_query(conn)
+                if query is not None:
+                    reply, record = answer(query)
                     if record is not None:
                         log.write(record, "tcp")
                     if reply is not None:

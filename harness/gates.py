@@ -63,9 +63,12 @@ _KEY_VALUE = re.compile(r"(?P<key>[A-Za-z_][\w.-]*)[\"']?\s*[:=]\s*"
 
 
 class ModelsProbeResult(Protocol):
-    ok: bool
-    models: tuple[str, ...]
-    error: str | None
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def models(self) -> tuple[str, ...]: ...
+    @property
+    def error(self) -> str | None: ...
 
 
 Probe = Callable[[str, "str | None"], ModelsProbeResult]

@@ -28,7 +28,7 @@ from . import events as ev
 from .dns_sink import read_queries
 from .secret_scan import ScanResult
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION: Literal[1] = 1
 BRIDGE_PROVIDER = "openai"
 # The schema ships as package data (``case-harness schema`` prints it from an installed
 # wheel); config/ keeps a copy for readers of the source tree, held identical by a test.
@@ -359,8 +359,8 @@ def compute_report(inp: ReportInputs) -> Report:
     metrics_fallbacks = metric_sum(inp.metrics_text, "case_proxy_fallback_rejections_total")
     all_fallback_refusals = sum(1 for r in reqs if r.decision == "refused" and r.reason in FALLBACK_REASONS)
 
-    grade: Literal["real", "demo", "none"] = identity.get("evidence_grade") if identity.get(
-        "evidence_grade") in ("real", "demo") else "none"
+    found_grade = identity.get("evidence_grade")
+    grade: Literal["real", "demo", "none"] = found_grade if found_grade in ("real", "demo") else "none"
     admitted_model = identity.get("admitted_model") or preflight.get("admission_model")
 
     if blocked is not None:

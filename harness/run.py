@@ -76,12 +76,20 @@ from . import events as ev
 from . import repo_guard
 from . import sandbox as sbx
 from .events import EventLog
-from .fixture_catalog import AcceptanceResult, Fixture, export_commit, head_commit, load_fixture, materialize, run_acceptance
+from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
+from .fixture_catalog import (
+    AcceptanceResult,
+    Fixture,
+    export_commit,
+    head_commit,
+    load_fixture,
+    materialize,
+    run_acceptance,
+)
 from .gates import PreflightResult, run_preflight
 from .profile import CaseProfile, RunProfile, exposure_problems, static_protected
+from .report import Status, collect_inputs, compute_report, render_text, report_json
 from .runtime_check import run_problems
-from .report import collect_inputs, compute_report, render_text, report_json
-from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
 from .secret_scan import SecretSet, TextScanner, collect_secrets, scan_run_dir
 from .unix_http import unix_http_get
 
@@ -598,7 +606,7 @@ def _count_model_requests(evidence: Path) -> int:
     return count
 
 
-def _write_report(st: _RunState) -> str:
+def _write_report(st: _RunState) -> Status:
     """Compute the report from the run directory alone, write report.json/.txt, emit
     ``report_written``. Returns the computed status."""
     st.say("report: computing from the run's evidence")
@@ -727,17 +735,17 @@ def _admitted_model(admission_path: Path | None, fallback: str) -> str:
 
 
 def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[str, str], backend: Backend,
-              token: str, sandboxed: bool) -> str:
+              token: str, sandboxed: bool) -> Status:
     run_dir, say, case = st.run_dir, st.say, profile.case
     run_env = dict(env)
     if backend == "scripted":
         say("backend: starting the scripted test backend (demo grade)")
         model = _admitted_model(st.admission_path, case.model)
         (run_dir / "backend").mkdir()
-        argv = [sys.executable, "-m", "harness.scripted_backend", "--host", "127.0.0.1", "--port", "0",
-                "--model", model, "--script", str(fixture.session_path),
-                "--access-log", str(run_dir / "backend" / "access.jsonl")]
-        st.backend = _start_helper(argv, _helper_env(env), run_dir / "backend" / "backend.log",
+        backend_argv = [sys.executable, "-m", "harness.scripted_backend", "--host", "127.0.0.1", "--port", "0",
+                        "--model", model, "--script", str(fixture.session_path),
+                        "--access-log", str(run_dir / "backend" / "access.jsonl")]
+        st.backend = _start_helper(backend_argv, _helper_env(env), run_dir / "backend" / "backend.log",
                                    BACKEND_READY_PREFIX, BACKEND_START_TIMEOUT_S)
         st.sampler.roots.add(st.backend.proc.pid)
         st.sampler.sample()
@@ -1072,7 +1080,7 @@ def _scrape_metrics(st: _RunState) -> None:
         (st.run_dir / "proxy" / "metrics.prom").write_bytes(body)
 
 
-def _finish(st: _RunState) -> str:
+def _finish(st: _RunState) -> Status:
     """Stop helpers, scan for secrets, write the report. Every path after the run
     directory exists ends here, so every run has a scan and a report."""
     _cleanup(st)

@@ -179,7 +179,7 @@ class ScriptedBackend:
         content = self._content_for(request, step)
         model = self._reported(body)
         rid, created = "chatcmpl-scripted-" + hashlib.sha1(orjson.dumps(body)).hexdigest()[:12], 1767225600
-        calls = [{"id": f"call_{i}", "type": "function",
+        calls: list[dict[str, Any]] = [{"id": f"call_{i}", "type": "function",
                   "function": {"name": c.name, "arguments": orjson.dumps(c.arguments).decode()}}
                  for i, c in enumerate(step.tool_calls)]
         finish = "tool_calls" if calls else "stop"

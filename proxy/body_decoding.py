@@ -12,6 +12,7 @@ no socket, no aiohttp.
 from __future__ import annotations
 
 import zlib
+
 import brotli
 
 try:  # Python 3.14 has it in the standard library

@@ -105,9 +105,9 @@ def _verify(files: list[Path]) -> int:
         return EXIT_CONFIG
     read = [read_evidence_file(f) for f in files]
     broken = False
-    for f in read:
-        verdict = f.verdict
-        prefix = f"{f.path}: " if len(files) > 1 else ""
+    for ef in read:
+        verdict = ef.verdict
+        prefix = f"{ef.path}: " if len(files) > 1 else ""
         if verdict.ok:
             print(f"{prefix}ok: {verdict.records} records, chain intact, last sha256 {verdict.last_sha256}")
             continue
@@ -115,9 +115,9 @@ def _verify(files: list[Path]) -> int:
         for problem in verdict.problems:
             print(f"{prefix}broken: {problem}")
     links = link_files(read)
-    for run in links.order:
-        if len(run) > 1:
-            print("linked: " + " -> ".join(run))
+    for chain in links.order:
+        if len(chain) > 1:
+            print("linked: " + " -> ".join(chain))
     for note in links.notes:
         print(f"note: {note}")
     for problem in links.problems:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from .evidence import EvidenceLog, utc_now_rfc3339
 from .group_commit import GroupCommit
 from .hashchain import ChainError
+from .request_policy import Endpoint
 from .upstream_policy import UpstreamTarget
 
 
@@ -32,7 +33,7 @@ class Forwarded(Protocol):
     request_id: str
     method: str
     path: str
-    endpoint: str
+    endpoint: Endpoint
     requested_model: str | None
     effective_model: str | None
     alias_rewritten: bool

@@ -56,7 +56,8 @@ class TallyHistogram:
         self.sum += value
 
     def cumulative(self) -> list[tuple[str, float]]:
-        out, total = [], 0
+        out: list[tuple[str, float]] = []
+        total = 0
         for bound, n in zip((*_LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
             total += n
             out.append((floatToGoString(bound), total))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import orjson
 
+
 @dataclass(slots=True)
 class UsageTotals:
     prompt_tokens: int | None = None

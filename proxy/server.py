@@ -232,7 +232,7 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
     authority.start()
     if settings.unix_socket is not None:
         return RunningProxy(state=state, runner=runner, port=0, host="", unix_socket=settings.unix_socket)
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr,attr-defined]
     port = sockets[0].getsockname()[1] if sockets else settings.port
     return RunningProxy(state=state, runner=runner, port=port, host=settings.host)
 

@@ -19,8 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .allowlists import parse_extra_fields
-from .request_policy import Endpoint
 from .log_setup import LOG_FORMATS, LogFormat, parse_bool
+from .request_policy import Endpoint
 
 ENV_DECISION_FILE = "CTO_HARNESS_CASE_DECISION_FILE"
 ENV_ADMISSION_FILE = "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE"

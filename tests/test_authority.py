@@ -26,6 +26,7 @@ from tests.proxy_support import (  # noqa: F401 - make_proxy is a fixture
     write_artifacts,
 )
 
+
 def _pinned(tmp_path: Path) -> tuple[Path, Path, Any]:
     d, a = write_artifacts(tmp_path)
     return d, a, load_admission(a)

@@ -13,8 +13,17 @@ import pytest
 
 from bench.procs import _render_nginx, _wait_line, code_version, free_port, wait_port
 from bench.report import evaluate_targets, json_clean, render_markdown, write_results
-from bench.stats import (added, parse_wrk, parse_wrk_text, percentile, proc_cpu_seconds, proc_status_kb, ratio,
-                         stream_stretch, summarize)
+from bench.stats import (
+    added,
+    parse_wrk,
+    parse_wrk_text,
+    percentile,
+    proc_cpu_seconds,
+    proc_status_kb,
+    ratio,
+    stream_stretch,
+    summarize,
+)
 
 WRK_TEXT = """Running 2s test @ http://127.0.0.1:8080/v1/chat/completions
   2 threads and 64 connections

@@ -14,7 +14,7 @@ import pytest
 import harness.run as run_mod
 from harness.demo import run_demo
 from harness.profile import ConfigTemplate
-from harness.report import Report, compute_report, collect_inputs
+from harness.report import Report, collect_inputs, compute_report
 from proxy.settings import ENV_ADMISSION_FILE, ENV_API_KEY, ENV_BASE_URL, ENV_DECISION_FILE
 
 from .harness_support import (

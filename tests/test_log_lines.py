@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.redact import Redactor, RedactingFilter, escape_controls
+from proxy.redact import RedactingFilter, Redactor, escape_controls
 from tests.proxy_support import ProxyProcess, proxy_env
 
 FORGED = "2026-11-28 07:00:00,000 ERROR case_proxy: FORGED evidence chain broken"

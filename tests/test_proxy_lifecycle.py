@@ -28,7 +28,6 @@ import pytest
 from tests.proxy_support import ADMITTED, ROOT, ProxyProcess, cli, proxy_env
 
 
-
 def test_check_config_ok_and_problems_named(tmp_path: Path) -> None:
     env = proxy_env(tmp_path, "http://127.0.0.1:8000/v1")
     ok = cli("check-config", env=env)
