@@ -7,14 +7,14 @@
 # is written only after the CLI ran (`--help`); the profile is re-rendered every time.
 #
 # Usage: scripts/install-agents.sh [mini-swe-agent ...]   (default: every agent below)
-# Facts this relies on (measured here): mini-swe-agent 2.4.6 pulls LiteLLM; both install
-# from the machine's package index in about 100 s on Python 3.11.
+# Facts this relies on (measured here): mini-swe-agent 2.4.6 pulls LiteLLM 1.110.2 (about
+# 100 s); aider-chat 0.86.2 pins LiteLLM 1.81.10 (about 60 s); both on Python 3.11.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-declare -A PIN=( [mini-swe-agent]="mini-swe-agent==2.4.6" )
-declare -A PROBE=( [mini-swe-agent]="bin/mini --help" )
+declare -A PIN=( [mini-swe-agent]="mini-swe-agent==2.4.6" [aider]="aider-chat==0.86.2" )
+declare -A PROBE=( [mini-swe-agent]="bin/mini --help" [aider]="bin/aider --version" )
 
 # The agents' venvs are made from the interpreter the project's .venv was made from: the
 # harness exposes that interpreter's prefix to Case's sandbox read-only anyway.

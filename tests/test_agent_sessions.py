@@ -67,10 +67,10 @@ def test_the_mini_session_solves_the_fixture_when_its_commands_run(tmp_path: Pat
 def test_an_agent_without_a_session_is_a_clear_usage_error(tmp_path: Path) -> None:
     fixture = load_fixture("r1-string-slugify")
     assert fixture.session_for(None) == fixture.session_path
-    with pytest.raises(ValueError, match=r"no session for agent 'aider'.*mini-swe-agent"):
-        fixture.session_for("aider")
-    profile = reference_profile().model_copy(update={"scripted_session": "aider"})
-    with pytest.raises(RunConfigError, match="no session for agent 'aider'"):
+    with pytest.raises(ValueError, match=r"no session for agent 'goose'.*aider, mini-swe-agent"):
+        fixture.session_for("goose")
+    profile = reference_profile().model_copy(update={"scripted_session": "goose"})
+    with pytest.raises(RunConfigError, match="no session for agent 'goose'"):
         run_once(profile, base_env(write_artifacts(tmp_path / "in")), tmp_path / "runs", backend="scripted")
     assert not (tmp_path / "runs").exists()  # refused before any run directory
 
