@@ -32,7 +32,7 @@ engine-deps: $(ENGINE_STAMP)
 vllm-deps:
 	@bash scripts/install-vllm.sh
 
-# Unmodified third-party agent CLIs (mini-swe-agent) for the `agents` test tier, each in its own
+# Unmodified third-party agent CLIs (mini-swe-agent, aider) for the `agents` test tier, each in its own
 # venv (.cache/agents/<name>), and their run profiles rendered to .cache/agents/<name>.toml.
 agents-deps: $(STAMP)
 	@bash scripts/install-agents.sh

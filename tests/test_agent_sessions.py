@@ -64,6 +64,21 @@ def test_the_mini_session_solves_the_fixture_when_its_commands_run(tmp_path: Pat
     assert result.passed and result.total >= 10, result.output_tail
 
 
+def test_the_aider_session_is_one_whole_file_edit_that_solves_the_fixture(tmp_path: Path) -> None:
+    """aider's `whole` format: the path on its own line, then the file in one fenced block."""
+    fixture = load_fixture("r1-string-slugify")
+    steps = json.loads(fixture.session_for("aider").read_text())["steps"]
+    assert len({s["content"] for s in steps}) == 1  # the same answer whatever step aider's turns select
+    edits = re.findall(r"^(\S+\.py)\n```python\n(.*?)\n```$", steps[0]["content"], re.DOTALL | re.MULTILINE)
+    assert [path for path, _ in edits] == ["slugkit/core.py"]
+    repo = tmp_path / "repo"
+    materialize(fixture, repo, tmp_path / "task.md")
+    (repo / "slugkit" / "core.py").write_text(edits[0][1] + "\n", encoding="utf-8")
+    subprocess.run(["git", "-C", str(repo), "commit", "-qam", "aider"], check=True, capture_output=True)
+    result = run_acceptance(fixture, export_commit(repo, head_commit(repo), tmp_path / "checkout"))
+    assert result.passed and result.total >= 10, result.output_tail
+
+
 def test_an_agent_without_a_session_is_a_clear_usage_error(tmp_path: Path) -> None:
     fixture = load_fixture("r1-string-slugify")
     assert fixture.session_for(None) == fixture.session_path
@@ -91,9 +106,11 @@ def _rendered(name: str, tmp_path: Path) -> str:
     return text.replace("@AGENT_VENV@", str(venv)).replace("@AGENT_PYTHON_PREFIX@", str(prefix))
 
 
-def test_the_mini_profile_renders_to_a_profile_every_gate_accepts(tmp_path: Path) -> None:
-    profile = parse_run_profile(_rendered("mini-swe-agent", tmp_path))
-    assert profile.scripted_session == "mini-swe-agent"
+@pytest.mark.parametrize("agent", ["mini-swe-agent", "aider"])
+def test_each_agent_profile_renders_to_a_profile_every_gate_accepts(agent: str, tmp_path: Path) -> None:
+    profile = parse_run_profile(_rendered(agent, tmp_path))
+    assert profile.scripted_session == agent
+    assert load_fixture(profile.fixture).session_for(agent).is_file()
     assert "@" not in " ".join([*profile.case.command, *profile.case.sandbox.ro_paths])
     assert profile.case.config_template is not None and "{base_url}" in profile.case.config_template.content
     env = {ENV_DECISION_FILE: "/d.json", ENV_ADMISSION_FILE: "/a.json", ENV_BASE_URL: "http://127.0.0.1:8000/v1"}
