@@ -6,6 +6,7 @@ FIXTURE."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -118,3 +119,13 @@ def test_each_agent_profile_renders_to_a_profile_every_gate_accepts(agent: str, 
                         admission=Admission.model_validate(ADMISSION), backend_models=(ADMISSION["model"],),
                         case_isolated=True)
     assert [f.code for f in evaluate_gates(inputs).failures] == []
+
+
+def test_a_missing_agent_install_fails_the_agents_tier_and_names_the_fix(tmp_path: Path) -> None:
+    env = {**os.environ, "CASE_TEST_AGENTS_DIR": str(tmp_path / "no-agents")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "agents",
+                           "tests/agents"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-2000:]
+    assert "make agents-deps" in out and "3 failed" in out, out[-2000:]
+    assert "skipped" not in out
