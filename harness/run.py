@@ -639,7 +639,7 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
     except ValueError as exc:
         raise RunConfigError(str(exc)) from None
     try:
-        session = fixture.session_for(profile.scripted_session)
+        session = fixture.session_for(profile.scripted_session if backend == "scripted" else None)
     except ValueError as exc:
         raise RunConfigError(str(exc)) from None
     if missing := run_problems(fixture.spec.acceptance_test_command, profile.case.command):

@@ -89,6 +89,10 @@ def test_an_agent_without_a_session_is_a_clear_usage_error(tmp_path: Path) -> No
     with pytest.raises(RunConfigError, match="no session for agent 'goose'"):
         run_once(profile, base_env(write_artifacts(tmp_path / "in")), tmp_path / "runs", backend="scripted")
     assert not (tmp_path / "runs").exists()  # refused before any run directory
+    # A real backend replays nothing: the line is ignored (this run blocks on its missing
+    # backend URL, at the gates, not on the session).
+    outcome = run_once(profile, base_env(write_artifacts(tmp_path / "in")), tmp_path / "runs", backend="external")
+    assert outcome.status == "blocked"
 
 
 @pytest.mark.parametrize("name", ["../session", "a/b", "", "Mini"])
