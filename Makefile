@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-base
 ENGINE_STAMP := $(VENV)/.stamp-engine
 
-.PHONY: demo test test-fast lint wheel bench bench-quick system-deps sandbox-deps engine-deps vllm-deps clean
+.PHONY: demo test test-fast lint wheel bench bench-quick system-deps sandbox-deps engine-deps vllm-deps agents-deps \
+	clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,11 @@ engine-deps: $(ENGINE_STAMP)
 vllm-deps:
 	@bash scripts/install-vllm.sh
 
+# Unmodified third-party agent CLIs (mini-swe-agent, aider) for the `agents` test tier, each in its own
+# venv (.cache/agents/<name>), and their run profiles rendered to .cache/agents/<name>.toml.
+agents-deps: $(STAMP)
+	@bash scripts/install-agents.sh
+
 demo: $(STAMP) sandbox-deps
 	$(PY) -m harness demo
 
@@ -40,12 +46,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check proxy harness bench tests
 	$(VENV)/bin/mypy
 
-test: $(STAMP) lint system-deps engine-deps vllm-deps
+test: $(STAMP) lint system-deps engine-deps vllm-deps agents-deps
 	$(PY) -m pytest -q
 
-# Everything but the engine tiers, Prometheus, the wheel install and systemd, for a quick edit loop.
+# Everything but the engine tiers, Prometheus, the wheel install, systemd and the third-party
+# agents, for a quick edit loop.
 test-fast: $(STAMP) sandbox-deps
-	$(PY) -m pytest -q -m "not engine and not vllm and not prometheus and not wheel and not systemd"
+	$(PY) -m pytest -q -m "not engine and not vllm and not prometheus and not wheel and not systemd and not agents"
 
 # The wheel operators install (docs/operations.md), into dist/. build/ and the egg-info go first:
 # setuptools copies stale files from an earlier build into the wheel.

@@ -118,6 +118,20 @@ class Fixture:
         """The recorded session (``session.json``) as parsed JSON."""
         return json.loads(self.session_path.read_text(encoding="utf-8"))
 
+    def session_for(self, agent: str | None) -> Path:
+        """The session the scripted backend replays: ``session.json`` (the reference
+        agent's tool calls) or, for a third-party agent, ``session.<agent>.json`` in that
+        agent's own action format. ValueError naming the agent and the ones that exist."""
+        if agent is None:
+            return self.session_path
+        path = self.root / f"session.{agent}.json"
+        if not path.is_file():
+            known = sorted(p.name.removeprefix("session.").removesuffix(".json")
+                           for p in self.root.glob("session.*.json"))
+            raise ValueError(f"fixture {self.id!r} has no session for agent {agent!r} (no {path.name}); "
+                             f"agents with a session: {', '.join(known) or '(none)'}")
+        return path
+
 
 class AcceptanceResult(BaseModel):
     """Outcome of one pytest run (acceptance or visible tests)."""

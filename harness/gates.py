@@ -319,7 +319,10 @@ def _model_values(case: CaseProfile) -> list[tuple[str, str]]:
                 out.append(("command", m["val"]))
     if case.config_template is not None:
         for m in _KEY_VALUE.finditer(case.config_template.content):
-            if _MODEL_KEY.match(m["key"]):
+            # A YAML block header (``model:`` then, on the next line, ``model_name: ...``)
+            # matches as key ``model`` with the next key as "value": not a model value; the
+            # nested keys are judged themselves.
+            if _MODEL_KEY.match(m["key"]) and not (m["val"].endswith(":") and not m["q"]):
                 out.append(("config_template", m["val"]))
     return [(where, v) for where, value in out for v in value.split(",") if v]
 

@@ -165,6 +165,10 @@ class RunProfile(BaseModel):
 
     stage: str = Field(DEFAULT_STAGE, min_length=1)
     fixture: str = Field(DEFAULT_FIXTURE, min_length=1)
+    # Only with the scripted backend (a TEST FIXTURE): replay the fixture's
+    # ``session.<name>.json`` (a session in a third-party agent's own action format)
+    # instead of ``session.json`` (the reference agent's tool calls).
+    scripted_session: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]*$")
     case: CaseProfile
 
     def sha256(self) -> str:

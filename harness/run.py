@@ -646,6 +646,10 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
         fixture = load_fixture(profile.fixture)
     except ValueError as exc:
         raise RunConfigError(str(exc)) from None
+    try:
+        session = fixture.session_for(profile.scripted_session if backend == "scripted" else None)
+    except ValueError as exc:
+        raise RunConfigError(str(exc)) from None
     if missing := run_problems(fixture.spec.acceptance_test_command, profile.case.command):
         raise RunConfigError("; ".join(missing))
     say: Progress = progress or (lambda _msg: None)
@@ -670,7 +674,7 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
         st.events.emit(ev.RUN_STARTED, run_id=run_id, fixture=fixture.id, stage=profile.stage,
                        profile_sha256=profile.sha256(), decision_sha256=_digest(decision_path),
                        admission_sha256=_digest(admission_path), backend=backend)
-        status = _run_body(st, profile, fixture, dict(env), backend, token, sandbox)
+        status = _run_body(st, profile, fixture, dict(env), backend, token, sandbox, session)
     finally:
         _cleanup(st)
         st.events.close()
@@ -735,7 +739,7 @@ def _admitted_model(admission_path: Path | None, fallback: str) -> str:
 
 
 def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[str, str], backend: Backend,
-              token: str, sandboxed: bool) -> Status:
+              token: str, sandboxed: bool, session: Path) -> Status:
     run_dir, say, case = st.run_dir, st.say, profile.case
     run_env = dict(env)
     if backend == "scripted":
@@ -743,7 +747,7 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
         model = _admitted_model(st.admission_path, case.model)
         (run_dir / "backend").mkdir()
         backend_argv = [sys.executable, "-m", "harness.scripted_backend", "--host", "127.0.0.1", "--port", "0",
-                        "--model", model, "--script", str(fixture.session_path),
+                        "--model", model, "--script", str(session),
                         "--access-log", str(run_dir / "backend" / "access.jsonl")]
         st.backend = _start_helper(backend_argv, _helper_env(env), run_dir / "backend" / "backend.log",
                                    BACKEND_READY_PREFIX, BACKEND_START_TIMEOUT_S)

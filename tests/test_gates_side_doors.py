@@ -67,6 +67,10 @@ def test_honest_profiles_pass() -> None:
                               'model = "{model}"\nmodel_provider = "local"\n'
                               '[model_providers.local]\nname = "local"\nbase_url = "{base_url}"\n'
                               'env_key = "OPENAI_API_KEY"\nwire_api = "chat"\n')),
+        # mini-swe-agent's YAML: a `model:` block header, the admitted model nested under it.
+        reference_profile(config_template=_template(
+            'model:\n  model_class: litellm_textbased\n  model_name: "{model}"\n'
+            '  model_kwargs:\n    custom_llm_provider: openai\n    api_base: "{base_url}"\n')),
     ]
     for profile in honest:
         assert _failures(_inputs(profile)) == [], profile.case.command
@@ -228,8 +232,14 @@ def test_a_home_seed_carrying_credentials_blocks(tmp_path: Path) -> None:
     reference_profile(config_template=_template("fallback_model: bedrock/amazon.nova-pro-v1\n")),
     reference_profile(fallback_models=["llama-3-8b"]),
     reference_profile(fallback_models=["deepseek-chat"]),
+    # A YAML block header is not a value, but what is nested under it, or a scalar on the
+    # next line, is still judged (mini-swe-agent's config has a `model:` block).
+    reference_profile(config_template=_template("model:\n  model_class: litellm\n  model_name: llama-3-8b\n")),
+    reference_profile(config_template=_template("model:\n  llama-3-8b\n")),
+    reference_profile(config_template=_template('model:\n  "llama-3-8b:"\n')),
 ], ids=["gpt-4o", "weak-model claude", "codex -c o3", "openrouter route", "other local model", "gemini word",
-        "template gemini", "template grok", "template bedrock", "fallback other", "fallback deepseek"])
+        "template gemini", "template grok", "template bedrock", "fallback other", "fallback deepseek",
+        "yaml nested model_name", "yaml scalar on next line", "yaml quoted colon"])
 def test_a_model_other_than_the_admitted_one_blocks(profile: RunProfile) -> None:
     failures = _failures(_inputs(profile))
     assert [c for c, _ in failures] == ["unadmitted_model_configured"], failures  # once, not per spelling
