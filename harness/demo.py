@@ -374,9 +374,11 @@ def run_demo(runs_dir: Path, *, source_env: Mapping[str, str] | None = None, out
             tick.say(f"problem: {problem}")
         rows.append(Row("verify (pass run)", "ok", "ok" if verdict.ok else f"{len(verdict.problems)} problem(s)",
                         bool(verdict.ok), str(pass_run)))
-        rows.append(Row("attestation (pass run)", "signed, verifies" if public else f"unsigned (no {ENV_SIGNING_KEY_FILE})",
-                        _attestation(pass_run) + (", verifies" if public and verdict.ok else ""),
-                        _attestation(pass_run) == ("signed" if public else "unsigned"), str(pass_run)))
+        signing = _attestation(pass_run)
+        rows.append(Row("attestation (pass run)",
+                        "signed, verifies" if public else f"unsigned (no {ENV_SIGNING_KEY_FILE})",
+                        signing + (", verifies" if public and verdict.ok else ""),
+                        signing == ("signed" if public else "unsigned"), str(pass_run)))
         tick.label = ""
         elapsed = time.monotonic() - tick.t0
 
@@ -398,7 +400,8 @@ def _evidence_grade(run_dir: Path) -> str:
 def _attestation(run_dir: Path) -> str:
     """Whether the report says the run's attestation is signed."""
     try:
-        signed = (json.loads((run_dir / "report.json").read_text(encoding="utf-8")).get("attestation") or {}).get("signed")
+        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        signed = (report.get("attestation") or {}).get("signed")
     except (OSError, json.JSONDecodeError, AttributeError):
         return "?"
     return "signed" if signed else "unsigned"

@@ -374,3 +374,27 @@ def test_an_unsigned_run_says_so(tmp_path: Path, signed_run: dict[str, Any]) -> 
     priv, pub = att.generate_keypair(tmp_path / "keys")
     assert "attestation: the attestation is unsigned (the run had no signing key)" \
         in verify_run(outcome.run_dir, public_key=att.load_public_key(pub)).problems
+
+
+def test_demo_signs_its_sandboxed_runs_and_verifies_the_pass_run(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    from harness.demo import run_demo
+
+    lines: list[str] = []
+
+    class Out:
+        def write(self, s: str) -> None:
+            lines.append(s)
+
+        def flush(self) -> None:
+            pass
+
+    source = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    assert run_demo(tmp_path / "runs", source_env={**source, att.ENV_SIGNING_KEY_FILE: str(keys[0])},
+                    out=Out()) == 0
+    text = "".join(lines)
+    row = [line for line in text.splitlines() if "attestation (pass run)" in line and not line.startswith(" ")]
+    assert len(row) == 1 and row[0].startswith("ok ") and row[0].rstrip().endswith("signed, verifies"), row
+    signed = {d.name: report_of(d).attestation.signed for d in (tmp_path / "runs").iterdir()
+              if (d / "report.json").is_file()}
+    # The --no-sandbox rows never get the key; every other run is signed.
+    assert True in signed.values() and False in signed.values(), signed
