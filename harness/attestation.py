@@ -318,7 +318,13 @@ def write_attestation(run_dir: Path, key: Ed25519PrivateKey | None) -> Path:
     report = json.loads((run_dir / "report.json").read_bytes())
     env = envelope(statement(run_subjects(run_dir), proof_fields(report)), key)
     out = run_dir / ATTESTATION_FILE
-    out.write_text(env.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    # A new file renamed into place: a link planted under either name is replaced, never
+    # followed (an unsandboxed Case shares the run directory's owner).
+    tmp = run_dir / f".{ATTESTATION_FILE}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(env.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, out)
     return out
 
 

@@ -194,7 +194,7 @@ class Report(BaseModel):
     endpoint: Endpoint
     timings: Timings
     attestation: AttestationSummary = Field(
-        default=AttestationSummary(signed=False),
+        default_factory=lambda: AttestationSummary(signed=False),
         description="whether attestation.dsse.json is signed; a run that says nothing here was not signed")
 
 

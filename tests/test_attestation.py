@@ -114,6 +114,22 @@ def test_subject_problems_name_each_difference() -> None:
         "a does not match its digest in the attestation (changed after the run?)"]
 
 
+def test_a_planted_link_is_replaced_not_followed(tmp_path: Path) -> None:
+    """Hostile Case (unsandboxed, same owner): links attestation.dsse.json to a file of
+    the harness's user before the harness writes it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "report.json").write_text("{}")
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (run_dir / att.ATTESTATION_FILE).symlink_to(victim)
+    att.write_attestation(run_dir, None)
+    assert victim.read_text() == "keep me\n"
+    out = run_dir / att.ATTESTATION_FILE
+    assert not out.is_symlink() and json.loads(out.read_text())["signatures"] == []
+    assert [s.name for s in att.read_envelope(out)[1].subject] == ["report.json"]
+
+
 # --- keys and keygen -------------------------------------------------------------------------
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
