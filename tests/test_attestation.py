@@ -37,6 +37,7 @@ from harness.report import collect_inputs, compute_report, report_json
 from harness.run import RunConfigError
 from harness.verify import verify_run
 from proxy.hashchain import HashChainWriter
+from proxy.settings import ENV_BASE_URL
 
 from .harness_support import base_env, reference_profile, report_of, run, write_artifacts
 
@@ -390,6 +391,19 @@ def test_an_unsigned_run_says_so(tmp_path: Path, signed_run: dict[str, Any]) -> 
     priv, pub = att.generate_keypair(tmp_path / "keys")
     assert "attestation: the attestation is unsigned (the run had no signing key)" \
         in verify_run(outcome.run_dir, public_key=att.load_public_key(pub)).problems
+
+
+def test_a_blocked_run_is_signed_too(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    arts = write_artifacts(tmp_path / "in")
+    env = {k: v for k, v in base_env(arts).items() if k != ENV_BASE_URL}  # the gate that blocks
+    outcome = run(reference_profile(), {**env, att.ENV_SIGNING_KEY_FILE: str(keys[0])}, tmp_path / "runs",
+                  backend="external")
+    assert outcome.status == "blocked"
+    names = {s["name"] for s in _statement(outcome.run_dir)["subject"]}
+    assert {"report.json", "events.jsonl", att.DECISION_SUBJECT, att.ADMISSION_SUBJECT} <= names
+    assert att.COMMIT_SUBJECT not in names and "proxy/evidence.jsonl" not in names
+    assert _statement(outcome.run_dir)["predicate"]["status"] == "blocked"
+    assert verify_run(outcome.run_dir, public_key=_public(keys)).problems == []
 
 
 def test_demo_signs_its_sandboxed_runs_and_verifies_the_pass_run(tmp_path: Path, keys: tuple[Path, Path]) -> None:
