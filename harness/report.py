@@ -540,9 +540,9 @@ def compute_report(inp: ReportInputs) -> Report:
 
 def _attestation(started: dict[str, Any]) -> AttestationSummary:
     """Signed exactly when ``run_started`` names the key id the harness loaded."""
-    kid = started.get("attestation_key_id")
-    return AttestationSummary(signed=isinstance(kid, str) and bool(kid), key_id=kid if isinstance(kid, str) and kid
-                              else None)
+    raw = started.get("attestation_key_id")
+    kid = raw if isinstance(raw, str) and raw else None
+    return AttestationSummary(signed=kid is not None, key_id=kid)
 
 
 def _isolation(started: dict[str, Any] | None, exited: dict[str, Any]) -> Isolation | None:
