@@ -44,9 +44,9 @@ PUBLIC_KEY_FILE = "signing-key.pub.pem"
 DECISION_SUBJECT = "CTO-WORK-020/decision-record"
 ADMISSION_SUBJECT = "CTO-WORK-020/admission"
 COMMIT_SUBJECT = "repo/final-commit"
-# Files of the run directory the statement covers whenever they exist: the brief's
-# report, events and evidence, plus every other input the report is computed from.
-RUN_FILES = ("report.json", "events.jsonl", "acceptance.json", "secret_scan.json", "proxy/metrics.prom",
+# Files of the run directory the statement covers whenever they exist: the report (and
+# its text form), the events and the evidence, plus every other input of the report.
+RUN_FILES = ("report.json", "report.txt", "events.jsonl", "acceptance.json", "secret_scan.json", "proxy/metrics.prom",
              "dns/queries.jsonl")
 REQUIRED_RUN_FILES = ("report.json", "events.jsonl")
 EVIDENCE_GLOB = "evidence*.jsonl"  # proxy/evidence.jsonl and any rotated part
@@ -191,7 +191,7 @@ def signature_problems(env: Envelope, public: Ed25519PublicKey) -> list[str]:
 def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
     """Write a new Ed25519 key pair into ``out_dir`` (private key mode 0600, never
     overwriting a file) and return (private, public) paths."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     priv_path, pub_path = out_dir / PRIVATE_KEY_FILE, out_dir / PUBLIC_KEY_FILE
     for path in (priv_path, pub_path):

@@ -143,6 +143,7 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(t
     first = _cli("keygen", "--out", str(out))
     assert first.returncode == 0, first.stderr
     priv, pub = out / att.PRIVATE_KEY_FILE, out / att.PUBLIC_KEY_FILE
+    assert f"{att.ENV_SIGNING_KEY_FILE}={priv}" in first.stdout  # an absolute path, usable from anywhere
     assert stat.S_IMODE(priv.stat().st_mode) == 0o600
     key = att.load_private_key(priv)
     assert att.key_id(key.public_key()) == att.key_id(att.load_public_key(pub)) in first.stdout
@@ -153,6 +154,16 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(t
     # The private key never reaches stdout (what an operator might paste or log).
     body = "".join(line for line in before.decode().splitlines() if not line.startswith("-----"))
     assert body not in first.stdout + first.stderr
+
+
+def test_keygen_prints_absolute_paths_for_a_relative_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["keygen", "--out", "keys"], env={}) == 0
+    out = capsys.readouterr().out
+    assert f"{att.ENV_SIGNING_KEY_FILE}={tmp_path / 'keys' / att.PRIVATE_KEY_FILE}" in out
 
 
 def test_a_key_others_can_read_is_refused(tmp_path: Path) -> None:
@@ -327,6 +338,14 @@ def test_an_edited_subject_file_is_rejected(copy_of_run: Path, keys: tuple[Path,
     problems = verify_run(copy_of_run, public_key=_public(keys)).problems
     assert problems == ["attestation: proxy/metrics.prom does not match its digest in the attestation "
                         "(changed after the run?)"], problems
+
+
+def test_an_edited_report_txt_is_rejected(copy_of_run: Path, keys: tuple[Path, Path]) -> None:
+    """report.txt is not recomputed by verify: a FAIL turned into PASS there is caught by its subject."""
+    path = copy_of_run / "report.txt"
+    path.write_text(path.read_text().replace("status: PASS", "status: PASS (edited)"))
+    assert verify_run(copy_of_run, public_key=_public(keys)).problems == [
+        "attestation: report.txt does not match its digest in the attestation (changed after the run?)"]
 
 
 def test_a_deleted_subject_file_is_rejected(copy_of_run: Path, keys: tuple[Path, Path]) -> None:
