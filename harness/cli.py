@@ -1,4 +1,4 @@
-"""`case-harness`: preflight, run, verify, report, schema, demo.
+"""`case-harness`: preflight, run, verify, report, schema, demo, keygen.
 
 Exit codes: 0 pass (preflight: every gate holds; verify: the report recomputes and both
 chains hold); 1 fail (verify: problems found); 2 usage or configuration error; 3 blocked
@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="decision record (default: $CTO_HARNESS_CASE_DECISION_FILE)")
     ver.add_argument("--admission-file", type=Path, default=None,
                      help="admission JSON (default: $CTO_HARNESS_CASE_MODEL_ADMISSION_FILE)")
+    ver.add_argument("--public-key", type=Path, default=None, metavar="F",
+                     help="Ed25519 public key (PEM, from keygen): attestation.dsse.json must be signed by it")
     rep = sub.add_parser("report", help="print a run's report summary; --html writes a page")
     rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     rep.add_argument("--html", type=Path, default=None, metavar="OUT", help="also write an HTML page to OUT")
@@ -105,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole route on this machine with the scripted backend, then every "
                                        "negative gate blocking")
     demo.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where runs go (default ./harness-runs)")
+    keygen = sub.add_parser("keygen", help="write an Ed25519 key pair that signs each run's attestation")
+    keygen.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="directory for signing-key.pem (mode 0600) and signing-key.pub.pem; existing keys "
+                             "are never overwritten")
     add_epilogs(p, sub)
     return p
 
@@ -178,11 +184,23 @@ def cmd_verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     if not args.run_dir.is_dir():
         raise UsageError(f"run directory {args.run_dir} does not exist")
+    public_key = None
+    if args.public_key is not None:
+        from .attestation import AttestationError, load_public_key
+
+        try:
+            public_key = load_public_key(args.public_key)
+        except AttestationError as exc:
+            raise UsageError(str(exc)) from None
     result = verify_run(args.run_dir,
                         decision_path=args.decision_file or env_path(env, ENV_DECISION_FILE),
-                        admission_path=args.admission_file or env_path(env, ENV_ADMISSION_FILE))
+                        admission_path=args.admission_file or env_path(env, ENV_ADMISSION_FILE),
+                        public_key=public_key)
     if result.ok:
-        print(f"ok: {args.run_dir}: the report recomputes from the evidence and both hash chains hold")
+        print(f"ok: {args.run_dir}: the report recomputes from the evidence, both hash chains hold and the "
+              "attestation covers the run's files; "
+              + ("its signature verifies with the given public key" if public_key is not None
+                 else "signature not checked (no --public-key)"))
         return EXIT_PASS
     for problem in result.problems:
         print(f"problem: {problem}")
@@ -231,8 +249,23 @@ def cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise UsageError(str(exc)) from None
 
 
+def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .attestation import ENV_SIGNING_KEY_FILE, AttestationError, generate_keypair, key_id, load_public_key
+
+    try:
+        private, public = generate_keypair(args.out)
+    except AttestationError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write keys into {args.out}: {exc.strerror}") from None
+    print(f"private key: {private} (mode 0600; give it to runs as {ENV_SIGNING_KEY_FILE}={private})")
+    print(f"public key:  {public} (case-harness verify RUN_DIR --public-key {public})")
+    print(f"key id:      {key_id(load_public_key(public))}")
+    return EXIT_PASS
+
+
 COMMANDS = {"preflight": cmd_preflight, "run": cmd_run, "verify": cmd_verify, "report": cmd_report,
-            "schema": cmd_schema, "demo": cmd_demo}
+            "schema": cmd_schema, "demo": cmd_demo, "keygen": cmd_keygen}
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:

@@ -30,6 +30,8 @@ example:
 environment:
 {_ENV_RUN}
   CASE_HARNESS_EXTRA_SECRETS_FILE        more values for the secret scan, one per line
+  CASE_HARNESS_SIGNING_KEY_FILE          Ed25519 private key (from keygen) that signs attestation.dsse.json;
+                                         unset: the attestation is written unsigned and the report says so
 
 exit codes:
   0  pass
@@ -46,12 +48,13 @@ environment:
   CTO_HARNESS_CASE_MODEL_ADMISSION_FILE  default for --admission-file
 
 exit codes:
-  0  the report recomputes from the run's evidence and both hash chains hold
+  0  the report recomputes from the run's evidence, both hash chains hold and attestation.dsse.json
+     covers the run's files (and, with --public-key, is signed by that key)
   1  problems found (each printed)
-  2  usage error (the run directory does not exist)
+  2  usage error (the run directory does not exist, the public key is not an Ed25519 PEM key)
 
 example:
-  case-harness verify harness-runs/20261128T071746Z-r1-string-slugify-282994
+  case-harness verify harness-runs/20261128T071746Z-r1-string-slugify-282994 --public-key keys/signing-key.pub.pem
 """,
     "report": """\
 environment: none read.
@@ -72,10 +75,23 @@ exit codes:
 example:
   case-harness schema
 """,
+    "keygen": """\
+environment: none read.
+
+exit codes:
+  0  signing-key.pem (mode 0600) and signing-key.pub.pem written
+  2  usage error (a key file already exists there, the directory cannot be written)
+
+example:
+  case-harness keygen --out ~/.config/case-harness/keys
+  CASE_HARNESS_SIGNING_KEY_FILE=~/.config/case-harness/keys/signing-key.pem case-harness run
+""",
     "demo": """\
 environment: none of the CTO_HARNESS_* variables; every run gets a fresh environment
   (PATH, locale, HOME, TMPDIR and demo copies of the artifacts), so your own
-  ANTHROPIC_API_KEY or CTO_HARNESS_* cannot change what the demo shows.
+  ANTHROPIC_API_KEY or CTO_HARNESS_* cannot change what the demo shows. Only
+  CASE_HARNESS_SIGNING_KEY_FILE is passed on: the sandboxed runs sign their attestation
+  with it and the pass run's signature is verified.
 
 exit codes:
   0  everything came out as expected (the pass run passed, each negative gate blocked, verify ok)

@@ -36,6 +36,7 @@ from typing import Any
 from proxy.settings import ENV_ADMISSION_FILE, ENV_API_KEY, ENV_BASE_URL, ENV_DECISION_FILE
 
 from . import events as events_mod
+from .attestation import ENV_SIGNING_KEY_FILE, load_private_key, signing_key_path
 from .fixture_catalog import load_fixture
 from .profile import REFERENCE_PROFILE_PATH, ConfigTemplate, RunProfile, load_run_profile
 from .run import RunConfigError, RunOutcome, run_once
@@ -124,6 +125,8 @@ def base_env(inputs: DemoInputs, source: Mapping[str, str] | None = None) -> dic
     """A clean run environment: enough to run programs, plus the demo inputs."""
     source = os.environ if source is None else source
     env = {k: source[k] for k in _BASE_ENV if source.get(k)}
+    if source.get(ENV_SIGNING_KEY_FILE):  # the operator's attestation key, a path (never argv)
+        env[ENV_SIGNING_KEY_FILE] = source[ENV_SIGNING_KEY_FILE]
     env[ENV_DECISION_FILE] = str(inputs.decision)
     env[ENV_ADMISSION_FILE] = str(inputs.admission)
     return env
@@ -340,6 +343,8 @@ def run_demo(runs_dir: Path, *, source_env: Mapping[str, str] | None = None, out
             tick.label = f"gate: {case.name}"
             env = base_env(inputs, source_env)
             case.env_change(env, inputs)
+            if not case.sandbox:  # an unsandboxed Case could read the key: such runs are never signed
+                env.pop(ENV_SIGNING_KEY_FILE, None)
             profile = demo_profile(model=case.model)
             if case.case_changes is not None:
                 profile = demo_profile(model=case.model, **case.case_changes(profile))
@@ -361,11 +366,19 @@ def run_demo(runs_dir: Path, *, source_env: Mapping[str, str] | None = None, out
         from .verify import verify_run
 
         tick.say(f"recomputing the pass run's report from its evidence: {pass_run}")
-        verdict = verify_run(pass_run, decision_path=inputs.decision, admission_path=inputs.admission)
+        key_path = signing_key_path(base_env(inputs, source_env))
+        public = load_private_key(key_path).public_key() if key_path is not None else None
+        verdict = verify_run(pass_run, decision_path=inputs.decision, admission_path=inputs.admission,
+                             public_key=public)
         for problem in verdict.problems:
             tick.say(f"problem: {problem}")
         rows.append(Row("verify (pass run)", "ok", "ok" if verdict.ok else f"{len(verdict.problems)} problem(s)",
                         bool(verdict.ok), str(pass_run)))
+        signing = _attestation(pass_run)
+        rows.append(Row("attestation (pass run)",
+                        "signed, verifies" if public else f"unsigned (no {ENV_SIGNING_KEY_FILE})",
+                        signing + (", verifies" if public and verdict.ok else ""),
+                        signing == ("signed" if public else "unsigned"), str(pass_run)))
         tick.label = ""
         elapsed = time.monotonic() - tick.t0
 
@@ -382,6 +395,16 @@ def _evidence_grade(run_dir: Path) -> str:
         return str(json.loads((run_dir / "report.json").read_text(encoding="utf-8")).get("evidence_grade"))
     except (OSError, json.JSONDecodeError, AttributeError):
         return "?"
+
+
+def _attestation(run_dir: Path) -> str:
+    """Whether the report says the run's attestation is signed."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        signed = (report.get("attestation") or {}).get("signed")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "?"
+    return "signed" if signed else "unsigned"
 
 
 def _isolation(run_dir: Path) -> str:

@@ -25,6 +25,7 @@ from proxy.hashchain import ChainVerdict, read_chain_bytes
 from proxy.upstream_policy import is_known_provider_host
 
 from . import events as ev
+from .attestation import PREDICATE_TYPE
 from .dns_sink import read_queries
 from .secret_scan import ScanResult
 
@@ -144,6 +145,18 @@ class Timings(BaseModel):
     case_duration_s: float | None
 
 
+class AttestationSummary(BaseModel):
+    """How the run is attested (``attestation.dsse.json``; ``docs/attestation.md``), from
+    ``run_started``, which records the key the harness loaded before anything ran."""
+
+    file: Literal["attestation.dsse.json"] = "attestation.dsse.json"
+    signed: bool = Field(description="false: no signing key was given (CASE_HARNESS_SIGNING_KEY_FILE); the "
+                         "statement is written in an envelope with no signatures")
+    key_id: str | None = Field(default=None, description="the Ed25519 key id the envelope is signed with "
+                               "(securesystemslib's default key id)")
+    predicate_type: str = PREDICATE_TYPE
+
+
 class Report(BaseModel):
     """Schema version 1 of the Harness Evidence Interface (documented in
     ``config/report.schema.json`` and the README)."""
@@ -180,6 +193,9 @@ class Report(BaseModel):
     chains: Chains
     endpoint: Endpoint
     timings: Timings
+    attestation: AttestationSummary = Field(
+        default_factory=lambda: AttestationSummary(signed=False),
+        description="whether attestation.dsse.json is signed; a run that says nothing here was not signed")
 
 
 class ReportInputs(BaseModel):
@@ -518,7 +534,15 @@ def compute_report(inp: ReportInputs) -> Report:
                           fingerprint=preflight.get("upstream_fingerprint")),
         timings=Timings(started_at=started.get("time"), finished_at=events[-1].get("time") if events else None,
                         case_duration_s=case_exited.get("duration_s")),
+        attestation=_attestation(started),
     )
+
+
+def _attestation(started: dict[str, Any]) -> AttestationSummary:
+    """Signed exactly when ``run_started`` names the key id the harness loaded."""
+    raw = started.get("attestation_key_id")
+    kid = raw if isinstance(raw, str) and raw else None
+    return AttestationSummary(signed=kid is not None, key_id=kid)
 
 
 def _isolation(started: dict[str, Any] | None, exited: dict[str, Any]) -> Isolation | None:
@@ -594,6 +618,9 @@ def render_text(report: Report) -> str:
         f"decision sha256 before/after: {_short(r.digests.decision_sha256_before)} / "
         f"{_short(r.digests.decision_sha256_after)}; admission: {_short(r.digests.admission_sha256_before)} / "
         f"{_short(r.digests.admission_sha256_after)}",
+        f"attestation: {r.attestation.file} signed by Ed25519 key {r.attestation.key_id[:16]}"
+        if r.attestation.signed and r.attestation.key_id else
+        f"attestation: {r.attestation.file} UNSIGNED (no signing key: CASE_HARNESS_SIGNING_KEY_FILE was not set)",
     ]
     return "\n".join(lines) + "\n"
 

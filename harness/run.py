@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 from urllib.parse import quote, urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
 from proxy.admission import ArtifactError, file_sha256, load_admission
@@ -72,6 +73,7 @@ from proxy.settings import (
     env_path,
 )
 
+from . import attestation as att
 from . import events as ev
 from . import repo_guard
 from . import sandbox as sbx
@@ -654,8 +656,13 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
         raise RunConfigError("; ".join(missing))
     say: Progress = progress or (lambda _msg: None)
     runs_dir = Path(runs_dir).absolute()
+    key_path, signing_key = signing_key_from_env(env, runs_dir)
+    if signing_key is not None and not sandbox:
+        raise RunConfigError(f"{att.ENV_SIGNING_KEY_FILE} is set, but --no-sandbox runs Case as this user, where "
+                             "it could read the signing key and sign anything; unset it for unsandboxed runs")
     if sandbox:
-        _check_exposure(profile.case, runs_dir)
+        _check_exposure(profile.case, runs_dir,
+                        [("the attestation signing key", key_path)] if key_path is not None else [])
     runs_dir.mkdir(parents=True, exist_ok=True)
     run_id = f"{_utc_stamp()}-{fixture.id}-{secrets.token_hex(3)}"
     run_dir = runs_dir / run_id
@@ -669,25 +676,51 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
     st = _RunState(run_dir=run_dir, events=EventLog(run_dir / "events.jsonl"), say=say,
                    decision_path=decision_path, admission_path=admission_path,
                    secrets=collect_secrets(env, [token]))
+    if signing_key is not None:  # the scan looks for the key in every place, like any other secret
+        for label, value in att.key_secrets(signing_key):
+            st.secrets.add(label, value)
     say(f"run {run_id}: started in {run_dir}")
     try:
         st.events.emit(ev.RUN_STARTED, run_id=run_id, fixture=fixture.id, stage=profile.stage,
                        profile_sha256=profile.sha256(), decision_sha256=_digest(decision_path),
-                       admission_sha256=_digest(admission_path), backend=backend)
+                       admission_sha256=_digest(admission_path), backend=backend,
+                       attestation_key_id=att.key_id(signing_key.public_key()) if signing_key else None)
         status = _run_body(st, profile, fixture, dict(env), backend, token, sandbox, session)
     finally:
         _cleanup(st)
         st.events.close()
+    # After report_written, over the closed event log: the statement covers every line.
+    att.write_attestation(run_dir, signing_key)
+    say(f"attestation: {att.ATTESTATION_FILE} " + ("signed" if signing_key else
+                                                   f"UNSIGNED (no {att.ENV_SIGNING_KEY_FILE})"))
     say(f"run {run_id}: {status}")
     return RunOutcome(run_dir=run_dir, status=status, exit_code=STATUS_EXIT.get(status, EXIT_FAIL))
 
 
-def _check_exposure(case: CaseProfile, runs_dir: Path) -> None:
+def signing_key_from_env(env: Mapping[str, str], runs_dir: Path) -> tuple[Path | None, Ed25519PrivateKey | None]:
+    """The attestation key named by ``CASE_HARNESS_SIGNING_KEY_FILE``, loaded before any
+    run directory exists (Case can never swap it); a key that is unusable, or kept under
+    the runs directory (where a run's files are published), is a usage error."""
+    path = att.signing_key_path(env)
+    if path is None:
+        return None, None
+    real = Path(os.path.realpath(path))
+    if real.is_relative_to(os.path.realpath(runs_dir)):
+        raise RunConfigError(f"{att.ENV_SIGNING_KEY_FILE}: the signing key {path} is inside the runs directory "
+                             f"{runs_dir}; keep it where no run directory is")
+    try:
+        return path, att.load_private_key(path)
+    except att.AttestationError as exc:
+        raise RunConfigError(f"{att.ENV_SIGNING_KEY_FILE}: {exc}") from None
+
+
+def _check_exposure(case: CaseProfile, runs_dir: Path, protected: list[tuple[str, Path]] | None = None) -> None:
     """What the sandbox would expose must exist and must not reach the run directories
-    (known only now) or the fixtures; the interpreter prefixes are checked too."""
+    (known only now), the fixtures or the signing key; the interpreter prefixes are
+    checked too."""
     interpreter = [("the harness interpreter prefix", p) for p in sbx.interpreter_paths()]
     exposed = case.sandbox.exposed() + interpreter
-    protected = [*static_protected(), ("the run directory", runs_dir)]
+    protected = [*static_protected(), ("the run directory", runs_dir), *(protected or [])]
     problems = exposure_problems(case.sandbox.exposed(), protected)
     # A protected directory strictly inside the interpreter prefix (the fixtures of an
     # installed wheel, in its site-packages) is covered by a tmpfs (sbx.masked_paths).

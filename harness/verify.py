@@ -5,6 +5,10 @@ recomputed from the run's files with ``harness.report`` and every field that dif
 a problem, as is a ``report_written`` event that is not last or does not match the
 report's bytes. With the artifact paths given, their current digests must still match
 what the run recorded after it finished.
+
+``attestation.dsse.json`` (``harness.attestation``) must cover exactly the run's files as
+they are now; with ``public_key`` its DSSE signature must verify with that key, which is
+the one check a party able to rewrite the whole run directory cannot pass.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from proxy.admission import file_sha256
 
+from . import attestation as att
 from . import events as ev
 from .report import Report, collect_inputs, compute_report
 
@@ -40,7 +47,8 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [path or "(root)"]
 
 
-def verify_run(run_dir: Path, *, decision_path: Path | None = None, admission_path: Path | None = None) -> VerifyResult:
+def verify_run(run_dir: Path, *, decision_path: Path | None = None, admission_path: Path | None = None,
+               public_key: Ed25519PublicKey | None = None) -> VerifyResult:
     result = VerifyResult()
     run_dir = Path(run_dir)
     verdict, events = ev.read_events(run_dir / "events.jsonl")
@@ -79,4 +87,9 @@ def verify_run(run_dir: Path, *, decision_path: Path | None = None, admission_pa
                                   ("admission JSON", admission_path, last.get("admission_sha256_after"))):
         if path is not None and recorded is not None and file_sha256(path) != recorded:
             result.problems.append(f"the {label} has changed since the run (SHA-256 differs from the run's)")
+    result.problems += [f"attestation: {p}" for p in
+                        att.verify_attestation(run_dir, public_key=public_key, report=stored_json)]
+    if public_key is not None and stored.attestation.key_id not in (None, att.key_id(public_key)):
+        result.problems.append(f"the report names signing key {stored.attestation.key_id[:16]}, not the given "
+                               f"public key {att.key_id(public_key)[:16]}")
     return result

@@ -301,6 +301,8 @@ def test_demo_passes_with_demo_grade_and_verifies(tmp_path: Path) -> None:
     text = "".join(lines)
     assert "demo OK" in text
     assert "ok  Case sandboxed (pass run)" in text and "bubblewrap, proxy-only, 0 processes left" in text
+    row = [line for line in text.splitlines() if "attestation (pass run)" in line and not line.startswith(" ")]
+    assert len(row) == 1 and row[0].startswith("ok ") and row[0].rstrip().endswith("unsigned"), row
     pass_runs = [d for d in (tmp_path / "runs").iterdir() if (d / "report.json").is_file()
                  and report_of(d).status == "pass"]
     assert len(pass_runs) == 1
