@@ -69,6 +69,7 @@ from proxy.settings import (
     ENV_DECISION_FILE,
     ENV_EVIDENCE_FILE,
     ENV_TOKEN,
+    ENV_EXTRA_SECRETS_FILE as ENV_PROXY_EXTRA_SECRETS_FILE,
     env_path,
 )
 
@@ -82,7 +83,7 @@ from .profile import CaseProfile, RunProfile, exposure_problems, static_protecte
 from .runtime_check import run_problems
 from .report import collect_inputs, compute_report, render_text, report_json
 from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
-from .secret_scan import SecretSet, TextScanner, collect_secrets, scan_run_dir
+from .secret_scan import ENV_EXTRA_SECRETS_FILE, SecretSet, TextScanner, collect_secrets, scan_run_dir
 from .unix_http import unix_http_get
 
 # --------------------------------------------------------------------------- constants
@@ -767,6 +768,9 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     proxy_env = _helper_env(run_env, _PROXY_PASS_THROUGH)
     proxy_env[ENV_TOKEN] = token
     proxy_env[ENV_EVIDENCE_FILE] = str(evidence_path)
+    if run_env.get(ENV_EXTRA_SECRETS_FILE):
+        # The operator's listed secrets: the proxy redacts them too, not only the scan finds them.
+        proxy_env[ENV_PROXY_EXTRA_SECRETS_FILE] = run_env[ENV_EXTRA_SECRETS_FILE]
     # One worker whatever the operator's config says: a run's proof is one evidence chain.
     proxy_argv = [sys.executable, "-m", "proxy", "serve", "--workers", "1"]
     if bwrap is not None:
