@@ -74,7 +74,7 @@ from proxy.settings import (
 )
 
 from . import events as ev
-from . import repo_guard
+from . import git_mirror, repo_guard
 from . import sandbox as sbx
 from .events import EventLog
 from .fixture_catalog import AcceptanceResult, Fixture, export_commit, head_commit, load_fixture, materialize, run_acceptance
@@ -545,6 +545,9 @@ class _RunState:
     sandbox: sbx.SandboxProcess | None = None
     dns: _Helper | None = None  # the DNS sink in the sandbox's network namespace
     git_config: bytes = b""  # the repository's .git/config as the harness wrote it
+    # Case's repository copied as data when Case stopped, before its git controls are
+    # taken back: the secret scan reads it (Case's own .git/config included).
+    git_snapshot: git_mirror.GitSnapshot | None = None
 
 
 def case_argv(command: list[str], task_file: Path, workdir: Path) -> list[str]:
@@ -1015,6 +1018,8 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
     """Acceptance tests on a clean export of Case's final commit (never the work tree).
     They import Case's code, so with the sandbox they run in one too (no network, none
     of the machine but the interpreter, the tests' temporary copy and the checkout)."""
+    # Copied first, as data (no git runs in it), so the scan sees what Case wrote.
+    st.git_snapshot = git_mirror.take(repo_dir)
     # Case could write .git/config and friends; git would obey them outside the sandbox.
     reset = repo_guard.reclaim(repo_dir, st.git_config)
     if reset:
@@ -1065,7 +1070,11 @@ def _finish(st: _RunState) -> str:
     directory exists ends here, so every run has a scan and a report."""
     _cleanup(st)
     st.say("secret scan: every place the seed names")
-    result = scan_run_dir(st.run_dir, st.secrets, argv_text=st.sampler.text())
+    try:
+        result = scan_run_dir(st.run_dir, st.secrets, argv_text=st.sampler.text(), git_snapshot=st.git_snapshot)
+    finally:
+        if st.git_snapshot is not None:
+            st.git_snapshot.remove()
     (st.run_dir / "secret_scan.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     st.events.emit(ev.SECRET_SCAN_DONE, findings_count=len(result.findings), places_scanned=result.places_scanned,
                    secret_scan_sha256=_digest(st.run_dir / "secret_scan.json"))

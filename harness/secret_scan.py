@@ -7,15 +7,14 @@ through an ``Authorization`` header, a query string or a data URL is still a lea
 
 from __future__ import annotations
 
-import os
-import subprocess
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from .git_mirror import GitSnapshot, read_objects, take
 from proxy.redact import MIN_SECRET_LEN, Redactor, labelled_encoded_forms
 from proxy.settings import ENV_API_KEY, ENV_API_KEY_FILE, ENV_BASE_URL, ENV_TOKEN
 
@@ -23,7 +22,8 @@ ENV_EXTRA_SECRETS_FILE = "CASE_HARNESS_EXTRA_SECRETS_FILE"
 _SECRET_NAME_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
-# place -> files under the run directory (globs); "argv" and "commits" are special.
+# place -> files under the run directory (globs); "argv" and "commits" are special
+# ("commits" also adds git_refs, git_reflog, git_files and worktree: see scan_git).
 PLACES: dict[str, tuple[str, ...]] = {
     "argv": (),
     "task_file": ("task.md",),
@@ -166,33 +166,80 @@ class TextScanner:
         return hits
 
 
-def _git_log_text(repo: Path) -> str | None:
-    env = {k: os.environ[k] for k in ("PATH", "LANG", "HOME") if k in os.environ}
-    env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_PAGER": "cat"})
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "log", "-p", "--all", "--no-color", "--no-textconv",
-                              "--no-ext-diff", "--format=commit %H%n%B"],
-                             capture_output=True, env=env, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.decode("utf-8", "replace")
+def _object_field(kind: str, text: str, line: int) -> str:
+    """Where in a commit or tag object line ``line`` is: its header's name (author,
+    committer, tagger, tag, ...) or 'message'."""
+    if kind not in ("commit", "tag"):
+        return ""
+    for n, row in enumerate(text.split("\n"), start=1):
+        if row == "":
+            return "message"
+        if n == line:
+            return "header " + (row.split(" ", 1)[0] if not row.startswith(" ") else "continued")
+    return "message"
 
 
-def _commit_of_line(text: str, line: int) -> str:
-    commit = "?"
-    for n, row in enumerate(text.splitlines()[:line], start=1):
-        if row.startswith("commit ") and len(row) == 47:
-            commit = row[7:19]
-        if n >= line:
-            break
-    return f"commit {commit}"
+def _decode(data: bytes) -> str:
+    # ASCII secrets survive any surrounding binary bytes; invalid sequences become U+FFFD.
+    return data.decode("utf-8", "replace")
 
 
-def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "") -> ScanResult:
+def scan_git(snap: GitSnapshot, scanner: TextScanner) -> tuple[list[str], list[ScanFinding]]:
+    """Scan a harness-owned snapshot of Case's repository (:mod:`harness.git_mirror`):
+    every object (blobs binary or not, trees, commits with their author, committer and
+    message, tags; reachable, reflog-only or dangling), ref names and ``packed-refs``,
+    reflogs, Case's other ``.git`` files (``config`` first among them) and the work
+    tree, contents and file names. Returns (places scanned, findings)."""
+    findings: list[ScanFinding] = []
+
+    def add(place: str, text: str, where: Callable[[int], str]) -> None:
+        findings.extend(ScanFinding(place=place, kind=k, location=where(n)) for k, n in scanner.scan(text))
+
+    read = read_objects(snap)
+    for problem in read.problems:
+        findings.append(ScanFinding(place="commits", kind="unreadable", location=f"repo: {problem}"))
+    for obj in read.objects:
+        text = _decode(obj.data)
+        state = "" if obj.reachable else " (not reachable from any ref or reflog: dangling)"
+        named = f" {obj.path}" if obj.path else ""
+        add("commits", text, lambda n, o=obj, t=text, st=state, nm=named:
+            f"{o.kind} {o.oid[:12]}{nm}{st}, line {n}" + (f" ({f})" if (f := _object_field(o.kind, t, n)) else ""))
+        if obj.path:
+            add("commits", obj.path, lambda n, o=obj: f"{o.kind} {o.oid[:12]}: its file name")
+    for i, ref in enumerate(read.refs, start=1):
+        add("git_refs", ref, lambda n, i=i: f"ref name #{i} (for-each-ref order)")
+    for rel in sorted(p.relative_to(snap.bare).as_posix() for p in (snap.bare / "refs").rglob("*") if p.is_file()):
+        add("git_refs", rel, lambda n: "a ref file's name under .git/refs")
+    if (snap.bare / "packed-refs").is_file():
+        text = _decode((snap.bare / "packed-refs").read_bytes())
+        add("git_refs", text, lambda n: f".git/packed-refs:{n}")
+    logs = sorted(p for p in (snap.bare / "logs").rglob("*") if p.is_file()) if (snap.bare / "logs").is_dir() else []
+    for path in logs:
+        rel = path.relative_to(snap.bare).as_posix()
+        add("git_reflog", rel, lambda n: "a reflog's file name under .git/logs")
+        add("git_reflog", _decode(path.read_bytes()), lambda n, r=rel: f".git/{r}:{n}")
+    for rel, data in sorted(snap.control.items()):
+        add("git_files", rel, lambda n, r=rel: "a file name in .git")
+        add("git_files", _decode(data), lambda n, r=rel: f".git/{r}:{n}" if r != "." else f".git (a file):{n}")
+    for rel, data in sorted(snap.worktree.items()):
+        add("worktree", rel, lambda n: "a file name in the work tree")
+        add("worktree", _decode(data), lambda n, r=rel: f"repo/{r}:{n}")
+    for rel, target in sorted(snap.links.items()):
+        add("worktree" if not rel.startswith(".git/") else "git_files", f"{rel}\n{target}",
+            lambda n: "a symbolic link's name or target")
+    for why in snap.skipped:
+        findings.append(ScanFinding(place="worktree" if not why.startswith(".git") else "git_files",
+                                    kind="unreadable", location=why))
+    return ["commits", "git_refs", "git_reflog", "git_files", "worktree"], findings
+
+
+def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "",
+                 git_snapshot: GitSnapshot | None = None) -> ScanResult:
     """Scan every place; a place that exists but cannot be read is itself a finding
-    (an unscanned place is not a clean place)."""
+    (an unscanned place is not a clean place). ``git_snapshot``: Case's repository as
+    the harness copied it when Case stopped (before the harness took its ``.git``
+    controls back); without one, ``run_dir/repo`` is copied now. Locations are redacted
+    too: a file or ref name may itself be the secret."""
     scanner = TextScanner(secrets)
     findings: list[ScanFinding] = []
     scanned: list[str] = []
@@ -203,16 +250,16 @@ def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "") -> S
                          for k, n in scanner.scan(argv_text)]
             continue
         if place == "commits":
-            repo = run_dir / "repo"
-            if not (repo / ".git").exists():
+            if not (run_dir / "repo").exists():
                 continue
-            text = _git_log_text(repo)
-            scanned.append(place)
-            if text is None:
-                findings.append(ScanFinding(place=place, kind="unreadable", location="repo: git log -p failed"))
-                continue
-            findings += [ScanFinding(place=place, kind=k, location=_commit_of_line(text, n))
-                         for k, n in scanner.scan(text)]
+            snap = git_snapshot or take(run_dir / "repo")
+            try:
+                places, found = scan_git(snap, scanner)
+            finally:
+                if git_snapshot is None:
+                    snap.remove()
+            scanned += places
+            findings += found
             continue
         files = sorted({p for g in globs for p in run_dir.glob(g) if p.is_file()})
         if not files:
@@ -226,4 +273,6 @@ def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "") -> S
                 findings.append(ScanFinding(place=place, kind="unreadable", location=rel))
                 continue
             findings += [ScanFinding(place=place, kind=k, location=f"{rel}:{n}") for k, n in scanner.scan(text)]
+    redactor = Redactor(secrets.values)
+    findings = [f.model_copy(update={"location": redactor.redact(f.location)}) for f in findings]
     return ScanResult(clean=not findings, secrets_known=len(secrets), places_scanned=scanned, findings=findings)
