@@ -35,7 +35,11 @@ PLACES: dict[str, tuple[str, ...]] = {
     "backend_logs": ("backend/*",),
     "acceptance_output": ("acceptance.json",),
     "events": ("events.jsonl",),
+    "dns_queries": ("dns/*",),
     "commits": (),
+    # Every other file of the run directory (outside repo/, which "commits" reads):
+    # a place nobody listed is still a place.
+    "other_files": (),
 }
 
 
@@ -233,6 +237,18 @@ def scan_git(snap: GitSnapshot, scanner: TextScanner) -> tuple[list[str], list[S
     return ["commits", "git_refs", "git_reflog", "git_files", "worktree"], findings
 
 
+def _other_files(run_dir: Path, listed: set[Path]) -> list[Path]:
+    """Regular files of the run directory no other place covers (links not followed:
+    ``rglob`` does not descend into linked directories, and linked files are skipped)."""
+    out = []
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir)
+        if rel.parts[0] == "repo" or path in listed or path.is_symlink() or not path.is_file():
+            continue
+        out.append(path)
+    return out
+
+
 def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "",
                  git_snapshot: GitSnapshot | None = None) -> ScanResult:
     """Scan every place; a place that exists but cannot be read is itself a finding
@@ -243,6 +259,7 @@ def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "",
     scanner = TextScanner(secrets)
     findings: list[ScanFinding] = []
     scanned: list[str] = []
+    listed: set[Path] = set()
     for place, globs in PLACES.items():
         if place == "argv":
             scanned.append(place)
@@ -261,7 +278,11 @@ def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "",
             scanned += places
             findings += found
             continue
-        files = sorted({p for g in globs for p in run_dir.glob(g) if p.is_file()})
+        if place == "other_files":
+            files = _other_files(run_dir, listed)
+        else:
+            files = sorted({p for g in globs for p in run_dir.glob(g) if p.is_file() and not p.is_symlink()})
+            listed |= set(files)
         if not files:
             continue
         scanned.append(place)

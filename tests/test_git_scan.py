@@ -235,3 +235,17 @@ def test_mirror_ignores_alternates_and_replace_refs(repo: Repo, tmp_path: Path) 
         snap.remove()
     result = repo.scan()
     assert any(f.place == "commits" and f.location.startswith("blob ") for f in result.findings)
+
+
+def test_secret_in_an_unlisted_run_file_and_dns_log_is_found(tmp_path: Path) -> None:
+    """Places no glob names (the DNS sink's log, any new file) are scanned too."""
+    run_dir = tmp_path / "run"
+    (run_dir / "dns").mkdir(parents=True)
+    (run_dir / "dns" / "queries.jsonl").write_text(f'{{"name": "{TOKEN}.exfil.example"}}\n')
+    (run_dir / "somewhere" / "new").mkdir(parents=True)
+    (run_dir / "somewhere" / "new" / "file.txt").write_text(f"x\n{TOKEN}\n")
+    secrets = SecretSet()
+    secrets.add("run_token", TOKEN)
+    result = scan_run_dir(run_dir, secrets)
+    assert {(f.place, f.location) for f in result.findings} == {
+        ("dns_queries", "dns/queries.jsonl:1"), ("other_files", "somewhere/new/file.txt:2")}
