@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict
 
 from proxy.admission import ArtifactError, file_sha256, load_admission
 from proxy.evidence import NON_MODEL_ENDPOINTS
-from proxy.redact import Redactor
+from proxy.redact import Redactor, head_lines
 from proxy.settings import (
     ENV_ADMISSION_FILE,
     ENV_API_KEY,
@@ -437,8 +437,11 @@ class _Capture(threading.Thread):
             pass
 
     def text(self) -> str:
+        """The kept output; when some was dropped, only whole lines (``head_lines``): a
+        line cut at the limit could hold the start of a secret, past redaction."""
         out = b"".join(self.chunks).decode("utf-8", errors="replace")
         if self.dropped:
+            out = head_lines(out, len(out) - 1) if not out.endswith("\n") else out
             out += f"\n[case-harness] {self.dropped} more bytes of output were dropped (capture limit)\n"
         return out
 
@@ -1048,6 +1051,8 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
     else:
         result = AcceptanceResult(passed=False, total=0, failed=0, errors=0, exit_code=-1,
                                   output_tail="[case-harness] Case made no commit; acceptance tests not run\n")
+    # Case's code wrote that output: redacted like its logs (the tail is whole lines).
+    result = result.model_copy(update={"output_tail": Redactor(st.secrets.values).redact(result.output_tail)})
     (st.run_dir / "acceptance.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     st.events.emit(ev.FIXTURE_TESTS_RUN, commit=head if committed else None, committed=committed,
                    passed=result.passed, total=result.total, failed=result.failed, errors=result.errors,

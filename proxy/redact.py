@@ -270,6 +270,27 @@ def clip(text: str, limit: int, redactor: Redactor | None = None) -> str:
     return f"[{len(text)} characters, too long to record]"
 
 
+def head_lines(text: str, limit: int) -> str:
+    """At most ``limit`` characters from the start of ``text``, ending after a line
+    break: a partial last line is dropped, not cut. For output too large to redact in
+    one piece later: no secret value holds a line break (the proxy refuses a backend key
+    with one, extra secrets are one per line), so whole lines hold whole secrets, which
+    redaction then removes, and no prefix of one survives."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    return cut[:cut.rfind("\n") + 1]
+
+
+def tail_lines(text: str, limit: int) -> str:
+    """At most ``limit`` characters from the end of ``text``, starting at a line start:
+    the mirror of :func:`head_lines`."""
+    if len(text) <= limit:
+        return text
+    cut = text[-limit:]
+    return cut[cut.find("\n") + 1:] if "\n" in cut else ""
+
+
 def _strings(obj: Any, out: list[str]) -> list[str]:
     if isinstance(obj, str):
         out.append(obj)

@@ -119,3 +119,34 @@ async def test_proxy_redacts_the_operators_extra_secret(make_proxy, tmp_path: Pa
     text = put.evidence_path.read_text()
     assert put.requests_evidence()[-1]["requested_model"] == "[REDACTED]"
     assert runs_of(secret, text) == []
+
+
+# --- the harness: Case's output kept up to a limit ---
+
+HARNESS_TOKEN = "Zk3-" + "q" * 4 + "J8xVb2Lr7tYw1Nc5Hs9Gd0Pf6Ma4Ke"
+
+
+@pytest.mark.parametrize("pad", [70, 80, 90, 99])
+def test_case_output_capture_never_keeps_part_of_a_token(pad: int) -> None:
+    """Hostile Case: prints padding so the capture limit falls inside the token."""
+    import io
+
+    from harness.run import _Capture
+
+    cap = _Capture(io.BytesIO(b"a line\n" + b"p" * pad + HARNESS_TOKEN.encode() + b" more\n" * 50), limit=120)
+    cap.run()
+    text = Redactor([HARNESS_TOKEN]).redact(cap.text())
+    assert cap.dropped > 0 and text.startswith("a line\n")
+    assert runs_of(HARNESS_TOKEN, text) == []
+
+
+@pytest.mark.parametrize("cut", [16, 20, 30])
+def test_acceptance_output_tail_never_starts_inside_a_token(cut: int) -> None:
+    """Hostile Case code: prints the token so the tail's first character falls inside it."""
+    from harness.fixture_catalog import OUTPUT_TAIL_CHARS
+    from proxy.redact import tail_lines
+
+    output = "early\n" + HARNESS_TOKEN + "x" * (OUTPUT_TAIL_CHARS - cut - 1) + "\n"
+    assert output[-OUTPUT_TAIL_CHARS:].startswith(HARNESS_TOKEN[-cut:] + "x")  # a plain cut keeps `cut` characters
+    tail = Redactor([HARNESS_TOKEN]).redact(tail_lines(output, OUTPUT_TAIL_CHARS))
+    assert runs_of(HARNESS_TOKEN, tail) == []
