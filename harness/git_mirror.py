@@ -273,3 +273,57 @@ def _parse_batch(out: bytes, names: dict[str, str | None], problems: list[str]) 
         data = out[end + 1:end + 1 + size]
         pos = end + 1 + size + 1
         yield GitObject(oid, kind, data, names.get(oid), oid in names)
+
+
+def resolve_commit(snap: GitSnapshot, rev: str = "HEAD") -> str | None:
+    """The commit ``rev`` names in the mirror (Case's HEAD by default), or None."""
+    out = git(snap.bare, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
+    sha = out.stdout.decode().strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else None
+
+
+def export_tree(snap: GitSnapshot, commit: str, dest: Path) -> list[str]:
+    """Write the files of ``commit``'s tree into ``dest`` with plumbing only (``ls-tree``,
+    ``cat-file --batch``): no ``.gitattributes`` is read, so no filter, textconv,
+    ``export-subst`` or ``export-ignore`` applies: the files are the committed bytes.
+    Regular files only (executable bit kept); symbolic links, submodules and entries
+    whose path could leave ``dest`` (``..``, ``.git``, empty parts) are not written and
+    are returned, by path, for the caller to report. Raises RuntimeError if git fails."""
+    listing = git(snap.bare, "ls-tree", "-r", "-z", "--full-tree", commit)
+    if listing.returncode != 0:
+        raise RuntimeError("ls-tree failed on Case's commit")
+    entries: list[tuple[str, str, str]] = []
+    left_out: list[str] = []
+    for item in listing.stdout.split(b"\0"):
+        if not item:
+            continue
+        meta, _, raw_path = item.partition(b"\t")
+        mode, kind, oid = meta.decode().split(" ")
+        path = raw_path.decode("utf-8", "surrogateescape")
+        parts = path.split("/")
+        if kind != "blob" or mode not in ("100644", "100755") or any(
+                p in ("", ".", "..") or p.lower() == ".git" for p in parts):
+            left_out.append(path)
+            continue
+        entries.append((mode, oid, path))
+    if len(entries) > MAX_FILES:
+        raise RuntimeError(f"Case's commit has more than {MAX_FILES} files")
+    batch = git(snap.bare, "cat-file", "--batch", stdin="".join(f"{oid}\n" for _, oid, _ in entries).encode())
+    if batch.returncode != 0:
+        raise RuntimeError("cat-file --batch failed on Case's commit")
+    problems: list[str] = []
+    blobs = list(_parse_batch(batch.stdout, {}, problems))
+    if problems or len(blobs) != len(entries):
+        raise RuntimeError("cat-file --batch returned fewer objects than the tree lists")
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    for (mode, _, path), blob in zip(entries, blobs, strict=True):
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent.resolve() != target.parent or not target.parent.is_relative_to(root):
+            left_out.append(path)
+            continue
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755 if mode == "100755" else 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob.data)
+    return left_out

@@ -77,7 +77,7 @@ from . import events as ev
 from . import git_mirror, repo_guard
 from . import sandbox as sbx
 from .events import EventLog
-from .fixture_catalog import AcceptanceResult, Fixture, export_commit, head_commit, load_fixture, materialize, run_acceptance
+from .fixture_catalog import AcceptanceResult, Fixture, load_fixture, materialize, run_acceptance
 from .gates import PreflightResult, run_preflight
 from .profile import CaseProfile, RunProfile, exposure_problems, static_protected
 from .runtime_check import run_problems
@@ -1033,16 +1033,19 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
             ro = [*sbx.interpreter_paths(), *([] if import_root.is_relative_to(scratch) else [import_root])]
             return sbx.isolated_command(bwrap.path, argv, cwd=cwd, writable=[scratch], read_only=ro,
                                         system=sbx.host_system())
-    try:
-        head = head_commit(repo_dir)
-    except RuntimeError:
-        head = None
+    # Case's commit is read from the harness's copy, with plumbing, ignoring every
+    # .gitattributes (no smudge filter, no export-subst or export-ignore).
+    head = git_mirror.resolve_commit(st.git_snapshot)
     committed = head is not None and head != initial
     if committed:
         assert head is not None
         with tempfile.TemporaryDirectory(prefix=f"checkout-{fixture.id}-") as tmp:
             try:
-                checkout = export_commit(repo_dir, head, Path(tmp) / "checkout")
+                checkout = Path(tmp) / "checkout"
+                left_out = git_mirror.export_tree(st.git_snapshot, head, checkout)
+                if left_out:
+                    st.say(f"acceptance: {len(left_out)} entries of Case's commit not exported "
+                           "(links, submodules or paths leaving the checkout)")
                 result = run_acceptance(fixture, checkout, wrap=wrap)
             except (RuntimeError, ValueError, OSError) as exc:
                 result = AcceptanceResult(passed=False, total=0, failed=0, errors=1, exit_code=-1,

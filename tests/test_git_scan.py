@@ -249,3 +249,68 @@ def test_secret_in_an_unlisted_run_file_and_dns_log_is_found(tmp_path: Path) -> 
     result = scan_run_dir(run_dir, secrets)
     assert {(f.place, f.location) for f in result.findings} == {
         ("dns_queries", "dns/queries.jsonl:1"), ("other_files", "somewhere/new/file.txt:2")}
+
+
+# --- the export for the acceptance tests: the committed bytes, nothing Case configured ---
+
+def test_export_runs_no_filter_and_ignores_gitattributes(repo: Repo, tmp_path: Path) -> None:
+    """Hostile Case: a smudge filter and textconv in .git/config, ``export-subst`` and
+    ``export-ignore`` in .gitattributes. The export runs none of it and writes exactly
+    the committed bytes of every file."""
+    marker = tmp_path / "marker"
+    (repo.path / "pkg").mkdir()
+    (repo.path / "pkg" / "core.py").write_text("VERSION = '$Format:%H$'\n")
+    (repo.path / "pkg" / "hidden.py").write_text("X = 1\n")
+    (repo.path / "run.sh").write_text("#!/bin/sh\n")
+    (repo.path / "run.sh").chmod(0o755)
+    _plant_programs(repo, marker)
+    (repo.path / ".gitattributes").write_text("* diff=x filter=x export-subst\npkg/hidden.py export-ignore\n")
+    head = repo.commit("attributes")
+    # live: git archive in Case's repository does run the smudge filter and both attributes
+    subprocess.run(["git", "-C", str(repo.path), "archive", "--format=tar", "-o", str(tmp_path / "a.tar"), "HEAD"],
+                   env=repo.env, capture_output=True, check=True)
+    assert marker.exists()
+    marker.unlink()
+    snap = git_mirror.take(repo.path)
+    try:
+        assert git_mirror.resolve_commit(snap) == head
+        out = tmp_path / "checkout"
+        assert git_mirror.export_tree(snap, head, out) == []
+    finally:
+        snap.remove()
+    assert not marker.exists(), "a filter Case named ran during the export"
+    assert (out / "pkg" / "core.py").read_text() == "VERSION = '$Format:%H$'\n"
+    assert (out / "pkg" / "hidden.py").read_text() == "X = 1\n"
+    assert os.access(out / "run.sh", os.X_OK) and not os.access(out / "pkg" / "core.py", os.X_OK)
+
+
+def test_export_writes_nothing_outside_the_checkout(repo: Repo, tmp_path: Path) -> None:
+    """Hostile Case: a tree with a symbolic link, a '..' entry and a '.git' directory."""
+    (repo.path / "link").symlink_to("/etc")
+    repo.git("add", "link")
+    blob = repo.git("hash-object", "-w", "--stdin", stdin=b"escaped\n")
+    inner = repo.git("mktree", "--missing", stdin=f"100644 blob {blob}\tconfig\n".encode())
+    base = repo.git("write-tree")
+    listing = repo.git("ls-tree", base) + f"\n040000 tree {inner}\t.git\n040000 tree {inner}\t..\n"
+    tree = repo.git("hash-object", "-t", "tree", "-w", "--stdin", "--literally",
+                    stdin=_tree_bytes(listing))
+    commit = repo.git("commit-tree", tree, "-m", "evil", "-p", "HEAD")
+    snap = git_mirror.take(repo.path)
+    try:
+        out = tmp_path / "deep" / "checkout"
+        left = git_mirror.export_tree(snap, commit, out)
+    finally:
+        snap.remove()
+    assert sorted(left) == sorted([".git/config", "../config", "link"])
+    assert not (tmp_path / "deep" / "config").exists() and not (out / ".git").exists()
+    assert not (out / "link").exists() and (out / "README.md").read_text() == "fixture\n"
+
+
+def _tree_bytes(listing: str) -> bytes:
+    """A raw tree object from ``ls-tree`` lines, in the order given (no checks: hostile)."""
+    out = b""
+    for line in listing.strip().splitlines():
+        meta, name = line.split("\t", 1)
+        mode, _, oid = meta.split(" ")
+        out += mode.lstrip("0").encode() + b" " + name.encode() + b"\0" + bytes.fromhex(oid)
+    return out
