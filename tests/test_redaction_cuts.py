@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
 
 from proxy.redact import Redactor, clip
@@ -150,3 +151,28 @@ def test_acceptance_output_tail_never_starts_inside_a_token(cut: int) -> None:
     assert output[-OUTPUT_TAIL_CHARS:].startswith(HARNESS_TOKEN[-cut:] + "x")  # a plain cut keeps `cut` characters
     tail = Redactor([HARNESS_TOKEN]).redact(tail_lines(output, OUTPUT_TAIL_CHARS))
     assert runs_of(HARNESS_TOKEN, tail) == []
+
+
+# --- a hostile backend: it knows the backend key, and names a padded "model" ---
+
+BACKEND_KEY = "bk-" + "7c1e9a3f5b2d4e6a8c0f1b3d5e7a9c2e"
+
+
+def test_hostile_backend_model_object_is_not_cut_into_the_record() -> None:
+    from proxy.served_model import UsageTotals, check_json_body
+
+    body = orjson.dumps({"model": ["p" * 170 + BACKEND_KEY], "choices": []})
+    check = check_json_body(body, "qwen3.6-35b-a3b", UsageTotals())
+    assert not check.ok and check.served_model is not None
+    assert runs_of(BACKEND_KEY, check.served_model) == []
+
+
+def test_hostile_backend_stream_model_is_not_cut_into_the_record() -> None:
+    from proxy.served_model import UsageTotals
+    from proxy.stream_check import StreamChecker, StreamRefused
+
+    checker = StreamChecker("qwen3.6-35b-a3b", UsageTotals())
+    event = b"data: " + orjson.dumps({"model": "p" * 170 + BACKEND_KEY, "choices": []}) + b"\n\n"
+    with pytest.raises(StreamRefused):
+        checker.feed(event)
+    assert checker.served_model is not None and runs_of(BACKEND_KEY, checker.served_model) == []
