@@ -1,8 +1,12 @@
 """The secret scan: every secret the run knows, and common token shapes, in every place
-the seed names. Findings say where and what kind, never the value.
+the seed names and every file of the run directory, plus Case's repository read as data
+(every object, ref, reflog, ``.git`` file and the work tree; see ``harness.git_mirror``).
+Findings say where and what kind, never the value (locations are redacted too).
 
-Known values are searched as written and base64- and URL-encoded (a token that went
-through an ``Authorization`` header, a query string or a data URL is still a leak).
+Known values are searched as written and in every encoding ``proxy.redact`` knows
+(base64 and base64url at the three alignments, hex, URL-encoded in upper and lower case):
+a token that went through an ``Authorization`` header, a query string, a data URL or the
+middle of an encoded blob is still a leak. Docs: docs/secret-scan.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """One redaction module for logs, evidence, error messages and the harness secret scan.
 
-It removes registered secret values (with their base64 and URL-encoded forms, so an
-encoded header or a basic-auth string is caught too) and common token shapes. ``find``
+It removes registered secret values (in every encoded form they may take on the way:
+base64 and base64url at the three alignments, hex, URL-encoded in upper and lower case)
+and common token shapes (gitleaks' prefixed rules, HTTP Basic credentials). ``find``
 reports where and what kind, never the value, so a scan result can be shown safely.
+``clip``, ``head_lines`` and ``tail_lines`` bound a value without leaving part of a
+secret behind: redact first, cut after, or cut only at a line break.
 """
 
 from __future__ import annotations
