@@ -29,6 +29,10 @@ from pathlib import Path
 MAX_FILES = 200_000
 MAX_TOTAL_BYTES = 4 * 1024**3
 MAX_CONTROL_FILE_BYTES = 64 * 1024**2
+# One object's inflated size (a small pack can inflate to far more than it weighs), and
+# how much object content is held in memory at once.
+MAX_OBJECT_BYTES = 256 * 1024**2
+BATCH_BYTES = 64 * 1024**2
 GIT_TIMEOUT_S = 300.0
 
 # Paths in .git whose files are repository data, copied into the mirror for git to read.
@@ -222,7 +226,10 @@ class GitObject:
 
 @dataclass
 class ObjectRead:
-    objects: list[GitObject]
+    """``objects`` is read lazily, a group at a time (bounded memory); ``problems`` is
+    complete only once ``objects`` has been consumed."""
+
+    objects: Iterator[GitObject]
     refs: list[str]
     problems: list[str]
 
@@ -230,7 +237,8 @@ class ObjectRead:
 def read_objects(snap: GitSnapshot) -> ObjectRead:
     """Every object in the mirror (``cat-file --batch-all-objects``: loose and packed,
     reachable or not), each with whether ``rev-list --all --objects --reflog`` reaches it
-    and under which path; and every ref name. A git failure is a problem, not silence."""
+    and under which path; and every ref name. A git failure, or an object over
+    MAX_OBJECT_BYTES, is a problem, not silence."""
     problems: list[str] = []
     listed = git(snap.bare, "rev-list", "--all", "--objects", "--reflog")
     names: dict[str, str | None] = {}
@@ -243,22 +251,49 @@ def read_objects(snap: GitSnapshot) -> ObjectRead:
     if refs_out.returncode != 0:
         problems.append("for-each-ref failed")
     refs = refs_out.stdout.decode("utf-8", "replace").splitlines()
-    check = git(snap.bare, "cat-file", "--batch-all-objects", "--batch-check=%(objectname) %(objecttype)",
-                "--unordered")
+    check = git(snap.bare, "cat-file", "--batch-all-objects",
+                "--batch-check=%(objectname) %(objecttype) %(objectsize)", "--unordered")
     if check.returncode != 0:
         problems.append("cat-file --batch-all-objects failed")
-        return ObjectRead([], refs, problems)
-    ids = [line.split(" ", 1)[0] for line in check.stdout.decode().splitlines() if line]
-    batch = git(snap.bare, "cat-file", "--batch", stdin="".join(f"{i}\n" for i in ids).encode())
-    if batch.returncode != 0:
-        problems.append("cat-file --batch failed")
-    objects = list(_parse_batch(batch.stdout, names, problems))
-    if len(objects) != len(ids):
-        problems.append(f"cat-file --batch returned {len(objects)} of {len(ids)} objects")
-    return ObjectRead(objects, refs, problems)
+        return ObjectRead(iter(()), refs, problems)
+    listed_all = [line.split(" ") for line in check.stdout.decode().splitlines() if line]
+    wanted: list[tuple[str, int]] = []
+    for oid, kind, size in listed_all:
+        if int(size) > MAX_OBJECT_BYTES:
+            problems.append(f"{kind} {oid[:12]}: {size} bytes, over the scan's {MAX_OBJECT_BYTES}-byte bound")
+        else:
+            wanted.append((oid, int(size)))
+    def objects() -> Iterator[GitObject]:
+        count = 0
+        for oid, kind, data in cat_objects(snap, wanted, problems):
+            count += 1
+            yield GitObject(oid, kind, data, names.get(oid), oid in names)
+        if count != len(wanted):
+            problems.append(f"cat-file --batch returned {count} of {len(wanted)} objects")
+
+    return ObjectRead(objects(), refs, problems)
 
 
-def _parse_batch(out: bytes, names: dict[str, str | None], problems: list[str]) -> Iterator[GitObject]:
+def cat_objects(snap: GitSnapshot, wanted: list[tuple[str, int]],
+                problems: list[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(oid, type, content) of each wanted (oid, size), read with ``cat-file --batch`` in
+    groups of at most BATCH_BYTES of content, so memory stays bounded whatever the
+    objects inflate to (sizes come from ``--batch-check``, before anything is read)."""
+    group: list[str] = []
+    held = 0
+    for i, (oid, size) in enumerate(wanted):
+        group.append(oid)
+        held += size
+        if held >= BATCH_BYTES or i == len(wanted) - 1:
+            out = git(snap.bare, "cat-file", "--batch", stdin="".join(f"{o}\n" for o in group).encode())
+            if out.returncode != 0:
+                problems.append("cat-file --batch failed")
+            for obj in _parse_batch(out.stdout, problems):
+                yield obj
+            group, held = [], 0
+
+
+def _parse_batch(out: bytes, problems: list[str]) -> Iterator[tuple[str, str, bytes]]:
     pos = 0
     while pos < len(out):
         end = out.find(b"\n", pos)
@@ -272,7 +307,7 @@ def _parse_batch(out: bytes, names: dict[str, str | None], problems: list[str]) 
         oid, kind, size = header[0], header[1], int(header[2])
         data = out[end + 1:end + 1 + size]
         pos = end + 1 + size + 1
-        yield GitObject(oid, kind, data, names.get(oid), oid in names)
+        yield oid, kind, data
 
 
 def resolve_commit(snap: GitSnapshot, rev: str = "HEAD") -> str | None:
@@ -308,16 +343,20 @@ def export_tree(snap: GitSnapshot, commit: str, dest: Path) -> list[str]:
         entries.append((mode, oid, path))
     if len(entries) > MAX_FILES:
         raise RuntimeError(f"Case's commit has more than {MAX_FILES} files")
-    batch = git(snap.bare, "cat-file", "--batch", stdin="".join(f"{oid}\n" for _, oid, _ in entries).encode())
-    if batch.returncode != 0:
-        raise RuntimeError("cat-file --batch failed on Case's commit")
+    sizes = git(snap.bare, "cat-file", "--batch-check=%(objectsize)",
+                stdin="".join(f"{oid}\n" for _, oid, _ in entries).encode())
+    counts = sizes.stdout.decode().split()
+    if sizes.returncode != 0 or len(counts) != len(entries) or not all(c.isdigit() for c in counts):
+        raise RuntimeError("cat-file --batch-check failed on Case's commit")
+    if any(int(c) > MAX_OBJECT_BYTES for c in counts) or sum(int(c) for c in counts) > MAX_TOTAL_BYTES:
+        raise RuntimeError("Case's commit has files over the export's bounds")
     problems: list[str] = []
-    blobs = list(_parse_batch(batch.stdout, {}, problems))
-    if problems or len(blobs) != len(entries):
-        raise RuntimeError("cat-file --batch returned fewer objects than the tree lists")
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
-    for (mode, _, path), blob in zip(entries, blobs, strict=True):
+    blobs = cat_objects(snap, [(oid, int(c)) for (_, oid, _), c in zip(entries, counts, strict=True)], problems)
+    written = 0
+    for (mode, _, path), (_, _, data) in zip(entries, blobs, strict=False):
+        written += 1
         target = root / path
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.parent.resolve() != target.parent or not target.parent.is_relative_to(root):
@@ -325,5 +364,7 @@ def export_tree(snap: GitSnapshot, commit: str, dest: Path) -> list[str]:
             continue
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755 if mode == "100755" else 0o644)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(blob.data)
+            fh.write(data)
+    if problems or written != len(entries):
+        raise RuntimeError("cat-file --batch returned fewer objects than the tree lists")
     return left_out

@@ -152,23 +152,30 @@ class ScanResult(BaseModel):
     findings: list[ScanFinding]
 
 
+MAX_HITS_PER_TEXT = 100
+
+
 class TextScanner:
     def __init__(self, secrets: SecretSet) -> None:
         self._forms = secrets.forms()
         self._shapes = Redactor(())
 
     def scan(self, text: str) -> list[tuple[str, int]]:
-        """(kind, line number) of each hit; a hit on a known value hides shape hits inside it."""
+        """(kind, line number) of each hit; a hit on a known value hides shape hits inside
+        it. At most MAX_HITS_PER_TEXT hits (a text full of copies of a token must not make
+        the scan quadratic): one hit already makes the run unclean."""
         hits: list[tuple[str, int]] = []
         covered: list[tuple[int, int]] = []
         for kind, form in self._forms:
             start = text.find(form)
-            while start != -1:
+            while start != -1 and len(hits) < MAX_HITS_PER_TEXT:
                 if not any(a <= start < b for a, b in covered):
                     hits.append((kind, text.count("\n", 0, start) + 1))
                     covered.append((start, start + len(form)))
                 start = text.find(form, start + 1)
         for f in self._shapes.find(text):
+            if len(hits) >= MAX_HITS_PER_TEXT:
+                break
             if not any(a <= f.start < b for a, b in covered):
                 hits.append((f.kind, text.count("\n", 0, f.start) + 1))
         return hits
@@ -204,8 +211,6 @@ def scan_git(snap: GitSnapshot, scanner: TextScanner) -> tuple[list[str], list[S
         findings.extend(ScanFinding(place=place, kind=k, location=where(n)) for k, n in scanner.scan(text))
 
     read = read_objects(snap)
-    for problem in read.problems:
-        findings.append(ScanFinding(place="commits", kind="unreadable", location=f"repo: {problem}"))
     for obj in read.objects:
         text = _decode(obj.data)
         state = "" if obj.reachable else " (not reachable from any ref or reflog: dangling)"
@@ -214,6 +219,8 @@ def scan_git(snap: GitSnapshot, scanner: TextScanner) -> tuple[list[str], list[S
             f"{o.kind} {o.oid[:12]}{nm}{st}, line {n}" + (f" ({f})" if (f := _object_field(o.kind, t, n)) else ""))
         if obj.path:
             add("commits", obj.path, lambda n, o=obj: f"{o.kind} {o.oid[:12]}: its file name")
+    for problem in read.problems:  # complete now that the objects were read
+        findings.append(ScanFinding(place="commits", kind="unreadable", location=f"repo: {problem}"))
     for i, ref in enumerate(read.refs, start=1):
         add("git_refs", ref, lambda n, i=i: f"ref name #{i} (for-each-ref order)")
     for rel in sorted(p.relative_to(snap.bare).as_posix() for p in (snap.bare / "refs").rglob("*") if p.is_file()):

@@ -314,3 +314,27 @@ def _tree_bytes(listing: str) -> bytes:
         mode, _, oid = meta.split(" ")
         out += mode.lstrip("0").encode() + b" " + name.encode() + b"\0" + bytes.fromhex(oid)
     return out
+
+
+def test_an_object_over_the_bound_is_a_finding_not_silence(repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hostile Case: a blob too large to read (a small pack can inflate to gigabytes)."""
+    monkeypatch.setattr(git_mirror, "MAX_OBJECT_BYTES", 1000)
+    (repo.path / "big.bin").write_bytes(b"\0" * 5000)
+    repo.commit("big")
+    repo.git("rm", "-q", "big.bin")
+    repo.commit("gone")
+    result = repo.scan()
+    assert not result.clean
+    assert [f.kind for f in result.findings if "over the scan's" in f.location] == ["unreadable"]
+
+
+def test_a_text_full_of_tokens_is_scanned_quickly() -> None:
+    import time
+
+    from harness.secret_scan import MAX_HITS_PER_TEXT, TextScanner
+    secrets = SecretSet()
+    secrets.add("run_token", TOKEN)
+    text = (TOKEN + "\n") * 200_000
+    started = time.monotonic()
+    hits = TextScanner(secrets).scan(text)
+    assert len(hits) == MAX_HITS_PER_TEXT and time.monotonic() - started < 5
