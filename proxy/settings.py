@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from .allowlists import parse_extra_fields
 from .request_policy import Endpoint
 from .log_setup import LOG_FORMATS, LogFormat, parse_bool
+from .redact import clip
 
 ENV_DECISION_FILE = "CTO_HARNESS_CASE_DECISION_FILE"
 ENV_ADMISSION_FILE = "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE"
@@ -259,7 +260,7 @@ def _log_values(env: Mapping[str, str], section: dict[str, Any], log_format: str
     if fmt is not None:
         if fmt not in LOG_FORMATS:
             source = "--log-format" if log_format else ENV_LOG_FORMAT if env.get(ENV_LOG_FORMAT) else "[log].format"
-            problems.append(f"{source}: '{str(fmt)[:40]}' is not a log format (use one of: {', '.join(LOG_FORMATS)})")
+            problems.append(f"{source}: '{clip(str(fmt), 40)}' is not a log format (use one of: {', '.join(LOG_FORMATS)})")
         else:
             out["log_format"] = fmt
     if access_log is not None:

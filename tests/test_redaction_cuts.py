@@ -176,3 +176,17 @@ def test_hostile_backend_stream_model_is_not_cut_into_the_record() -> None:
     with pytest.raises(StreamRefused):
         checker.feed(event)
     assert checker.served_model is not None and runs_of(BACKEND_KEY, checker.served_model) == []
+
+
+def test_a_mistyped_variable_holding_a_secret_is_not_half_shown(tmp_path: Path) -> None:
+    """An operator puts a long secret in the wrong variable: the error names the variable
+    and does not show 40 characters of the value."""
+    from proxy.log_setup import parse_bool
+
+    secret = "sk-" + "Q" * 10 + "0123456789abcdefghijklmnopqrstuvwxyz"
+    with pytest.raises(ValueError) as info:
+        parse_bool(secret, "CASE_PROXY_ACCESS_LOG")
+    assert "CASE_PROXY_ACCESS_LOG" in str(info.value) and runs_of(secret, str(info.value)) == []
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env=_settings_env(tmp_path, CASE_PROXY_LOG_FORMAT=secret))
+    assert runs_of(secret, "\n".join(exc.value.problems)) == []
