@@ -37,6 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.redact import tail_lines
+
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
 ACCEPTANCE_PLACEHOLDER = "{acceptance_dir}"
@@ -371,7 +373,7 @@ def _run_pytest(argv: list[str], *, cwd: Path, env: dict[str, str], junit: Path,
         exit_code=exit_code,
         timed_out=timed_out,
         duration_s=round(time.monotonic() - started, 3),
-        output_tail=output[-OUTPUT_TAIL_CHARS:],
+        output_tail=tail_lines(output, OUTPUT_TAIL_CHARS),  # whole lines: a cut could split a secret
     )
 
 

@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict
 
 from proxy.admission import ArtifactError, file_sha256, load_admission
 from proxy.evidence import NON_MODEL_ENDPOINTS
-from proxy.redact import Redactor
+from proxy.redact import Redactor, head_lines
 from proxy.settings import (
     ENV_ADMISSION_FILE,
     ENV_API_KEY,
@@ -72,27 +72,22 @@ from proxy.settings import (
     ENV_TOKEN,
     env_path,
 )
+from proxy.settings import (
+    ENV_EXTRA_SECRETS_FILE as ENV_PROXY_EXTRA_SECRETS_FILE,
+)
 
 from . import attestation as att
 from . import events as ev
-from . import repo_guard
+from . import git_mirror, repo_guard
 from . import sandbox as sbx
 from .events import EventLog
 from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
-from .fixture_catalog import (
-    AcceptanceResult,
-    Fixture,
-    export_commit,
-    head_commit,
-    load_fixture,
-    materialize,
-    run_acceptance,
-)
+from .fixture_catalog import AcceptanceResult, Fixture, load_fixture, materialize, run_acceptance
 from .gates import PreflightResult, run_preflight
 from .profile import CaseProfile, RunProfile, exposure_problems, static_protected
 from .report import Status, collect_inputs, compute_report, render_text, report_json
 from .runtime_check import run_problems
-from .secret_scan import SecretSet, TextScanner, collect_secrets, scan_run_dir
+from .secret_scan import ENV_EXTRA_SECRETS_FILE, SecretSet, TextScanner, collect_secrets, scan_run_dir
 from .unix_http import unix_http_get
 
 # --------------------------------------------------------------------------- constants
@@ -446,8 +441,11 @@ class _Capture(threading.Thread):
             pass
 
     def text(self) -> str:
+        """The kept output; when some was dropped, only whole lines (``head_lines``): a
+        line cut at the limit could hold the start of a secret, past redaction."""
         out = b"".join(self.chunks).decode("utf-8", errors="replace")
         if self.dropped:
+            out = head_lines(out, len(out) - 1) if not out.endswith("\n") else out
             out += f"\n[case-harness] {self.dropped} more bytes of output were dropped (capture limit)\n"
         return out
 
@@ -554,6 +552,9 @@ class _RunState:
     sandbox: sbx.SandboxProcess | None = None
     dns: _Helper | None = None  # the DNS sink in the sandbox's network namespace
     git_config: bytes = b""  # the repository's .git/config as the harness wrote it
+    # Case's repository copied as data when Case stopped, before its git controls are
+    # taken back: the secret scan reads it (Case's own .git/config included).
+    git_snapshot: git_mirror.GitSnapshot | None = None
 
 
 def case_argv(command: list[str], task_file: Path, workdir: Path) -> list[str]:
@@ -819,6 +820,9 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     proxy_env = _helper_env(run_env, _PROXY_PASS_THROUGH)
     proxy_env[ENV_TOKEN] = token
     proxy_env[ENV_EVIDENCE_FILE] = str(evidence_path)
+    if run_env.get(ENV_EXTRA_SECRETS_FILE):
+        # The operator's listed secrets: the proxy redacts them too, not only the scan finds them.
+        proxy_env[ENV_PROXY_EXTRA_SECRETS_FILE] = run_env[ENV_EXTRA_SECRETS_FILE]
     # One worker whatever the operator's config says: a run's proof is one evidence chain.
     proxy_argv = [sys.executable, "-m", "proxy", "serve", "--workers", "1"]
     if bwrap is not None:
@@ -1072,6 +1076,8 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
     """Acceptance tests on a clean export of Case's final commit (never the work tree).
     They import Case's code, so with the sandbox they run in one too (no network, none
     of the machine but the interpreter, the tests' temporary copy and the checkout)."""
+    # Copied first, as data (no git runs in it), so the scan sees what Case wrote.
+    st.git_snapshot = git_mirror.take(repo_dir)
     # Case could write .git/config and friends; git would obey them outside the sandbox.
     reset = repo_guard.reclaim(repo_dir, st.git_config)
     if reset:
@@ -1082,16 +1088,19 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
             ro = [*sbx.interpreter_paths(), *([] if import_root.is_relative_to(scratch) else [import_root])]
             return sbx.isolated_command(bwrap.path, argv, cwd=cwd, writable=[scratch], read_only=ro,
                                         system=sbx.host_system(), masked=_masked(st.run_dir.parent))
-    try:
-        head = head_commit(repo_dir)
-    except RuntimeError:
-        head = None
+    # Case's commit is read from the harness's copy, with plumbing, ignoring every
+    # .gitattributes (no smudge filter, no export-subst or export-ignore).
+    head = git_mirror.resolve_commit(st.git_snapshot)
     committed = head is not None and head != initial
     if committed:
         assert head is not None
         with tempfile.TemporaryDirectory(prefix=f"checkout-{fixture.id}-") as tmp:
             try:
-                checkout = export_commit(repo_dir, head, Path(tmp) / "checkout")
+                checkout = Path(tmp) / "checkout"
+                left_out = git_mirror.export_tree(st.git_snapshot, head, checkout)
+                if left_out:
+                    st.say(f"acceptance: {len(left_out)} entries of Case's commit not exported "
+                           "(links, submodules or paths leaving the checkout)")
                 result = run_acceptance(fixture, checkout, wrap=wrap)
             except (RuntimeError, ValueError, OSError) as exc:
                 result = AcceptanceResult(passed=False, total=0, failed=0, errors=1, exit_code=-1,
@@ -1100,6 +1109,8 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
     else:
         result = AcceptanceResult(passed=False, total=0, failed=0, errors=0, exit_code=-1,
                                   output_tail="[case-harness] Case made no commit; acceptance tests not run\n")
+    # Case's code wrote that output: redacted like its logs (the tail is whole lines).
+    result = result.model_copy(update={"output_tail": Redactor(st.secrets.values).redact(result.output_tail)})
     (st.run_dir / "acceptance.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     st.events.emit(ev.FIXTURE_TESTS_RUN, commit=head if committed else None, committed=committed,
                    passed=result.passed, total=result.total, failed=result.failed, errors=result.errors,
@@ -1122,7 +1133,11 @@ def _finish(st: _RunState) -> Status:
     directory exists ends here, so every run has a scan and a report."""
     _cleanup(st)
     st.say("secret scan: every place the seed names")
-    result = scan_run_dir(st.run_dir, st.secrets, argv_text=st.sampler.text())
+    try:
+        result = scan_run_dir(st.run_dir, st.secrets, argv_text=st.sampler.text(), git_snapshot=st.git_snapshot)
+    finally:
+        if st.git_snapshot is not None:
+            st.git_snapshot.remove()
     (st.run_dir / "secret_scan.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
     st.events.emit(ev.SECRET_SCAN_DONE, findings_count=len(result.findings), places_scanned=result.places_scanned,
                    secret_scan_sha256=_digest(st.run_dir / "secret_scan.json"))

@@ -1,14 +1,16 @@
 """The secret scan: every secret the run knows, and common token shapes, in every place
-the seed names. Findings say where and what kind, never the value.
+the seed names and every file of the run directory, plus Case's repository read as data
+(every object, ref, reflog, ``.git`` file and the work tree; see ``harness.git_mirror``).
+Findings say where and what kind, never the value (locations are redacted too).
 
-Known values are searched as written and base64- and URL-encoded (a token that went
-through an ``Authorization`` header, a query string or a data URL is still a leak).
+Known values are searched as written and in every encoding ``proxy.redact`` knows
+(base64 and base64url at the three alignments, hex, URL-encoded in upper and lower case):
+a token that went through an ``Authorization`` header, a query string, a data URL or the
+middle of an encoded blob is still a leak. Docs: docs/secret-scan.md.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,11 +21,14 @@ from pydantic import BaseModel, ConfigDict
 from proxy.redact import MIN_SECRET_LEN, Redactor, labelled_encoded_forms
 from proxy.settings import ENV_API_KEY, ENV_API_KEY_FILE, ENV_BASE_URL, ENV_TOKEN
 
+from .git_mirror import GitSnapshot, read_objects, take
+
 ENV_EXTRA_SECRETS_FILE = "CASE_HARNESS_EXTRA_SECRETS_FILE"
 _SECRET_NAME_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
-# place -> files under the run directory (globs); "argv" and "commits" are special.
+# place -> files under the run directory (globs); "argv" and "commits" are special
+# ("commits" also adds git_refs, git_reflog, git_files and worktree: see scan_git).
 PLACES: dict[str, tuple[str, ...]] = {
     "argv": (),
     "task_file": ("task.md",),
@@ -35,7 +40,11 @@ PLACES: dict[str, tuple[str, ...]] = {
     "backend_logs": ("backend/*",),
     "acceptance_output": ("acceptance.json",),
     "events": ("events.jsonl",),
+    "dns_queries": ("dns/*",),
     "commits": (),
+    # Every other file of the run directory (outside repo/, which "commits" reads):
+    # a place nobody listed is still a place.
+    "other_files": (),
 }
 
 
@@ -144,58 +153,129 @@ class ScanResult(BaseModel):
     findings: list[ScanFinding]
 
 
+MAX_HITS_PER_TEXT = 100
+
+
 class TextScanner:
     def __init__(self, secrets: SecretSet) -> None:
         self._forms = secrets.forms()
         self._shapes = Redactor(())
 
     def scan(self, text: str) -> list[tuple[str, int]]:
-        """(kind, line number) of each hit; a hit on a known value hides shape hits inside it."""
+        """(kind, line number) of each hit; a hit on a known value hides shape hits inside
+        it. At most MAX_HITS_PER_TEXT hits (a text full of copies of a token must not make
+        the scan quadratic): one hit already makes the run unclean."""
         hits: list[tuple[str, int]] = []
         covered: list[tuple[int, int]] = []
         for kind, form in self._forms:
             start = text.find(form)
-            while start != -1:
+            while start != -1 and len(hits) < MAX_HITS_PER_TEXT:
                 if not any(a <= start < b for a, b in covered):
                     hits.append((kind, text.count("\n", 0, start) + 1))
                     covered.append((start, start + len(form)))
                 start = text.find(form, start + 1)
         for f in self._shapes.find(text):
+            if len(hits) >= MAX_HITS_PER_TEXT:
+                break
             if not any(a <= f.start < b for a, b in covered):
                 hits.append((f.kind, text.count("\n", 0, f.start) + 1))
         return hits
 
 
-def _git_log_text(repo: Path) -> str | None:
-    env = {k: os.environ[k] for k in ("PATH", "LANG", "HOME") if k in os.environ}
-    env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_PAGER": "cat"})
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "log", "-p", "--all", "--no-color", "--no-textconv",
-                              "--no-ext-diff", "--format=commit %H%n%B"],
-                             capture_output=True, env=env, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.decode("utf-8", "replace")
+def _object_field(kind: str, text: str, line: int) -> str:
+    """Where in a commit or tag object line ``line`` is: its header's name (author,
+    committer, tagger, tag, ...) or 'message'."""
+    if kind not in ("commit", "tag"):
+        return ""
+    for n, row in enumerate(text.split("\n"), start=1):
+        if row == "":
+            return "message"
+        if n == line:
+            return "header " + (row.split(" ", 1)[0] if not row.startswith(" ") else "continued")
+    return "message"
 
 
-def _commit_of_line(text: str, line: int) -> str:
-    commit = "?"
-    for n, row in enumerate(text.splitlines()[:line], start=1):
-        if row.startswith("commit ") and len(row) == 47:
-            commit = row[7:19]
-        if n >= line:
-            break
-    return f"commit {commit}"
+def _decode(data: bytes) -> str:
+    # ASCII secrets survive any surrounding binary bytes; invalid sequences become U+FFFD.
+    return data.decode("utf-8", "replace")
 
 
-def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "") -> ScanResult:
+def scan_git(snap: GitSnapshot, scanner: TextScanner) -> tuple[list[str], list[ScanFinding]]:
+    """Scan a harness-owned snapshot of Case's repository (:mod:`harness.git_mirror`):
+    every object (blobs binary or not, trees, commits with their author, committer and
+    message, tags; reachable, reflog-only or dangling), ref names and ``packed-refs``,
+    reflogs, Case's other ``.git`` files (``config`` first among them) and the work
+    tree, contents and file names. Returns (places scanned, findings)."""
+    findings: list[ScanFinding] = []
+
+    def add(place: str, text: str, where: str) -> None:
+        """Findings in ``text``, located by ``where`` with ``{n}`` replaced by the line."""
+        findings.extend(ScanFinding(place=place, kind=k, location=where.replace("{n}", str(n)))
+                        for k, n in scanner.scan(text))
+
+    read = read_objects(snap)
+    for obj in read.objects:
+        text = _decode(obj.data)
+        state = "" if obj.reachable else " (not reachable from any ref or reflog: dangling)"
+        named = f" {obj.path}" if obj.path else ""
+        for k, n in scanner.scan(text):
+            field = _object_field(obj.kind, text, n)
+            findings.append(ScanFinding(place="commits", kind=k, location=f"{obj.kind} {obj.oid[:12]}{named}{state}, "
+                                        f"line {n}" + (f" ({field})" if field else "")))
+        if obj.path:
+            add("commits", obj.path, f"{obj.kind} {obj.oid[:12]}: its file name")
+    for problem in read.problems:  # complete now that the objects were read
+        findings.append(ScanFinding(place="commits", kind="unreadable", location=f"repo: {problem}"))
+    for i, ref in enumerate(read.refs, start=1):
+        add("git_refs", ref, f"ref name #{i} (for-each-ref order)")
+    for rel in sorted(p.relative_to(snap.bare).as_posix() for p in (snap.bare / "refs").rglob("*") if p.is_file()):
+        add("git_refs", rel, "a ref file's name under .git/refs")
+    if (snap.bare / "packed-refs").is_file():
+        text = _decode((snap.bare / "packed-refs").read_bytes())
+        add("git_refs", text, ".git/packed-refs:{n}")
+    logs = sorted(p for p in (snap.bare / "logs").rglob("*") if p.is_file()) if (snap.bare / "logs").is_dir() else []
+    for path in logs:
+        rel = path.relative_to(snap.bare).as_posix()
+        add("git_reflog", rel, "a reflog's file name under .git/logs")
+        add("git_reflog", _decode(path.read_bytes()), f".git/{rel}:" + "{n}")
+    for rel, data in sorted(snap.control.items()):
+        add("git_files", rel, "a file name in .git")
+        add("git_files", _decode(data), (f".git/{rel}:" if rel != "." else ".git (a file):") + "{n}")
+    for rel, data in sorted(snap.worktree.items()):
+        add("worktree", rel, "a file name in the work tree")
+        add("worktree", _decode(data), f"repo/{rel}:" + "{n}")
+    for rel, target in sorted(snap.links.items()):
+        add("worktree" if not rel.startswith(".git/") else "git_files", f"{rel}\n{target}",
+            "a symbolic link's name or target")
+    for why in snap.skipped:
+        findings.append(ScanFinding(place="worktree" if not why.startswith(".git") else "git_files",
+                                    kind="unreadable", location=why))
+    return ["commits", "git_refs", "git_reflog", "git_files", "worktree"], findings
+
+
+def _other_files(run_dir: Path, listed: set[Path]) -> list[Path]:
+    """Regular files of the run directory no other place covers (links not followed:
+    ``rglob`` does not descend into linked directories, and linked files are skipped)."""
+    out = []
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir)
+        if rel.parts[0] == "repo" or path in listed or path.is_symlink() or not path.is_file():
+            continue
+        out.append(path)
+    return out
+
+
+def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "",
+                 git_snapshot: GitSnapshot | None = None) -> ScanResult:
     """Scan every place; a place that exists but cannot be read is itself a finding
-    (an unscanned place is not a clean place)."""
+    (an unscanned place is not a clean place). ``git_snapshot``: Case's repository as
+    the harness copied it when Case stopped (before the harness took its ``.git``
+    controls back); without one, ``run_dir/repo`` is copied now. Locations are redacted
+    too: a file or ref name may itself be the secret."""
     scanner = TextScanner(secrets)
     findings: list[ScanFinding] = []
     scanned: list[str] = []
+    listed: set[Path] = set()
     for place, globs in PLACES.items():
         if place == "argv":
             scanned.append(place)
@@ -203,18 +283,22 @@ def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "") -> S
                          for k, n in scanner.scan(argv_text)]
             continue
         if place == "commits":
-            repo = run_dir / "repo"
-            if not (repo / ".git").exists():
+            if not (run_dir / "repo").exists():
                 continue
-            text = _git_log_text(repo)
-            scanned.append(place)
-            if text is None:
-                findings.append(ScanFinding(place=place, kind="unreadable", location="repo: git log -p failed"))
-                continue
-            findings += [ScanFinding(place=place, kind=k, location=_commit_of_line(text, n))
-                         for k, n in scanner.scan(text)]
+            snap = git_snapshot or take(run_dir / "repo")
+            try:
+                places, found = scan_git(snap, scanner)
+            finally:
+                if git_snapshot is None:
+                    snap.remove()
+            scanned += places
+            findings += found
             continue
-        files = sorted({p for g in globs for p in run_dir.glob(g) if p.is_file()})
+        if place == "other_files":
+            files = _other_files(run_dir, listed)
+        else:
+            files = sorted({p for g in globs for p in run_dir.glob(g) if p.is_file() and not p.is_symlink()})
+            listed |= set(files)
         if not files:
             continue
         scanned.append(place)
@@ -226,4 +310,6 @@ def scan_run_dir(run_dir: Path, secrets: SecretSet, *, argv_text: str = "") -> S
                 findings.append(ScanFinding(place=place, kind="unreadable", location=rel))
                 continue
             findings += [ScanFinding(place=place, kind=k, location=f"{rel}:{n}") for k, n in scanner.scan(text)]
+    redactor = Redactor(secrets.values)
+    findings = [f.model_copy(update={"location": redactor.redact(f.location)}) for f in findings]
     return ScanResult(clean=not findings, secrets_known=len(secrets), places_scanned=scanned, findings=findings)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .redact import clip
 from .request_policy import ROUTING_FIELDS, Endpoint
 
 # The OpenAI API schema per endpoint (openai SDK 3.57 types; ``stream`` lives in the
@@ -150,8 +151,9 @@ def allowed_fields(endpoint: Endpoint, extra: Mapping[Endpoint, frozenset[str]] 
 
 
 def _shown(name: str) -> str:
-    """A client's field name, safe to put in a message: printable ASCII, bounded."""
-    return "".join(c if " " < c < "\x7f" else "?" for c in name[:64])
+    """A client's field name, safe to put in a message: printable ASCII, bounded (a name
+    too long is dropped, not cut: a cut could leave most of a secret unrecognisable)."""
+    return clip("".join(c if " " < c < "\x7f" else "?" for c in name), 64)
 
 
 def check_fields(endpoint: Endpoint, body: Mapping[str, object],

@@ -179,7 +179,7 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
     started streaming."""
     state = request.app[STATE]
     # The record's id is always the proxy's own; a client's id is kept beside it.
-    draft = Draft(state.new_request_id(), time.perf_counter(), request.method, request.path[:200], True)
+    draft = Draft(state.new_request_id(), time.perf_counter(), request.method, state.redactor.clip(request.path, 200), True)
     if "X-Request-Id" in request.headers:
         draft.client_request_id = client_request_id(request.headers.getall("X-Request-Id"))
     request[DRAFT] = draft
@@ -238,7 +238,7 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
         draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
         return await handler(request)
     if target_host is not None:
-        draft.target_host = normalize_host(target_host)[:255]
+        draft.target_host = state.redactor.clip(normalize_host(target_host), 255)
     auth = authenticate(request.headers, state.token, forward_proxy=target_host is not None)
     if auth.code is not None:
         draft.outcome = "unauthenticated"
@@ -268,8 +268,8 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
         return await handler(request)
     except web.HTTPException as exc:
         code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "invalid_body")
-        msg = {"unknown_url": f"unknown endpoint {request.method} {request.path[:200]}",
-               "method_not_allowed": f"method {request.method} is not allowed on {request.path[:200]}",
+        msg = {"unknown_url": f"unknown endpoint {request.method} {state.redactor.clip(request.path, 200)}",
+               "method_not_allowed": f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}",
                "request_too_large": "request body exceeds the configured limit"}.get(code, exc.reason)
         draft.outcome = "rejected"
         return _error(state, draft, code, msg)
@@ -418,7 +418,7 @@ async def get_model(request: web.Request) -> web.Response:
     draft: Draft = request[DRAFT]
     draft.endpoint = Endpoint.MODEL
     model_id = request.match_info["model_id"]
-    draft.requested_model = model_id[:200]
+    draft.requested_model = state.redactor.clip(model_id, 200)
     if model_id == state.admission.model or model_id in state.admission.aliases:
         draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
         return web.json_response(_model_object(state.admission))
@@ -436,7 +436,7 @@ def websocket_refused(request: web.Request) -> web.Response:
         draft.endpoint = FORWARDED[request.path]
     if not websocket_upgrade(request.headers):
         return _error(state, draft, "method_not_allowed",
-                      f"method {request.method} is not allowed on {request.path[:200]}; use POST",
+                      f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}; use POST",
                       headers={"Allow": "POST"})
     response = _error(state, draft, "upgrade_required",
                       "WebSocket transport is not offered on this route; send the request over HTTP "
@@ -467,9 +467,9 @@ async def not_found(request: web.Request) -> web.Response:
     allow = allowed_methods(request.path)
     if allow is not None:
         return _error(state, draft, "method_not_allowed",
-                      f"method {request.method} is not allowed on {request.path[:200]}; use {allow}",
+                      f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}; use {allow}",
                       headers={"Allow": allow})
-    return _error(state, draft, "unknown_url", f"unknown endpoint {request.method} {request.path[:200]}")
+    return _error(state, draft, "unknown_url", f"unknown endpoint {request.method} {state.redactor.clip(request.path, 200)}")
 
 
 # ---------------------------------------------------------------- forwarded endpoints
@@ -535,7 +535,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if not isinstance(obj, dict):
         return _error(state, draft, "invalid_body", "request body must be a JSON object")
     requested = obj.get("model")
-    draft.requested_model = requested[:200] if isinstance(requested, str) else None
+    draft.requested_model = state.redactor.clip(requested, 200) if isinstance(requested, str) else None
     draft.stream = obj.get("stream") is True
     routing = routing_override(obj)
     if routing is not None:
@@ -649,7 +649,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
             return out
         data = await resp.read(max(limits.max_body_bytes, 64 * 1024 * 1024), limits.idle_timeout_s)
         check = check_json_body(data, state.admission.model, draft.usage)
-        draft.served_model = check.served_model[:200] if check.served_model else None
+        draft.served_model = state.redactor.clip(check.served_model, 200) if check.served_model else None
         completed = True
         if not check.ok:
             draft.outcome, draft.decision = "upstream_error", "error"

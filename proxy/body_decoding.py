@@ -15,6 +15,8 @@ import zlib
 
 import brotli
 
+from .redact import clip
+
 try:  # Python 3.14 has it in the standard library
     from compression.zstd import ZstdDecompressor, ZstdError  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the Python version
@@ -44,7 +46,7 @@ def parse_content_encoding(header: str | None) -> list[str]:
     codings = [c for c in codings if c and c != "identity"]
     for c in codings:
         if c not in SUPPORTED:
-            shown = "".join(ch if " " < ch < "\x7f" else "?" for ch in c[:32])
+            shown = clip("".join(ch if " " < ch < "\x7f" else "?" for ch in c), 32)
             raise DecodeError("unsupported_content_encoding",
                               f"Content-Encoding '{shown}' is not supported; use one of "
                               f"{', '.join(SUPPORTED)}, or none", "unsupported")

@@ -24,6 +24,7 @@ environment:
   CASE_PROXY_LOG_FORMAT                  text (default) or json; --log-format wins
   CASE_PROXY_ACCESS_LOG                  1/0: one access line per request (default 1); --no-access-log wins
   CASE_PROXY_LOG_LEVEL                   DEBUG, INFO (default), WARNING or ERROR; --log-level wins
+  CASE_PROXY_EXTRA_SECRETS_FILE          more values to redact, one per line ([files].extra_secrets_file)
 server settings (a flag wins over its variable, a variable over the TOML key):
 {_ENV_SERVER}
 

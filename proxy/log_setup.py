@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from pythonjsonlogger.orjson import OrjsonFormatter
 
+from .redact import clip
+
 if TYPE_CHECKING:
     from .app import Draft
 
@@ -105,4 +107,4 @@ def parse_bool(value: str, name: str) -> bool:
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{name}: '{value[:40]}' is not a yes/no value (use 1/0, true/false, yes/no or on/off)")
+    raise ValueError(f"{name}: '{clip(value, 40)}' is not a yes/no value (use 1/0, true/false, yes/no or on/off)")

@@ -1,8 +1,11 @@
 """One redaction module for logs, evidence, error messages and the harness secret scan.
 
-It removes registered secret values (with their base64 and URL-encoded forms, so an
-encoded header or a basic-auth string is caught too) and common token shapes. ``find``
+It removes registered secret values (in every encoded form they may take on the way:
+base64 and base64url at the three alignments, hex, URL-encoded in upper and lower case)
+and common token shapes (gitleaks' prefixed rules, HTTP Basic credentials). ``find``
 reports where and what kind, never the value, so a scan result can be shown safely.
+``clip``, ``head_lines`` and ``tail_lines`` bound a value without leaving part of a
+secret behind: redact first, cut after, or cut only at a line break.
 """
 
 from __future__ import annotations
@@ -32,13 +35,43 @@ _SHAPES: list[tuple[str, str]] = [
     ("jwt", r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"),
     ("bearer", r"(?<=[Bb]earer )[A-Za-z0-9._~+/\-]{12,}=*"),
     ("url_credentials", r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),
+    # Shapes of gitleaks' default rules (config/gitleaks.toml), prefix-anchored ones.
+    ("google_api_key", r"\bAIza[0-9A-Za-z_\-]{35}"),
+    ("huggingface_token", r"\bhf_[A-Za-z]{34}"),
+    ("groq_key", r"\bgsk_[A-Za-z0-9]{52}"),
+    ("xai_key", r"\bxai-[A-Za-z0-9_]{80}"),
+    ("gitlab_token", r"\bgl(?:pat|dt|ptt|rt|soat|cbt|imt|agent|oas|ffct)-[A-Za-z0-9_\-]{20,}"),
+    ("npm_token", r"(?i:\bnpm_[a-z0-9]{36})"),
+    ("stripe_key", r"\b(?:sk|rk)_(?:test|live|prod)_[A-Za-z0-9]{10,99}"),
+    ("pypi_token", r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_\-]{50,}"),
+    ("digitalocean_token", r"\bdo[por]_v1_[a-f0-9]{64}"),
+    ("sendgrid_key", r"\bSG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}"),
+    ("shopify_token", r"\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}"),
+    ("databricks_token", r"\bdapi[a-f0-9]{32}"),
+    ("age_secret_key", r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]{58}"),
+    ("linear_key", r"\blin_api_[A-Za-z0-9]{40}"),
+    ("pulumi_token", r"\bpul-[a-f0-9]{40}"),
+    ("rubygems_token", r"\brubygems_[a-f0-9]{48}"),
+    ("doppler_token", r"\bdp\.pt\.[A-Za-z0-9]{43}"),
+    ("grafana_token", r"\b(?:glc_[A-Za-z0-9+/]{32,400}={0,2}|glsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8})"),
+    ("sentry_token", r"\bsntry[su]_[A-Za-z0-9+/=_\-]{30,}"),
+    ("slack_webhook", r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/]{43,56}"),
+    ("telegram_bot_token", r"\b[0-9]{5,16}:AA[A-Za-z0-9_\-]{33}"),
+    # HTTP Basic credentials: base64 of "user:password" (checked by decoding, see _valid).
+    ("http_basic", r"(?<=[Bb]asic )[A-Za-z0-9+/]{6,}={0,2}"),
 ]
+# Literals every match of a prefix shape above starts with (for may_match below).
+_GITLEAKS_ANCHORS = ("AIza", "hf_", "gsk_", "xai-", "glpat-", "gldt-", "glptt-", "glrt-", "glsoat-", "glcbt-",
+                     "glimt-", "glagent-", "gloas-", "glffct-", "sk_", "rk_", "pypi-AgEIcHlwaS5vcmc", "_v1_",
+                     "SG.", "shp", "dapi", "AGE-SECRET-KEY-1", "lin_api_", "pul-", "rubygems_", "dp.pt.",
+                     "glc_", "glsa_", "sntry", "hooks.slack.com", ":AA", "asic ")
 # Literals that every match of some shape contains (lower-cased text for the last one).
 # Text holding none of them, and no registered form, cannot match: the full pattern
 # (slow, with its look-behinds) then never runs. Keep in step with _SHAPES.
 _SHAPE_ANCHORS = ("-----BEGIN", "sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "AKIA", "ASIA",
-                  "eyJ", "earer ", "://")
-_SHAPE_ANCHORS_LOWER = ("aws_secret_access_key",)
+                  "eyJ", "earer ", "://") + _GITLEAKS_ANCHORS
+_SHAPE_ANCHORS_LOWER = ("aws_secret_access_key", "npm_")
+_MIN_LOWER_ANCHOR = min(len(a) for a in _SHAPE_ANCHORS_LOWER)
 assert all("_" in a for a in _SHAPE_ANCHORS_LOWER)  # may_match relies on it
 _SHAPE_ANCHORS_LOWER_BYTES = tuple(a.encode() for a in _SHAPE_ANCHORS_LOWER)
 
@@ -50,20 +83,59 @@ class Finding:
     end: int
 
 
+def _aligned_base64(raw: bytes, urlsafe: bool) -> list[str]:
+    """The base64 text the value's bytes produce wherever they sit in a longer encoded
+    stream: for each of the three offsets (0, 1, 2 bytes before it modulo 3), the
+    characters that depend on the value's bits alone. At offset 0 also the whole
+    encoding, with and without padding (the value encoded on its own)."""
+    enc = base64.urlsafe_b64encode if urlsafe else base64.b64encode
+    out = [enc(raw).decode(), enc(raw).decode().rstrip("=")]
+    for k in range(3):
+        text = enc(b"\0" * k + raw).decode()
+        # Character i covers bits [6i, 6i+6); the value's bits are [8k, 8(k+n)).
+        first, end = -(-8 * k // 6), (8 * (k + len(raw))) // 6
+        out.append(text[first:end])
+    return out
+
+
 def labelled_encoded_forms(value: str) -> dict[str, str]:
-    """The value as it may appear when encoded on the way, each with how it was encoded
-    ('' as written, 'url-encoded', 'base64', 'base64url'; base64 with and without
-    padding). A form that several encodings produce keeps the first label."""
+    """The value as it may appear when encoded on the way, each with how it was encoded:
+    '' as written; 'url-encoded' (reserved characters, or every byte, as %XX in upper and
+    lower case; '+' for spaces); 'base64' and 'base64url' (each of the three alignments
+    inside a longer encoded text, see :func:`_aligned_base64`); 'hex' (lower and upper
+    case). A form that several encodings produce keeps the first label; forms shorter
+    than MIN_SECRET_LEN are left out (they would redact ordinary text)."""
     raw = value.encode()
-    candidates = [("", value), ("url-encoded", urllib.parse.quote(value, safe="")),
-                  ("url-encoded", urllib.parse.quote_plus(value))]
-    for label, enc in (("base64", base64.b64encode(raw).decode()), ("base64url", base64.urlsafe_b64encode(raw).decode())):
-        candidates += [(label, enc), (label, enc.rstrip("="))]
+    quoted = urllib.parse.quote(value, safe="")
+    every = "".join(f"%{b:02X}" for b in raw)
+    candidates = [("", value)]
+    candidates += [("url-encoded", f) for f in (quoted, _lower_escapes(quoted), urllib.parse.quote_plus(value),
+                                                _lower_escapes(urllib.parse.quote_plus(value)), every, every.lower())]
+    candidates += [("base64", f) for f in _aligned_base64(raw, urlsafe=False)]
+    candidates += [("base64url", f) for f in _aligned_base64(raw, urlsafe=True)]
+    candidates += [("hex", raw.hex()), ("hex", raw.hex().upper())]
     forms: dict[str, str] = {}
     for label, form in candidates:
         if len(form) >= MIN_SECRET_LEN:
             forms.setdefault(form, label)
     return forms
+
+
+def _lower_escapes(quoted: str) -> str:
+    """``%2F`` written ``%2f``: percent-decoding accepts both."""
+    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), quoted)
+
+
+def _valid(m: re.Match[str]) -> bool:
+    """Whether a shape match is a finding. An ``http_basic`` match must decode to
+    ``user:password`` text (so 'Basic configuration' in prose is not one)."""
+    if m.lastgroup != "http_basic":
+        return True
+    try:
+        decoded = base64.b64decode(m.group() + "=" * (-len(m.group()) % 4), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return ":" in decoded and decoded.isprintable()
 
 
 def encoded_forms(value: str) -> set[str]:
@@ -127,7 +199,7 @@ class Redactor:
             if anchor in text:
                 return True
         # Every case-insensitive anchor has underscores, which have no case variants.
-        if len(text) >= len(_SHAPE_ANCHORS_LOWER[0]) and "_" in text:
+        if len(text) >= _MIN_LOWER_ANCHOR and "_" in text:
             # casefold, not lower: (?i) also matches folded look-alikes such as 'ſ' for 's'.
             folded = text.casefold()
             return any(anchor in folded for anchor in _SHAPE_ANCHORS_LOWER)
@@ -137,13 +209,19 @@ class Redactor:
         assert self._pattern is not None
         if not self.may_match(text):
             return []
-        return [Finding(m.lastgroup or "secret", m.start(), m.end()) for m in self._pattern.finditer(text)]
+        return [Finding(m.lastgroup or "secret", m.start(), m.end()) for m in self._pattern.finditer(text) if _valid(m)]
 
     def redact(self, text: str) -> str:
         assert self._pattern is not None
         if not self.may_match(text):
             return text
-        return self._pattern.sub(REDACTED, text)
+        return self._pattern.sub(lambda m: REDACTED if _valid(m) else m.group(), text)
+
+    def clip(self, text: str, limit: int) -> str:
+        """``text`` redacted, then cut to ``limit`` characters. Never the other way round:
+        a cut made first can split a secret so that no form of it matches any more, and
+        31 of its 32 characters would then pass through unredacted."""
+        return clip(text, limit, self)
 
     def redact_bytes(self, data: bytes) -> bytes:
         return self.redact(data.decode("utf-8", "replace")).encode()
@@ -179,6 +257,41 @@ class Redactor:
         if isinstance(obj, (list, tuple)):
             return [self._redact_obj(v) for v in obj]
         return obj
+
+
+def clip(text: str, limit: int, redactor: Redactor | None = None) -> str:
+    """A value bounded to ``limit`` characters without leaking part of a secret: with a
+    redactor, redacted first and cut after; without one (code that has none at hand), a
+    value too long is dropped whole for a marker, never cut, so the full value (or
+    nothing) reaches the redaction downstream."""
+    if redactor is not None:
+        text = redactor.redact(text)
+    if len(text) <= limit:
+        return text
+    if redactor is not None:
+        return text[:limit]
+    return f"[{len(text)} characters, too long to record]"
+
+
+def head_lines(text: str, limit: int) -> str:
+    """At most ``limit`` characters from the start of ``text``, ending after a line
+    break: a partial last line is dropped, not cut. For output too large to redact in
+    one piece later: no secret value holds a line break (the proxy refuses a backend key
+    with one, extra secrets are one per line), so whole lines hold whole secrets, which
+    redaction then removes, and no prefix of one survives."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    return cut[:cut.rfind("\n") + 1]
+
+
+def tail_lines(text: str, limit: int) -> str:
+    """At most ``limit`` characters from the end of ``text``, starting at a line start:
+    the mirror of :func:`head_lines`."""
+    if len(text) <= limit:
+        return text
+    cut = text[-limit:]
+    return cut[cut.find("\n") + 1:] if "\n" in cut else ""
 
 
 def _strings(obj: Any, out: list[str]) -> list[str]:

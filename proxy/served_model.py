@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from .redact import clip
+
 
 @dataclass(slots=True)
 class UsageTotals:
@@ -127,7 +129,7 @@ def check_json_body(body: bytes, admitted: str, totals: UsageTotals) -> ServedCh
         return check_served(None, admitted)
     for model in named:
         if not isinstance(model, str):
-            return ServedCheck(False, orjson.dumps(model).decode()[:200],
+            return ServedCheck(False, clip(orjson.dumps(model).decode(), 200),
                                "the backend names its model with a value that is not a string; response withheld")
         if model != admitted:
             return check_served(model, admitted)

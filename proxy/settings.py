@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .allowlists import parse_extra_fields
 from .log_setup import LOG_FORMATS, LogFormat, parse_bool
+from .redact import clip
 from .request_policy import Endpoint
 
 ENV_DECISION_FILE = "CTO_HARNESS_CASE_DECISION_FILE"
@@ -33,6 +34,9 @@ ENV_EVIDENCE_FILE = "CASE_PROXY_EVIDENCE_FILE"
 ENV_CONFIG_FILE = "CASE_PROXY_CONFIG"
 ENV_LOG_FORMAT = "CASE_PROXY_LOG_FORMAT"
 ENV_ACCESS_LOG = "CASE_PROXY_ACCESS_LOG"
+# More values the proxy must redact (one per line), e.g. other credentials the operator
+# knows could pass through a client's bytes. The harness passes its own list on.
+ENV_EXTRA_SECRETS_FILE = "CASE_PROXY_EXTRA_SECRETS_FILE"
 
 MiB = 1024 * 1024
 
@@ -137,6 +141,19 @@ def _read_secret_file(path_value: str, label: str, problems: list[str]) -> str |
     return value
 
 
+def read_extra_secrets(path_value: str, label: str, problems: list[str]) -> tuple[str, ...]:
+    """The operator's extra secrets: one per line, blank lines ignored. A file named but
+    unreadable is an error (fail closed: the proxy would otherwise run without redacting
+    values the operator asked it to)."""
+    try:
+        text = Path(path_value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        problems.append(f"{label}: cannot read the file it names: {why}")
+        return ()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
 def _secret(env: Mapping[str, str], var: str, file_var: str, file_from_toml: str | None,
             problems: list[str], required: bool) -> str | None:
     direct = env.get(var)
@@ -202,7 +219,8 @@ def resolve_server_values(flags: Mapping[tuple[str, str], Any], env: Mapping[str
 
 _TOML_KEYS: dict[str, set[str] | None] = {
     "server": {"host", "port", "workers"},
-    "files": {"decision_file", "admission_file", "evidence_file", "token_file", "api_key_file"},
+    "files": {"decision_file", "admission_file", "evidence_file", "token_file", "api_key_file",
+              "extra_secrets_file"},
     "upstream": {"base_url", "allow_hosts"},
     "limits": set(Limits.model_fields),
     "proof": {"metrics_enabled", "evidence_enabled"},
@@ -242,7 +260,7 @@ def _log_values(env: Mapping[str, str], section: dict[str, Any], log_format: str
     if fmt is not None:
         if fmt not in LOG_FORMATS:
             source = "--log-format" if log_format else ENV_LOG_FORMAT if env.get(ENV_LOG_FORMAT) else "[log].format"
-            problems.append(f"{source}: '{str(fmt)[:40]}' is not a log format (use one of: {', '.join(LOG_FORMATS)})")
+            problems.append(f"{source}: '{clip(str(fmt), 40)}' is not a log format (use one of: {', '.join(LOG_FORMATS)})")
         else:
             out["log_format"] = fmt
     if access_log is not None:
@@ -302,6 +320,10 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
             # It becomes a header value: a line break there would split the request.
             problems.append(f"{ENV_API_KEY}: the backend API key holds a line break or NUL character")
         values["backend_api_key"] = api_key
+    extra_file = (env.get(ENV_EXTRA_SECRETS_FILE) or "").strip() or files.get("extra_secrets_file")
+    if extra_file:
+        label = ENV_EXTRA_SECRETS_FILE if env.get(ENV_EXTRA_SECRETS_FILE) else "TOML files.extra_secrets_file"
+        values["extra_secrets"] = read_extra_secrets(str(extra_file), label, problems)
     if unix_socket is not None:
         workers_set = values.get("workers", 1)
         problems.extend(unix_socket_problems(unix_socket, host, port,

@@ -27,6 +27,7 @@ from enum import StrEnum
 
 import orjson
 
+from .redact import clip
 from .served_model import UsageTotals, find_usage, has_duplicate_key
 
 # What a stream may hold back before an event names its model (issue 18: it was 64 x 16 MiB).
@@ -301,6 +302,6 @@ class StreamChecker:
             self.served_model = self.admitted
             self.verified = True
             return
-        self.served_model = (model if isinstance(model, str) else orjson.dumps(model).decode())[:200]
+        self.served_model = clip(model if isinstance(model, str) else orjson.dumps(model).decode(), 200)
         raise StreamRefused(StreamFault.MODEL_MISMATCH,
                             "the backend reports a model other than the admitted one; stream ended")

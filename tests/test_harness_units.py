@@ -113,8 +113,10 @@ def test_scanner_reads_commits(tmp_path: Path) -> None:
     subprocess.run([*git, "-C", str(repo), "add", "-A"], check=True)
     subprocess.run([*git, "-C", str(repo), "commit", "-qm", "leak backend-secret-123456"], check=True)
     result = scan_run_dir(tmp_path / "run", collect_secrets({ENV_API_KEY: "backend-secret-123456"}))
-    assert [(f.place, f.kind) for f in result.findings] == [("commits", "backend_key")]
-    assert result.findings[0].location.startswith("commit ")
+    # The commit, and the copies git itself keeps of its message (reflog, COMMIT_EDITMSG).
+    assert {(f.place, f.kind) for f in result.findings} == {
+        ("commits", "backend_key"), ("git_reflog", "backend_key"), ("git_files", "backend_key")}
+    assert result.findings[0].location.startswith("commit ") and "(message)" in result.findings[0].location
 
 
 def test_collect_secrets_covers_the_endpoint_and_url_credentials(tmp_path: Path) -> None:

@@ -59,6 +59,11 @@ def main() -> int:
         print(f"again on stderr: {token}", file=sys.stderr)
         print("admitted:", _ask(model))
         return 0
+    if mode == "padded-model":
+        # the token as the model name, padded so a 200-character cut would fall inside it
+        print("padded:", _ask("m" * (200 - len(os.environ["OPENAI_API_KEY"]) // 2) + os.environ["OPENAI_API_KEY"]))
+        print("admitted:", _ask(model))
+        return 0
     if mode == "commit-token":
         print("admitted:", _ask(model))
         (workdir / "notes.txt").write_text(f"key={os.environ['OPENAI_API_KEY']}\n")
