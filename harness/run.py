@@ -749,8 +749,10 @@ def _check_exposure(case: CaseProfile, runs_dir: Path, protected: list[tuple[str
 
 def _cleanup(st: _RunState) -> None:
     """Whatever happened, no helper the harness started outlives the run."""
-    if st.sandbox is not None and st.sandbox.survivors():
-        st.sandbox.kill_all()
+    if st.sandbox is not None:
+        if st.sandbox.survivors():
+            st.sandbox.kill_all()
+        st.sandbox.release()  # the last look: its namespace number may be reused after this
     if st.dns is not None:
         _stop_dns_sink(st)
     if st.proxy is not None and st.proxy.proc.poll() is None:

@@ -306,6 +306,24 @@ def own_pid_namespace() -> int | None:
     return _ns_inode(os.getpid())
 
 
+def hold_namespace(pid: int, pid_ns: int) -> int | None:
+    """An open descriptor on ``pid``'s PID namespace if it is ``pid_ns``, else None.
+
+    The kernel numbers namespaces from a pool it reuses at once: when a sandbox's
+    namespace ends, the next namespace anyone creates (another run's sandbox, the
+    acceptance sandbox) may get the same number, and a later look for "members of
+    ``pid_ns``" would find, and kill, that stranger's processes. While a descriptor is
+    open the namespace is not freed, so its number stays this sandbox's."""
+    try:
+        fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if os.fstat(fd).st_ino != pid_ns:
+        os.close(fd)
+        return None
+    return fd
+
+
 def namespace_members(pid_ns: int) -> list[int]:
     """Host pids of every process whose PID namespace is ``pid_ns`` (bounded by /proc).
     Refuses the harness's own namespace."""
@@ -357,10 +375,22 @@ class SandboxProcess:
     proc: subprocess.Popen[bytes]
     child_pid: int
     pid_ns: int
+    # Keeps pid_ns from being reused while the harness may still look for its members
+    # (see hold_namespace); closed by release().
+    ns_fd: int | None = None
 
     def survivors(self) -> list[int]:
-        """Every process still in the sandbox's PID namespace (host pids)."""
-        return namespace_members(self.pid_ns)
+        """Every process still in the sandbox's PID namespace (host pids). Once
+        released, the number may be another namespace's: nothing is looked up then."""
+        if self.pid_ns == own_pid_namespace():
+            raise SandboxError("refusing to treat the harness's own PID namespace as a sandbox's")
+        return namespace_members(self.pid_ns) if self.ns_fd is not None else []
+
+    def release(self) -> None:
+        """Let the namespace go (its number may then be reused): after the last look."""
+        if self.ns_fd is not None:
+            os.close(self.ns_fd)
+            self.ns_fd = None
 
     def kill_all(self, timeout_s: float = KILL_TIMEOUT_S) -> list[int]:
         """SIGKILL the namespace's init (the kernel then kills every member) and any
@@ -446,4 +476,10 @@ def _started(proc: subprocess.Popen[bytes], info: dict[str, Any]) -> SandboxProc
         proc.kill()
         proc.wait(KILL_TIMEOUT_S)
         raise SandboxError(f"bubblewrap did not report a PID namespace of its own (exit code {proc.poll()})")
-    return SandboxProcess(proc=proc, child_pid=child, pid_ns=pid_ns)
+    # bubblewrap holds Case back (--block-fd): the namespace's init is alive here.
+    ns_fd = hold_namespace(child, pid_ns)
+    if ns_fd is None:
+        proc.kill()
+        proc.wait(KILL_TIMEOUT_S)
+        raise SandboxError("the sandbox's PID namespace ended before Case started")
+    return SandboxProcess(proc=proc, child_pid=child, pid_ns=pid_ns, ns_fd=ns_fd)

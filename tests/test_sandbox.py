@@ -607,3 +607,44 @@ def test_fixtures_inside_an_exposed_prefix_are_masked_and_the_prefix_allowed(tmp
                                    system=sbx.host_system(), masked=mask)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == expected, out.stderr
+
+
+def _new_pid_namespace() -> int:
+    """The number of a fresh PID namespace (made and ended by util-linux unshare)."""
+    out = subprocess.run(["unshare", "--pid", "--fork", "readlink", "/proc/self/ns/pid"], capture_output=True,
+                         text=True, timeout=30, check=True)
+    return int(out.stdout.strip().removeprefix("pid:[").removesuffix("]"))
+
+
+def test_a_held_namespace_number_is_never_given_to_another_namespace() -> None:
+    """The kernel reuses a freed namespace's number at once: a harness that looked up
+    "members of pid_ns" after its sandbox ended could find, and SIGKILL, another run's
+    Case there (seen: a concurrent run's Case exited 137 with empty logs). While the
+    sandbox holds its namespace, no new namespace gets the number; released, it is
+    reused (the control, which shows the hold is what prevents it)."""
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "sleep", "30"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        child = None
+        while child is None and time.monotonic() < deadline:
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            child = int(kids[0]) if kids else None
+            time.sleep(0.02)
+        assert child is not None
+        pid_ns = os.stat(f"/proc/{child}/ns/pid").st_ino
+        box = sbx.SandboxProcess(proc=proc, child_pid=child, pid_ns=pid_ns,  # type: ignore[arg-type]
+                                 ns_fd=sbx.hold_namespace(child, pid_ns))
+        assert box.ns_fd is not None and box.survivors() == [child]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        while box.survivors() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert box.survivors() == []
+        assert pid_ns not in {_new_pid_namespace() for _ in range(10)}
+        box.release()
+        assert box.survivors() == []  # released: nothing is looked up any more
+        assert pid_ns in {_new_pid_namespace() for _ in range(10)}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
