@@ -88,7 +88,7 @@ from .profile import CaseProfile, RunProfile, exposure_problems, static_protecte
 from .report import Status, collect_inputs, compute_report, render_text, report_json
 from .runtime_check import run_problems
 from .secret_scan import ENV_EXTRA_SECRETS_FILE, SecretSet, TextScanner, collect_secrets, scan_run_dir
-from .unix_http import unix_http_get
+from .unix_http import read_bounded, unix_http_get
 
 # --------------------------------------------------------------------------- constants
 
@@ -192,19 +192,7 @@ def http_request(method: str, url: str, *, body: bytes | None = None, headers: M
     try:
         conn.request(method, path, body=body, headers=dict(headers or {}))
         resp = conn.getresponse()
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError("response too slow")
-            data = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
-            if not data:
-                break
-            size += len(data)
-            if size > max_bytes:
-                raise OSError("response too large")
-            chunks.append(data)
-        return resp.status, b"".join(chunks)
+        return resp.status, read_bounded(resp, deadline, max_bytes)
     except (OSError, http.client.HTTPException) as exc:
         raise OSError(f"request failed ({type(exc).__name__})") from None
     finally:

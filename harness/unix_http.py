@@ -30,6 +30,23 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def read_bounded(resp: http.client.HTTPResponse, deadline: float, max_bytes: int) -> bytes:
+    """The response body, read within ``deadline`` (monotonic) and ``max_bytes``: a slow
+    or endless answer raises (``TimeoutError``, ``OSError``) instead of holding a run."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError("response too slow")
+        data = resp.read1(65536)
+        if not data:
+            return b"".join(chunks)
+        size += len(data)
+        if size > max_bytes:
+            raise OSError("response too large")
+        chunks.append(data)
+
+
 def unix_http_get(socket_path: str, path: str, *, headers: Mapping[str, str] | None = None,
                   timeout_s: float = 5.0, max_bytes: int = 4 * 1024 * 1024) -> tuple[int, bytes]:
     """GET ``path`` with a total deadline and a size limit; errors raise ``OSError``."""
@@ -38,19 +55,7 @@ def unix_http_get(socket_path: str, path: str, *, headers: Mapping[str, str] | N
     try:
         conn.request("GET", path, headers=dict(headers or {}))
         resp = conn.getresponse()
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError("response too slow")
-            data = resp.read1(65536)
-            if not data:
-                break
-            size += len(data)
-            if size > max_bytes:
-                raise OSError("response too large")
-            chunks.append(data)
-        return resp.status, b"".join(chunks)
+        return resp.status, read_bounded(resp, deadline, max_bytes)
     except (OSError, http.client.HTTPException) as exc:
         raise OSError(f"request failed ({type(exc).__name__})") from None
     finally:
