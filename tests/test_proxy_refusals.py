@@ -203,10 +203,16 @@ async def test_oversized_body_is_413(make_proxy) -> None:  # noqa: F811
 
 async def test_concurrency_cap_answers_429_with_retry_after(make_proxy) -> None:  # noqa: F811
     proxy = await make_proxy(limits={"max_concurrency": 1})
-    proxy.backend.first_byte_delay_s = 0.5
+    proxy.backend.first_byte_delay_s = 2.0
     client = proxy.client()
     slow = asyncio.create_task(client.chat.completions.create(model=ADMITTED, messages=MSG))
-    await asyncio.sleep(0.2)
+    # Until the first request holds the one slot (a fixed 0.2 s sleep lost the race on a
+    # loaded machine: the second request went first and was served).
+    for _ in range(500):
+        if proxy.running.state.in_flight == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert proxy.running.state.in_flight == 1
     with pytest.raises(openai.RateLimitError) as info:
         await client.chat.completions.create(model=ADMITTED, messages=MSG)
     assert info.value.response.headers["retry-after"] == "1"
