@@ -269,9 +269,9 @@ async def test_client_disconnect_cancels_vllms_request(vproxy: ProxyUnderTest, v
         async with s.post(vproxy.base_url + "/chat/completions", json=body,
                           headers={"Authorization": f"Bearer {vproxy.token}"}) as r:
             assert r.status == 200
-            assert b"data: " in await r.content.readany()
-            m1 = await vllm_metrics(vllm_engine)
-            assert total(m1, "vllm:num_requests_running") >= 1
+            assert b"data: " in await r.content.readany()  # vLLM is generating: it sent a chunk
+            # Gone at once: a /metrics call here (it was one) can take longer than the
+            # tiny model needs for all 3,800 tokens while vLLM's server is busy streaming.
     await wait_for(lambda: any(r.get("client_disconnected") for r in vproxy.requests_evidence()), "the record")
     rec = vproxy.requests_evidence()[-1]
     assert (rec["decision"], rec["reason"]) == ("admitted", "client_disconnected")
