@@ -148,6 +148,17 @@ async def proxy(make_proxy: MakeProxy) -> ProxyUnderTest:
     return await make_proxy()
 
 
+async def raw_request(proxy: ProxyUnderTest, request: bytes) -> bytes:
+    """Send ``request`` as raw bytes (odd request targets no client library will send)
+    and return the first read of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.running.port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    return data
+
+
 # --- the proxy as a subprocess, as operators run it ---
 
 ROOT = Path(__file__).resolve().parent.parent

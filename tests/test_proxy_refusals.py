@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.proxy_support import ADMITTED, ProxyUnderTest, make_proxy, proxy  # noqa: F401
+from tests.proxy_support import ADMITTED, ProxyUnderTest, make_proxy, proxy, raw_request  # noqa: F401
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -219,21 +219,12 @@ async def test_concurrency_cap_answers_429_with_retry_after(make_proxy) -> None:
     assert (await slow).model == ADMITTED
 
 
-async def _raw(proxy: ProxyUnderTest, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.running.port)
-    writer.write(request)
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(65536), 5)
-    writer.close()
-    return data
-
-
 async def test_connect_and_absolute_form_are_refused_and_recorded(proxy: ProxyUnderTest) -> None:
     creds = b"Proxy-Authorization: Basic " + base64.b64encode(f"case:{proxy.token}".encode()) + b"\r\n"
-    out = await _raw(proxy, b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n"
+    out = await raw_request(proxy, b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n"
                             + creds + b"\r\n")
     assert out.startswith(b"HTTP/1.1 403")
-    out = await _raw(proxy, b"POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+    out = await raw_request(proxy, b"POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
                             b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n"
                             + creds + b"\r\n{}")
     assert out.startswith(b"HTTP/1.1 403")

@@ -19,7 +19,7 @@ import pytest
 from harness.report import _is_fallback
 from proxy.auth import RecordBucket, authenticate, presented_tokens
 from proxy.evidence import EvidenceRecord, records_from_bytes
-from tests.proxy_support import ProxyUnderTest, make_proxy, proxy  # noqa: F401
+from tests.proxy_support import ProxyUnderTest, make_proxy, proxy, raw_request  # noqa: F401
 
 TOKEN = b"cpt-0123456789abcdef0123"
 
@@ -64,15 +64,6 @@ def test_record_bucket_is_bounded_and_refills() -> None:
     assert bucket.admit(1000.0) and bucket.admit(1000.0) and bucket.admit(1000.0) and not bucket.admit(1000.0)
 
 
-async def _raw(proxy: ProxyUnderTest, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.running.port)
-    writer.write(request)
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(65536), 5)
-    writer.close()
-    return data
-
-
 def _records(proxy: ProxyUnderTest) -> list[EvidenceRecord]:
     """The log as the report reads it (verified chain, typed records)."""
     verdict, records = records_from_bytes(proxy.evidence_path.read_bytes())
@@ -82,9 +73,9 @@ def _records(proxy: ProxyUnderTest) -> list[EvidenceRecord]:
 
 async def test_tokenless_connect_and_provider_paths_are_not_fallback_attempts(proxy: ProxyUnderTest) -> None:
     """Any local process can send these; they must not fail Case's run."""
-    out = await _raw(proxy, b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n")
+    out = await raw_request(proxy, b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 407") and b'Proxy-Authenticate: Basic realm="case-proxy"' in out
-    out = await _raw(proxy, b"POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+    out = await raw_request(proxy, b"POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
                             b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
     assert out.startswith(b"HTTP/1.1 407")
     async with aiohttp.ClientSession() as s:
@@ -124,21 +115,21 @@ async def test_a_loop_of_tokenless_requests_cannot_fill_the_log(proxy: ProxyUnde
     before = len(proxy.evidence())
     request = b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n"
     for _ in range(40):
-        assert (await _raw(proxy, request)).startswith(b"HTTP/1.1 407")
+        assert (await raw_request(proxy, request)).startswith(b"HTTP/1.1 407")
     assert len(proxy.evidence()) - before == 5
     assert proxy.metric("case_proxy_unauthenticated_records_suppressed_total") == 35
     assert proxy.metric("case_proxy_requests_total", endpoint="other", outcome="unauthenticated") == 40
     # Once the bucket refills, the next record says how many were left out.
     proxy.running.state.unauthenticated_records.per_s = 1000.0
     await asyncio.sleep(0.05)
-    await _raw(proxy, request)
+    await raw_request(proxy, request)
     assert proxy.requests_evidence()[-1]["unauthenticated_suppressed"] == 35
     # Case's own traffic is never rate-limited.
     creds = b"Proxy-Authorization: Basic " + base64.b64encode(f"case:{proxy.token}".encode()) + b"\r\n"
     proxy.running.state.unauthenticated_records = RecordBucket(burst=0, per_s=0.0)
     n = len(proxy.evidence())
     for _ in range(10):
-        await _raw(proxy, request.removesuffix(b"\r\n") + creds + b"\r\n")
+        await raw_request(proxy, request.removesuffix(b"\r\n") + creds + b"\r\n")
     assert len(proxy.evidence()) - n == 10
 
 
@@ -150,7 +141,7 @@ async def test_a_loop_of_tokenless_requests_cannot_fill_the_access_log(proxy: Pr
     request = b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n"
     with caplog.at_level(logging.INFO, logger="case_proxy.access"):
         for _ in range(40):
-            assert (await _raw(proxy, request)).startswith(b"HTTP/1.1 407")
+            assert (await raw_request(proxy, request)).startswith(b"HTTP/1.1 407")
         await asyncio.sleep(0.05)  # access lines are written after the answer (call_soon)
     lines = [r for r in caplog.records if r.name == "case_proxy.access"]
     assert len(lines) == 5 and all("reason=proxy_auth_required" in r.getMessage() for r in lines)
