@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .admission import Admission, ArtifactError, DecisionRecord, evaluate_admission_gates, load_admission, load_decision
 from .path_watch import PathWatch
+from .readiness import cancel_task
 
 log = logging.getLogger("case_proxy.authority")
 
@@ -193,13 +194,8 @@ class Authority:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="case-proxy-authority")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         for f in self._files:
             f.close()
 

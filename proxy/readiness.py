@@ -17,6 +17,17 @@ from dataclasses import dataclass
 
 from .upstream import BodyTooLarge, Upstream
 
+
+async def cancel_task(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background watch (readiness, authority) and wait until it has ended."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
 log = logging.getLogger("case_proxy.readiness")
 
 
@@ -96,10 +107,5 @@ class Readiness:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="case-proxy-readiness")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
