@@ -26,6 +26,7 @@ from .auth import RecordBucket, authenticate
 from .authority import Authority
 from .backend_errors import client_error
 from .body_decoding import DecodeError, decode_body, encoding_label, parse_content_encoding
+from .codes import Decision, DecodingResult, ErrorCode, Outcome, Reason, UpstreamErrorKind, backend_status_reason
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
 from .forwarding import ForwardingRecorder
@@ -57,6 +58,13 @@ log = logging.getLogger("case_proxy")
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
+# Codes read on every request, bound once as module globals (see proxy.codes: reading
+# an Enum member through its class costs about 0.26 us on Python 3.11).
+_ADMITTED, _REFUSED = Decision.ADMITTED, Decision.REFUSED
+_OK, _UNAUTHENTICATED, _REASON_OK = Outcome.OK, Outcome.UNAUTHENTICATED, Reason.OK
+_LOGGED_OUTCOMES = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UNAVAILABLE})
+_MISMATCH = ErrorCode.SERVED_MODEL_MISMATCH
+
 
 @dataclass(slots=True)
 class Draft:
@@ -71,8 +79,8 @@ class Draft:
     requested_model: str | None = None
     effective_model: str | None = None
     alias_rewritten: bool = False
-    decision: str = "rejected"
-    reason: str = "unhandled"
+    decision: Decision = Decision.REJECTED
+    reason: str = Reason.UNHANDLED  # an ErrorCode, a Reason or backend_status_<n>
     family: str | None = None
     target_host: str | None = None
     served_model: str | None = None
@@ -81,9 +89,9 @@ class Draft:
     usage: UsageTotals = field(default_factory=UsageTotals)
     ttft_s: float | None = None
     client_disconnected: bool = False
-    outcome: str = "rejected"
-    upstream_error: str | None = None
-    fallback_reason: str | None = None
+    outcome: Outcome = Outcome.REJECTED
+    upstream_error: UpstreamErrorKind | None = None
+    fallback_reason: ErrorCode | None = None
     forwarded: bool = False
     param: str | None = None  # the request field a refusal names (proxy.allowlists)
     content_encoding: str | None = None  # the body's outermost coding (proxy.body_decoding)
@@ -141,7 +149,7 @@ STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
 DRAFT: web.RequestKey[Draft] = web.RequestKey("case_proxy_draft", Draft)
 
 
-def _error(state: ProxyState, draft: Draft, code: str, message: str, *, param: str | None = None,
+def _error(state: ProxyState, draft: Draft, code: ErrorCode, message: str, *, param: str | None = None,
            headers: dict[str, str] | None = None) -> web.Response:
     draft.status = error_status(code)
     draft.reason = code
@@ -153,7 +161,7 @@ def _error(state: ProxyState, draft: Draft, code: str, message: str, *, param: s
 
 def _refuse(state: ProxyState, draft: Draft, refusal: Refusal) -> web.Response:
     """A fallback attempt: refused, counted, recorded."""
-    draft.decision, draft.outcome = "refused", "refused"
+    draft.decision, draft.outcome = Decision.REFUSED, Outcome.REFUSED
     draft.family = refusal.family.value
     draft.fallback_reason = refusal.code
     return _error(state, draft, refusal.code, refusal.message, param=refusal.param)
@@ -187,25 +195,25 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         response = await _dispatch(request, state, draft, handler)
     except asyncio.CancelledError:
         draft.client_disconnected = True
-        if draft.reason == "unhandled":
-            draft.reason = "client_disconnected"
+        if draft.reason == Reason.UNHANDLED:
+            draft.reason = Reason.CLIENT_DISCONNECTED
         _finish(state, draft)  # no answer left to hold back: the record is not awaited
         _access(state, draft)
         raise
     except Exception:
         log.exception("internal error handling request %s", draft.request_id)
-        draft.outcome, draft.decision = "unavailable", "error"
-        response = _error(state, draft, "internal_error", "internal error in the proxy; request not completed")
+        draft.outcome, draft.decision = Outcome.UNAVAILABLE, Decision.ERROR
+        response = _error(state, draft, ErrorCode.INTERNAL_ERROR, "internal error in the proxy; request not completed")
     if not draft.status:
         draft.status = response.status
-    if draft.outcome == "unauthenticated":
+    if draft.outcome == _UNAUTHENTICATED:
         _bound_unauthenticated(state, draft)
     recorded = _finish(state, draft)
     if not isinstance(recorded, bool):
         recorded = await recorded  # the batch's write (see proxy.group_commit)
     if not recorded and not response.prepared:
-        draft.outcome = "unavailable"
-        response = _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
+        draft.outcome = Outcome.UNAVAILABLE
+        response = _error(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
     _access(state, draft)
     return response
 
@@ -235,25 +243,25 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
     headers, a WebSocket upgrade, then the route's own handler."""
     target_host = _forward_proxy_target(request)
     if target_host is None and request.path in PUBLIC_PATHS:
-        draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
+        draft.decision, draft.outcome, draft.reason = _ADMITTED, _OK, _REASON_OK
         return await handler(request)
     if target_host is not None:
         draft.target_host = state.redactor.clip(normalize_host(target_host), 255)
     auth = authenticate(request.headers, state.token, forward_proxy=target_host is not None)
     if auth.code is not None:
-        draft.outcome = "unauthenticated"
-        if auth.code == "proxy_auth_required":
+        draft.outcome = Outcome.UNAUTHENTICATED
+        if auth.code == ErrorCode.PROXY_AUTH_REQUIRED:
             return _error(state, draft, auth.code,
                           "proxy authentication required: use the proxy URL http://case:<CASE_PROXY_TOKEN>@host:port",
                           headers={"Proxy-Authenticate": 'Basic realm="case-proxy"'})
-        message = ("invalid bearer token" if auth.code == "invalid_token" else
+        message = ("invalid bearer token" if auth.code == ErrorCode.INVALID_TOKEN else
                    "missing bearer token: send 'Authorization: Bearer <CASE_PROXY_TOKEN>'")
         return _error(state, draft, auth.code, message, headers={"WWW-Authenticate": "Bearer"})
     if target_host is not None:
         host = draft.target_host or "unknown"
         family = classify_family(host) if is_known_provider_host(host) else Family.OTHER
         return _refuse(state, draft, Refusal(
-            "forward_proxy_refused", family,
+            ErrorCode.FORWARD_PROXY_REFUSED, family,
             "this server is not a forward proxy; outbound traffic from Case is refused and recorded"))
     # The forwarded routes are OpenAI paths by definition: only other paths need the scan.
     ext = None if request.path in FORWARDED else external_endpoint(request.path)
@@ -267,11 +275,13 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "invalid_body")
-        msg = {"unknown_url": f"unknown endpoint {request.method} {state.redactor.clip(request.path, 200)}",
-               "method_not_allowed": f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}",
-               "request_too_large": "request body exceeds the configured limit"}.get(code, exc.reason)
-        draft.outcome = "rejected"
+        code = {404: ErrorCode.UNKNOWN_URL, 405: ErrorCode.METHOD_NOT_ALLOWED,
+                413: ErrorCode.REQUEST_TOO_LARGE}.get(exc.status, ErrorCode.INVALID_BODY)
+        msg = {ErrorCode.UNKNOWN_URL: f"unknown endpoint {request.method} {state.redactor.clip(request.path, 200)}",
+               ErrorCode.METHOD_NOT_ALLOWED:
+                   f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}",
+               ErrorCode.REQUEST_TOO_LARGE: "request body exceeds the configured limit"}.get(code, exc.reason)
+        draft.outcome = Outcome.REJECTED
         return _error(state, draft, code, msg)
 
 
@@ -320,9 +330,9 @@ def _finish(state: ProxyState, draft: Draft) -> bool | asyncio.Future[bool]:
             # here; a failed record is counted at once.
             state.loop.call_soon(_count, state.metrics, draft, elapsed, draft.outcome)
         elif recorded is False:
-            _count(state.metrics, draft, elapsed, "unavailable")
+            _count(state.metrics, draft, elapsed, Outcome.UNAVAILABLE)
         # else: counted once its batch is written (_count_written)
-    if draft.decision == "refused" or draft.outcome in ("upstream_error", "unavailable"):
+    if draft.decision == _REFUSED or draft.outcome in _LOGGED_OUTCOMES:
         log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, text_value(draft.path), draft.status,
                     draft.reason)
     return recorded
@@ -346,15 +356,15 @@ def _record(state: ProxyState, draft: Draft, elapsed: float, counted: bool) -> b
 
 
 def _count_written(m: ProxyMetrics, draft: Draft, elapsed: float, written: bool) -> None:
-    _count(m, draft, elapsed, draft.outcome if written else "unavailable")
+    _count(m, draft, elapsed, draft.outcome if written else Outcome.UNAVAILABLE)
 
 
-def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: str) -> None:
+def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: Outcome) -> None:
     """One request's metrics."""
     m.count_request(draft.endpoint, outcome)
     if draft.fallback_reason:
-        m.fallback_rejections.labels(draft.fallback_reason, draft.family or "other").inc()
-    if draft.reason == "served_model_mismatch":
+        m.fallback_rejections.labels(draft.fallback_reason, draft.family or Family.OTHER).inc()
+    if draft.reason == _MISMATCH:
         m.served_model_mismatches.labels(draft.endpoint).inc()
     if draft.upstream_error:
         m.upstream_errors.labels(draft.upstream_error).inc()
@@ -409,7 +419,7 @@ def _model_object(admission: Admission) -> dict[str, object]:
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     draft: Draft = request[DRAFT]
-    draft.endpoint, draft.decision, draft.outcome, draft.reason = Endpoint.MODELS, "admitted", "ok", "ok"
+    draft.endpoint, draft.decision, draft.outcome, draft.reason = Endpoint.MODELS, _ADMITTED, _OK, _REASON_OK
     return web.json_response({"object": "list", "data": [_model_object(state.admission)]})
 
 
@@ -420,9 +430,9 @@ async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     draft.requested_model = state.redactor.clip(model_id, 200)
     if model_id == state.admission.model or model_id in state.admission.aliases:
-        draft.decision, draft.outcome, draft.reason = "admitted", "ok", "ok"
+        draft.decision, draft.outcome, draft.reason = _ADMITTED, _OK, _REASON_OK
         return web.json_response(_model_object(state.admission))
-    return _error(state, draft, "model_not_found",
+    return _error(state, draft, ErrorCode.MODEL_NOT_FOUND,
                   f"no such model on this route; the only admitted model is '{state.admission.model}'", param="model")
 
 
@@ -435,10 +445,10 @@ def websocket_refused(request: web.Request) -> web.Response:
     if request.path in FORWARDED:
         draft.endpoint = FORWARDED[request.path]
     if not websocket_upgrade(request.headers):
-        return _error(state, draft, "method_not_allowed",
+        return _error(state, draft, ErrorCode.METHOD_NOT_ALLOWED,
                       f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}; use POST",
                       headers={"Allow": "POST"})
-    response = _error(state, draft, "upgrade_required",
+    response = _error(state, draft, ErrorCode.UPGRADE_REQUIRED,
                       "WebSocket transport is not offered on this route; send the request over HTTP "
                       "(POST /v1/responses, /v1/chat/completions)",
                       headers={"Upgrade": "HTTP/1.1", "Connection": "close"})
@@ -466,10 +476,10 @@ async def not_found(request: web.Request) -> web.Response:
     draft: Draft = request[DRAFT]
     allow = allowed_methods(request.path)
     if allow is not None:
-        return _error(state, draft, "method_not_allowed",
+        return _error(state, draft, ErrorCode.METHOD_NOT_ALLOWED,
                       f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}; use {allow}",
                       headers={"Allow": allow})
-    return _error(state, draft, "unknown_url", f"unknown endpoint {request.method} {state.redactor.clip(request.path, 200)}")
+    return _error(state, draft, ErrorCode.UNKNOWN_URL, f"unknown endpoint {request.method} {state.redactor.clip(request.path, 200)}")
 
 
 # ---------------------------------------------------------------- forwarded endpoints
@@ -486,10 +496,10 @@ async def _read_body(request: web.Request, state: ProxyState, draft: Draft) -> b
     try:
         codings = parse_content_encoding(",".join(request.headers.getall("Content-Encoding", [])))
     except DecodeError as exc:
-        _count_decoding(state, exc.encoding, "unsupported")
+        _count_decoding(state, exc.encoding, DecodingResult.UNSUPPORTED)
         return exc
     draft.content_encoding = encoding_label(codings)
-    too_large = DecodeError("request_too_large", f"request body exceeds the limit of {limit} bytes",
+    too_large = DecodeError(ErrorCode.REQUEST_TOO_LARGE, f"request body exceeds the limit of {limit} bytes",
                             draft.content_encoding or "identity")
     if request.content_length is not None and request.content_length > limit:
         return too_large
@@ -506,13 +516,13 @@ async def _read_body(request: web.Request, state: ProxyState, draft: Draft) -> b
             body = decode_body(raw, codings, limit)
     except DecodeError as exc:
         _count_decoding(state, exc.encoding,
-                        "too_large" if exc.code == "request_too_large" else "corrupt")
+                        DecodingResult.TOO_LARGE if exc.code == ErrorCode.REQUEST_TOO_LARGE else DecodingResult.CORRUPT)
         return exc
-    _count_decoding(state, draft.content_encoding or "identity", "decoded")
+    _count_decoding(state, draft.content_encoding or "identity", DecodingResult.DECODED)
     return body
 
 
-def _count_decoding(state: ProxyState, encoding: str, result: str) -> None:
+def _count_decoding(state: ProxyState, encoding: str, result: DecodingResult) -> None:
     if state.settings.metrics_enabled:
         state.metrics.body_decodings.labels(encoding, result).inc()
 
@@ -524,16 +534,16 @@ async def forward(request: web.Request) -> web.StreamResponse:
     draft.endpoint = endpoint
     ctype = request.headers.get("Content-Type", "")
     if ctype.split(";", 1)[0].strip().lower() != "application/json":
-        return _error(state, draft, "unsupported_content_type", "Content-Type must be application/json")
+        return _error(state, draft, ErrorCode.UNSUPPORTED_CONTENT_TYPE, "Content-Type must be application/json")
     body = await _read_body(request, state, draft)
     if isinstance(body, DecodeError):
         return _error(state, draft, body.code, body.message)
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return _error(state, draft, "invalid_json", "request body is not valid JSON")
+        return _error(state, draft, ErrorCode.INVALID_JSON, "request body is not valid JSON")
     if not isinstance(obj, dict):
-        return _error(state, draft, "invalid_body", "request body must be a JSON object")
+        return _error(state, draft, ErrorCode.INVALID_BODY, "request body must be a JSON object")
     requested = obj.get("model")
     draft.requested_model = state.redactor.clip(requested, 200) if isinstance(requested, str) else None
     draft.stream = obj.get("stream") is True
@@ -549,10 +559,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return _error(state, draft, problem.code, problem.message, param=problem.param)
     decision = decide_model(requested, state.admission)
     if not decision.admitted:
-        if decision.code == "model_missing":
-            return _error(state, draft, "model_missing", decision.message, param="model")
+        if decision.code == ErrorCode.MODEL_MISSING:
+            return _error(state, draft, ErrorCode.MODEL_MISSING, decision.message, param="model")
         assert decision.family is not None
-        return _refuse(state, draft, Refusal("model_not_admitted", decision.family, decision.message, param="model"))
+        return _refuse(state, draft, Refusal(ErrorCode.MODEL_NOT_ADMITTED, decision.family, decision.message, param="model"))
     draft.effective_model, draft.alias_rewritten = decision.effective_model, decision.alias_rewritten
     if decision.alias_rewritten:
         obj["model"] = decision.effective_model
@@ -562,28 +572,28 @@ async def forward(request: web.Request) -> web.StreamResponse:
     body = orjson.dumps(obj)
     # Fail closed: never forward what could not be recorded, or to a backend not proven.
     if state.draining:
-        draft.outcome = "unavailable"
-        return _error(state, draft, "shutting_down", "the proxy is shutting down")
+        draft.outcome = Outcome.UNAVAILABLE
+        return _error(state, draft, ErrorCode.SHUTTING_DOWN, "the proxy is shutting down")
     if state.authority is not None and not state.authority.serving:
-        draft.outcome = "unavailable"
-        return _error(state, draft, "admission_blocks",
+        draft.outcome = Outcome.UNAVAILABLE
+        return _error(state, draft, ErrorCode.ADMISSION_BLOCKS,
                       f"the operators' artifacts no longer allow serving ({state.authority.verdict.code}); see /readyz")
     if state.evidence is not None:
         try:
             state.evidence.check()
         except ChainError:
-            draft.outcome = "unavailable"
+            draft.outcome = Outcome.UNAVAILABLE
             state.evidence_failed()
-            return _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
+            return _error(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
     if not state.readiness.state.ready:
-        draft.outcome = "unavailable"
-        return _error(state, draft, "backend_not_ready",
+        draft.outcome = Outcome.UNAVAILABLE
+        return _error(state, draft, ErrorCode.BACKEND_NOT_READY,
                       "the backend does not serve the admitted model (yet); see /readyz")
     if state.in_flight >= state.settings.limits.max_concurrency:
-        draft.outcome = "rejected"
-        return _error(state, draft, "too_many_requests", "too many concurrent requests; retry shortly",
+        draft.outcome = Outcome.REJECTED
+        return _error(state, draft, ErrorCode.TOO_MANY_REQUESTS, "too many concurrent requests; retry shortly",
                       headers={"Retry-After": "1"})
-    draft.decision = "admitted"
+    draft.decision = _ADMITTED
     state.in_flight += 1
     if state.settings.metrics_enabled:
         state.metrics.request_started()
@@ -595,16 +605,18 @@ async def forward(request: web.Request) -> web.StreamResponse:
             state.metrics.request_ended()
 
 
+_UPSTREAM_FAILURE_MESSAGES: dict[ErrorCode, str] = {
+    ErrorCode.BACKEND_ADDRESS_REFUSED: "the backend name resolved to an address outside the upstream pin",
+    ErrorCode.BACKEND_TIMEOUT: "the backend did not answer in time",
+    ErrorCode.BACKEND_UNREACHABLE: "cannot connect to the backend",
+    ErrorCode.BACKEND_PROTOCOL_ERROR: "the backend connection failed mid-response",
+}
+
+
 def _upstream_failure(state: ProxyState, draft: Draft, exc: BaseException) -> web.Response:
     kind, code = upstream_error_kind(exc)
-    draft.upstream_error, draft.outcome, draft.decision = kind, "upstream_error", "error"
-    messages = {
-        "backend_address_refused": "the backend name resolved to an address outside the upstream pin",
-        "backend_timeout": "the backend did not answer in time",
-        "backend_unreachable": "cannot connect to the backend",
-        "backend_protocol_error": "the backend connection failed mid-response",
-    }
-    return _error(state, draft, code, messages[code])
+    draft.upstream_error, draft.outcome, draft.decision = kind, Outcome.UPSTREAM_ERROR, Decision.ERROR
+    return _error(state, draft, code, _UPSTREAM_FAILURE_MESSAGES[code])
 
 
 async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: bytes, path: str) -> web.StreamResponse:
@@ -615,8 +627,8 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     # A durable forwarding record before the backend sees a byte (fail closed).
     if state.forwarding is not None and await state.forwarding.record(
             draft, state.in_flight <= 1, partial(setattr, draft, "forwarding_sha256")) is None:
-        draft.decision, draft.outcome = "rejected", "unavailable"  # counted once, by its completion record
-        return _error(state, draft, "evidence_unavailable", "the proxy cannot record evidence; request refused")
+        draft.decision, draft.outcome = Decision.REJECTED, Outcome.UNAVAILABLE  # counted once, by its completion record
+        return _error(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
     draft.forwarded = True
     try:
         resp = await state.upstream.post(path, body, headers, limits.first_byte_timeout_s)
@@ -625,14 +637,14 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     completed = False
     try:
         if 300 <= resp.status < 400:
-            draft.upstream_error, draft.outcome, draft.decision = "redirect", "upstream_error", "error"
-            return _error(state, draft, "backend_redirect_refused",
+            draft.upstream_error, draft.outcome, draft.decision = UpstreamErrorKind.REDIRECT, Outcome.UPSTREAM_ERROR, Decision.ERROR
+            return _error(state, draft, ErrorCode.BACKEND_REDIRECT_REFUSED,
                           "the backend answered with a redirect; redirects are never followed")
         ctype = resp.content_type
         if resp.status >= 400:
             data = await resp.read(4 * 1024 * 1024, limits.idle_timeout_s)
-            draft.upstream_error = "status_4xx" if resp.status < 500 else "status_5xx"
-            draft.outcome, draft.reason = "upstream_error", f"backend_status_{resp.status}"
+            draft.upstream_error = UpstreamErrorKind.STATUS_4XX if resp.status < 500 else UpstreamErrorKind.STATUS_5XX
+            draft.outcome, draft.reason = Outcome.UPSTREAM_ERROR, backend_status_reason(resp.status)
             completed = True
             mapped = client_error(resp.status, data)
             if mapped is not None:  # not the OpenAI shape, or the backend refused the proxy's key
@@ -645,21 +657,21 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
                                          "X-Request-Id": draft.request_id})
         if ctype.startswith("text/event-stream"):
             out = await _relay_stream(request, state, draft, resp)
-            completed = draft.outcome == "ok"
+            completed = draft.outcome == _OK
             return out
         data = await resp.read(max(limits.max_body_bytes, 64 * 1024 * 1024), limits.idle_timeout_s)
         check = check_json_body(data, state.admission.model, draft.usage)
         draft.served_model = state.redactor.clip(check.served_model, 200) if check.served_model else None
         completed = True
         if not check.ok:
-            draft.outcome, draft.decision = "upstream_error", "error"
-            return _error(state, draft, "served_model_mismatch", check.message)
-        draft.outcome, draft.reason, draft.status = "ok", "ok", resp.status
+            draft.outcome, draft.decision = Outcome.UPSTREAM_ERROR, Decision.ERROR
+            return _error(state, draft, ErrorCode.SERVED_MODEL_MISMATCH, check.message)
+        draft.outcome, draft.reason, draft.status = _OK, _REASON_OK, resp.status
         return web.Response(status=resp.status, body=data,
                             headers={**forwardable_response_headers(resp.headers),
                                      "X-Request-Id": draft.request_id})
     except _ClientGone as gone:
-        draft.reason = "client_disconnected"
+        draft.reason = Reason.CLIENT_DISCONNECTED
         return gone.out
     except (OSError, ValueError, BackendError) as exc:
         return _upstream_failure(state, draft, exc)
@@ -671,7 +683,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
             resp.close()
 
 
-def _stream_error_event(code: str, message: str) -> bytes:
+def _stream_error_event(code: ErrorCode, message: str) -> bytes:
     err = {"message": message, "type": "api_error", "param": None, "code": code}
     return b"data: " + orjson.dumps({"type": "error", "error": err, "code": code, "message": message}) + b"\n\n"
 
@@ -706,8 +718,9 @@ async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft,
             draft.client_disconnected = True
             raise _ClientGone(out) from exc
 
-    async def fail(code: str, message: str, kind: str | None = None, cleared: bytes = b"") -> web.StreamResponse:
-        draft.outcome, draft.decision, draft.reason = "upstream_error", "error", code
+    async def fail(code: ErrorCode, message: str, kind: UpstreamErrorKind | None = None,
+                   cleared: bytes = b"") -> web.StreamResponse:
+        draft.outcome, draft.decision, draft.reason = Outcome.UPSTREAM_ERROR, Decision.ERROR, code
         draft.upstream_error = kind
         draft.status = draft.status or resp.status
         draft.served_model = checker.served_model
@@ -722,19 +735,20 @@ async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft,
                 await write(send)
         checker.finish()
     except StreamRefused as refused:
-        kind = "protocol" if refused.fault is StreamFault.PROTOCOL else None
-        return await fail(refused.fault.value, refused.message, kind, refused.cleared)
+        kind = UpstreamErrorKind.PROTOCOL if refused.fault is StreamFault.PROTOCOL else None
+        return await fail(ErrorCode(refused.fault.value), refused.message, kind, refused.cleared)
     except TimeoutError:
-        return await fail("backend_timeout", "the backend stopped sending in the middle of the stream", "timeout")
+        return await fail(ErrorCode.BACKEND_TIMEOUT, "the backend stopped sending in the middle of the stream",
+                          UpstreamErrorKind.TIMEOUT)
     except ValueError as exc:
-        return await fail("backend_protocol_error", str(exc), "protocol")
+        return await fail(ErrorCode.BACKEND_PROTOCOL_ERROR, str(exc), UpstreamErrorKind.PROTOCOL)
     except (BackendError, OSError):
-        return await fail("backend_protocol_error", "the backend connection broke in the middle of the stream",
-                          "protocol")
+        return await fail(ErrorCode.BACKEND_PROTOCOL_ERROR, "the backend connection broke in the middle of the stream",
+                          UpstreamErrorKind.PROTOCOL)
     draft.served_model = checker.served_model
     await write(b"")
     await out.write_eof()
-    draft.outcome, draft.reason, draft.status = "ok", "ok", resp.status
+    draft.outcome, draft.reason, draft.status = _OK, _REASON_OK, resp.status
     return out
 
 
