@@ -200,6 +200,8 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         _finish(state, draft)  # no answer left to hold back: the record is not awaited
         _access(state, draft)
         raise
+    except web.HTTPException as exc:  # from the router (404, 405) or a handler
+        response = _http_error(request, state, draft, exc)
     except Exception:
         log.exception("internal error handling request %s", draft.request_id)
         draft.outcome, draft.decision = Outcome.UNAVAILABLE, Decision.ERROR
@@ -272,17 +274,24 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
         return _refuse(state, draft, hdr)
     if websocket_upgrade(request.headers):
         return websocket_refused(request)
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        code = {404: ErrorCode.UNKNOWN_URL, 405: ErrorCode.METHOD_NOT_ALLOWED,
-                413: ErrorCode.REQUEST_TOO_LARGE}.get(exc.status, ErrorCode.INVALID_BODY)
-        msg = {ErrorCode.UNKNOWN_URL: f"unknown endpoint {request.method} {state.redactor.clip(request.path, 200)}",
-               ErrorCode.METHOD_NOT_ALLOWED:
-                   f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}",
-               ErrorCode.REQUEST_TOO_LARGE: "request body exceeds the configured limit"}.get(code, exc.reason)
-        draft.outcome = Outcome.REJECTED
-        return _error(state, draft, code, msg)
+    return await handler(request)
+
+
+def _http_error(request: web.Request, state: ProxyState, draft: Draft, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own answers, OpenAI-shaped: the router's 404 (no route for the path) and
+    405 (a route for the path, not for the method; ``Allow`` names the methods it takes),
+    and a body over the limit (413)."""
+    draft.outcome = Outcome.REJECTED
+    path = state.redactor.clip(request.path, 200)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allow = ", ".join(sorted(exc.allowed_methods))
+        return _error(state, draft, ErrorCode.METHOD_NOT_ALLOWED,
+                      f"method {request.method} is not allowed on {path}; use {allow}", headers={"Allow": allow})
+    if exc.status == 404:
+        return _error(state, draft, ErrorCode.UNKNOWN_URL, f"unknown endpoint {request.method} {path}")
+    if exc.status == 413:
+        return _error(state, draft, ErrorCode.REQUEST_TOO_LARGE, "request body exceeds the configured limit")
+    return _error(state, draft, ErrorCode.INVALID_BODY, exc.reason)
 
 
 def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> dict[str, Any]:
@@ -439,47 +448,17 @@ async def get_model(request: web.Request) -> web.Response:
 def websocket_refused(request: web.Request) -> web.Response:
     """A WebSocket upgrade (Codex tries one on GET /v1/responses before HTTP) gets 426
     with a message saying what to use: Codex then falls back to HTTP at once, where a
-    405 made it retry five times first. A plain GET on the path is a 405."""
+    405 made it retry five times first. A plain GET on the path is the router's 405."""
     state = request.app[STATE]
     draft: Draft = request[DRAFT]
     if request.path in FORWARDED:
         draft.endpoint = FORWARDED[request.path]
-    if not websocket_upgrade(request.headers):
-        return _error(state, draft, ErrorCode.METHOD_NOT_ALLOWED,
-                      f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}; use POST",
-                      headers={"Allow": "POST"})
     response = _error(state, draft, ErrorCode.UPGRADE_REQUIRED,
                       "WebSocket transport is not offered on this route; send the request over HTTP "
                       "(POST /v1/responses, /v1/chat/completions)",
                       headers={"Upgrade": "HTTP/1.1", "Connection": "close"})
     response.force_close()
     return response
-
-
-async def _websocket_route(request: web.Request) -> web.Response:
-    return websocket_refused(request)
-
-
-def allowed_methods(path: str) -> str | None:
-    """The methods a known path takes (for 405 and ``Allow``), None for an unknown path."""
-    if path in FORWARDED:
-        return "POST"
-    if path in PUBLIC_PATHS or path == "/v1/models" or (path.startswith("/v1/models/") and len(path) > 11):
-        return "GET, HEAD"
-    return None
-
-
-async def not_found(request: web.Request) -> web.Response:
-    """Unknown paths are plain 404s; a known path with the wrong method is a 405 that
-    says which method it takes. Neither reaches the backend."""
-    state = request.app[STATE]
-    draft: Draft = request[DRAFT]
-    allow = allowed_methods(request.path)
-    if allow is not None:
-        return _error(state, draft, ErrorCode.METHOD_NOT_ALLOWED,
-                      f"method {request.method} is not allowed on {state.redactor.clip(request.path, 200)}; use {allow}",
-                      headers={"Allow": allow})
-    return _error(state, draft, ErrorCode.UNKNOWN_URL, f"unknown endpoint {request.method} {state.redactor.clip(request.path, 200)}")
 
 
 # ---------------------------------------------------------------- forwarded endpoints
@@ -761,8 +740,8 @@ def create_app(state: ProxyState) -> web.Application:
     r.add_get("/metrics", metrics_handler)
     r.add_get("/v1/models", list_models)
     r.add_get("/v1/models/{model_id:.+}", get_model)
-    r.add_get("/v1/responses", _websocket_route)
     for path in FORWARDED:
         r.add_post(path, forward)
-    r.add_route("*", "/{tail:.*}", not_found)
+    # No catch-all: the router answers an unknown path (404) and a known path with another
+    # method (405), and guard turns both into OpenAI-shaped, recorded errors.
     return app
