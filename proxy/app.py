@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -22,21 +19,16 @@ from aiohttp import web
 
 from .admission import Admission
 from .allowlists import check_fields, forwardable_request_headers
-from .auth import RecordBucket, authenticate
-from .authority import Authority
+from .auth import authenticate
 from .backend_errors import client_error
 from .body_decoding import DecodeError, decode_body, encoding_label, parse_content_encoding
 from .codes import Decision, DecodingResult, ErrorCode, Outcome, Reason, UpstreamErrorKind, backend_status_reason
-from .errors import error_body, error_status
-from .evidence import EvidenceLog, utc_now_rfc3339
-from .forwarding import ForwardingRecorder
-from .group_commit import GroupCommit
+from .evidence import utc_now_rfc3339
 from .hashchain import ChainError
 from .log_setup import ACCESS_LOG, log_access, text_value
 from .metrics import ProxyMetrics
 from .model_policy import Family, classify_family, decide_model
-from .readiness import Readiness
-from .redact import Redactor
+from .replies import error_reply, refuse
 from .request_policy import (
     FORWARDED,
     Endpoint,
@@ -48,15 +40,14 @@ from .request_policy import (
     routing_override,
     websocket_upgrade,
 )
-from .served_model import UsageTotals, check_json_body
-from .settings import ProxySettings
+from .served_model import check_json_body
+from .state import DRAFT, PUBLIC_PATHS, STATE, Draft, ProxyState
 from .stream_check import StreamChecker, StreamFault, StreamRefused
-from .upstream import BackendError, BackendResponse, Upstream, upstream_error_kind
-from .upstream_policy import UpstreamTarget, is_known_provider_host, normalize_host
+from .upstream import BackendError, BackendResponse, upstream_error_kind
+from .upstream_policy import is_known_provider_host, normalize_host
 
 log = logging.getLogger("case_proxy")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 # Codes read on every request, bound once as module globals (see proxy.codes: reading
 # an Enum member through its class costs about 0.26 us on Python 3.11).
@@ -64,107 +55,6 @@ _ADMITTED, _REFUSED = Decision.ADMITTED, Decision.REFUSED
 _OK, _UNAUTHENTICATED, _REASON_OK = Outcome.OK, Outcome.UNAUTHENTICATED, Reason.OK
 _LOGGED_OUTCOMES = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UNAVAILABLE})
 _MISMATCH = ErrorCode.SERVED_MODEL_MISMATCH
-
-
-@dataclass(slots=True)
-class Draft:
-    """What one request did, filled in as it goes; turned into the evidence record."""
-
-    request_id: str
-    started: float
-    method: str
-    path: str
-    own_id: bool  # request_id drawn by the proxy (always, since issue 18)
-    endpoint: Endpoint = Endpoint.OTHER
-    requested_model: str | None = None
-    effective_model: str | None = None
-    alias_rewritten: bool = False
-    decision: Decision = Decision.REJECTED
-    reason: str = Reason.UNHANDLED  # an ErrorCode, a Reason or backend_status_<n>
-    family: str | None = None
-    target_host: str | None = None
-    served_model: str | None = None
-    status: int = 0
-    stream: bool = False
-    usage: UsageTotals = field(default_factory=UsageTotals)
-    ttft_s: float | None = None
-    client_disconnected: bool = False
-    outcome: Outcome = Outcome.REJECTED
-    upstream_error: UpstreamErrorKind | None = None
-    fallback_reason: ErrorCode | None = None
-    forwarded: bool = False
-    param: str | None = None  # the request field a refusal names (proxy.allowlists)
-    content_encoding: str | None = None  # the body's outermost coding (proxy.body_decoding)
-    client_request_id: str | None = None  # the client's X-Request-Id, if valid (request_policy)
-    unrecorded: bool = False  # an unauthenticated request beyond the record bucket (proxy.auth)
-    unauthenticated_suppressed: int | None = None  # such requests left out before this record
-    forwarding_sha256: str | None = None  # its forwarding record's line (proxy.forwarding)
-
-
-@dataclass(slots=True)
-class ProxyState:
-    settings: ProxySettings
-    admission: Admission
-    target: UpstreamTarget
-    redactor: Redactor
-    evidence: EvidenceLog | None
-    metrics: ProxyMetrics
-    upstream: Upstream
-    readiness: Readiness
-    token: bytes
-    authority: Authority | None = None  # the artifacts, watched while serving (proxy.authority)
-    in_flight: int = 0
-    draining: bool = False
-    # Made inside the loop that serves it (each worker makes its own): the loop is kept
-    # because on Python 3.11 each asyncio.get_running_loop() is a getpid system call;
-    # request ids come from a generator seeded once from the OS, not one getrandom
-    # system call per request (ids must be unique, not secret).
-    loop: asyncio.AbstractEventLoop = field(init=False)
-    _ids: random.Random = field(init=False)
-    batch: GroupCommit | None = field(init=False)
-    # Bounds the records of unauthenticated traffic (proxy.auth).
-    unauthenticated_records: RecordBucket = field(default_factory=RecordBucket)
-    forwarding: ForwardingRecorder | None = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self._ids = random.Random(os.urandom(32))
-        self.batch = None
-        self.forwarding = None
-        if self.evidence is not None:
-            self.batch = GroupCommit(self.evidence, self.loop, self.evidence_failed)
-            self.forwarding = ForwardingRecorder(self.evidence, self.batch, self.target)
-            self.evidence.attach(self.loop)
-
-    def evidence_failed(self, n: int = 1) -> None:
-        """Count ``n`` requests refused because the evidence log could not record."""
-        if self.settings.metrics_enabled:
-            self.metrics.evidence_write_failures.inc(n)
-
-    def new_request_id(self) -> str:
-        return f"{self._ids.getrandbits(128):032x}"
-
-
-STATE: web.AppKey[ProxyState] = web.AppKey("state", ProxyState)
-DRAFT: web.RequestKey[Draft] = web.RequestKey("case_proxy_draft", Draft)
-
-
-def _error(state: ProxyState, draft: Draft, code: ErrorCode, message: str, *, param: str | None = None,
-           headers: dict[str, str] | None = None) -> web.Response:
-    draft.status = error_status(code)
-    draft.reason = code
-    return web.Response(
-        status=draft.status, body=error_body(code, state.redactor.redact(message), param),
-        content_type="application/json", headers={"X-Request-Id": draft.request_id, **(headers or {})},
-    )
-
-
-def _refuse(state: ProxyState, draft: Draft, refusal: Refusal) -> web.Response:
-    """A fallback attempt: refused, counted, recorded."""
-    draft.decision, draft.outcome = Decision.REFUSED, Outcome.REFUSED
-    draft.family = refusal.family.value
-    draft.fallback_reason = refusal.code
-    return _error(state, draft, refusal.code, refusal.message, param=refusal.param)
 
 
 def _forward_proxy_target(request: web.Request) -> str | None:
@@ -205,7 +95,7 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
     except Exception:
         log.exception("internal error handling request %s", draft.request_id)
         draft.outcome, draft.decision = Outcome.UNAVAILABLE, Decision.ERROR
-        response = _error(state, draft, ErrorCode.INTERNAL_ERROR, "internal error in the proxy; request not completed")
+        response = error_reply(state, draft, ErrorCode.INTERNAL_ERROR, "internal error in the proxy; request not completed")
     if not draft.status:
         draft.status = response.status
     if draft.outcome == _UNAUTHENTICATED:
@@ -215,7 +105,7 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         recorded = await recorded  # the batch's write (see proxy.group_commit)
     if not recorded and not response.prepared:
         draft.outcome = Outcome.UNAVAILABLE
-        response = _error(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
+        response = error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
     _access(state, draft)
     return response
 
@@ -253,25 +143,25 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
     if auth.code is not None:
         draft.outcome = Outcome.UNAUTHENTICATED
         if auth.code == ErrorCode.PROXY_AUTH_REQUIRED:
-            return _error(state, draft, auth.code,
+            return error_reply(state, draft, auth.code,
                           "proxy authentication required: use the proxy URL http://case:<CASE_PROXY_TOKEN>@host:port",
                           headers={"Proxy-Authenticate": 'Basic realm="case-proxy"'})
         message = ("invalid bearer token" if auth.code == ErrorCode.INVALID_TOKEN else
                    "missing bearer token: send 'Authorization: Bearer <CASE_PROXY_TOKEN>'")
-        return _error(state, draft, auth.code, message, headers={"WWW-Authenticate": "Bearer"})
+        return error_reply(state, draft, auth.code, message, headers={"WWW-Authenticate": "Bearer"})
     if target_host is not None:
         host = draft.target_host or "unknown"
         family = classify_family(host) if is_known_provider_host(host) else Family.OTHER
-        return _refuse(state, draft, Refusal(
+        return refuse(state, draft, Refusal(
             ErrorCode.FORWARD_PROXY_REFUSED, family,
             "this server is not a forward proxy; outbound traffic from Case is refused and recorded"))
     # The forwarded routes are OpenAI paths by definition: only other paths need the scan.
     ext = None if request.path in FORWARDED else external_endpoint(request.path)
     if ext is not None:
-        return _refuse(state, draft, ext)
+        return refuse(state, draft, ext)
     hdr = provider_header(request.headers.keys())
     if hdr is not None:
-        return _refuse(state, draft, hdr)
+        return refuse(state, draft, hdr)
     if websocket_upgrade(request.headers):
         return websocket_refused(request)
     return await handler(request)
@@ -285,13 +175,13 @@ def _http_error(request: web.Request, state: ProxyState, draft: Draft, exc: web.
     path = state.redactor.clip(request.path, 200)
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allow = ", ".join(sorted(exc.allowed_methods))
-        return _error(state, draft, ErrorCode.METHOD_NOT_ALLOWED,
+        return error_reply(state, draft, ErrorCode.METHOD_NOT_ALLOWED,
                       f"method {request.method} is not allowed on {path}; use {allow}", headers={"Allow": allow})
     if exc.status == 404:
-        return _error(state, draft, ErrorCode.UNKNOWN_URL, f"unknown endpoint {request.method} {path}")
+        return error_reply(state, draft, ErrorCode.UNKNOWN_URL, f"unknown endpoint {request.method} {path}")
     if exc.status == 413:
-        return _error(state, draft, ErrorCode.REQUEST_TOO_LARGE, "request body exceeds the configured limit")
-    return _error(state, draft, ErrorCode.INVALID_BODY, exc.reason)
+        return error_reply(state, draft, ErrorCode.REQUEST_TOO_LARGE, "request body exceeds the configured limit")
+    return error_reply(state, draft, ErrorCode.INVALID_BODY, exc.reason)
 
 
 def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> dict[str, Any]:
@@ -441,7 +331,7 @@ async def get_model(request: web.Request) -> web.Response:
     if model_id == state.admission.model or model_id in state.admission.aliases:
         draft.decision, draft.outcome, draft.reason = _ADMITTED, _OK, _REASON_OK
         return web.json_response(_model_object(state.admission))
-    return _error(state, draft, ErrorCode.MODEL_NOT_FOUND,
+    return error_reply(state, draft, ErrorCode.MODEL_NOT_FOUND,
                   f"no such model on this route; the only admitted model is '{state.admission.model}'", param="model")
 
 
@@ -453,7 +343,7 @@ def websocket_refused(request: web.Request) -> web.Response:
     draft: Draft = request[DRAFT]
     if request.path in FORWARDED:
         draft.endpoint = FORWARDED[request.path]
-    response = _error(state, draft, ErrorCode.UPGRADE_REQUIRED,
+    response = error_reply(state, draft, ErrorCode.UPGRADE_REQUIRED,
                       "WebSocket transport is not offered on this route; send the request over HTTP "
                       "(POST /v1/responses, /v1/chat/completions)",
                       headers={"Upgrade": "HTTP/1.1", "Connection": "close"})
@@ -513,35 +403,35 @@ async def forward(request: web.Request) -> web.StreamResponse:
     draft.endpoint = endpoint
     ctype = request.headers.get("Content-Type", "")
     if ctype.split(";", 1)[0].strip().lower() != "application/json":
-        return _error(state, draft, ErrorCode.UNSUPPORTED_CONTENT_TYPE, "Content-Type must be application/json")
+        return error_reply(state, draft, ErrorCode.UNSUPPORTED_CONTENT_TYPE, "Content-Type must be application/json")
     body = await _read_body(request, state, draft)
     if isinstance(body, DecodeError):
-        return _error(state, draft, body.code, body.message)
+        return error_reply(state, draft, body.code, body.message)
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return _error(state, draft, ErrorCode.INVALID_JSON, "request body is not valid JSON")
+        return error_reply(state, draft, ErrorCode.INVALID_JSON, "request body is not valid JSON")
     if not isinstance(obj, dict):
-        return _error(state, draft, ErrorCode.INVALID_BODY, "request body must be a JSON object")
+        return error_reply(state, draft, ErrorCode.INVALID_BODY, "request body must be a JSON object")
     requested = obj.get("model")
     draft.requested_model = state.redactor.clip(requested, 200) if isinstance(requested, str) else None
     draft.stream = obj.get("stream") is True
     routing = routing_override(obj)
     if routing is not None:
         draft.param = routing.param
-        return _refuse(state, draft, routing)
+        return refuse(state, draft, routing)
     problem = check_fields(endpoint, obj, state.settings.extra_request_fields)
     if problem is not None:
         draft.param = problem.param
         if problem.fallback:
-            return _refuse(state, draft, Refusal(problem.code, Family.OTHER, problem.message, param=problem.param))
-        return _error(state, draft, problem.code, problem.message, param=problem.param)
+            return refuse(state, draft, Refusal(problem.code, Family.OTHER, problem.message, param=problem.param))
+        return error_reply(state, draft, problem.code, problem.message, param=problem.param)
     decision = decide_model(requested, state.admission)
     if not decision.admitted:
         if decision.code == ErrorCode.MODEL_MISSING:
-            return _error(state, draft, ErrorCode.MODEL_MISSING, decision.message, param="model")
+            return error_reply(state, draft, ErrorCode.MODEL_MISSING, decision.message, param="model")
         assert decision.family is not None
-        return _refuse(state, draft, Refusal(ErrorCode.MODEL_NOT_ADMITTED, decision.family, decision.message, param="model"))
+        return refuse(state, draft, Refusal(ErrorCode.MODEL_NOT_ADMITTED, decision.family, decision.message, param="model"))
     draft.effective_model, draft.alias_rewritten = decision.effective_model, decision.alias_rewritten
     if decision.alias_rewritten:
         obj["model"] = decision.effective_model
@@ -552,10 +442,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
     # Fail closed: never forward what could not be recorded, or to a backend not proven.
     if state.draining:
         draft.outcome = Outcome.UNAVAILABLE
-        return _error(state, draft, ErrorCode.SHUTTING_DOWN, "the proxy is shutting down")
+        return error_reply(state, draft, ErrorCode.SHUTTING_DOWN, "the proxy is shutting down")
     if state.authority is not None and not state.authority.serving:
         draft.outcome = Outcome.UNAVAILABLE
-        return _error(state, draft, ErrorCode.ADMISSION_BLOCKS,
+        return error_reply(state, draft, ErrorCode.ADMISSION_BLOCKS,
                       f"the operators' artifacts no longer allow serving ({state.authority.verdict.code}); see /readyz")
     if state.evidence is not None:
         try:
@@ -563,14 +453,14 @@ async def forward(request: web.Request) -> web.StreamResponse:
         except ChainError:
             draft.outcome = Outcome.UNAVAILABLE
             state.evidence_failed()
-            return _error(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
+            return error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
     if not state.readiness.state.ready:
         draft.outcome = Outcome.UNAVAILABLE
-        return _error(state, draft, ErrorCode.BACKEND_NOT_READY,
+        return error_reply(state, draft, ErrorCode.BACKEND_NOT_READY,
                       "the backend does not serve the admitted model (yet); see /readyz")
     if state.in_flight >= state.settings.limits.max_concurrency:
         draft.outcome = Outcome.REJECTED
-        return _error(state, draft, ErrorCode.TOO_MANY_REQUESTS, "too many concurrent requests; retry shortly",
+        return error_reply(state, draft, ErrorCode.TOO_MANY_REQUESTS, "too many concurrent requests; retry shortly",
                       headers={"Retry-After": "1"})
     draft.decision = _ADMITTED
     state.in_flight += 1
@@ -595,7 +485,7 @@ _UPSTREAM_FAILURE_MESSAGES: dict[ErrorCode, str] = {
 def _upstream_failure(state: ProxyState, draft: Draft, exc: BaseException) -> web.Response:
     kind, code = upstream_error_kind(exc)
     draft.upstream_error, draft.outcome, draft.decision = kind, Outcome.UPSTREAM_ERROR, Decision.ERROR
-    return _error(state, draft, code, _UPSTREAM_FAILURE_MESSAGES[code])
+    return error_reply(state, draft, code, _UPSTREAM_FAILURE_MESSAGES[code])
 
 
 async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: bytes, path: str) -> web.StreamResponse:
@@ -607,7 +497,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     if state.forwarding is not None and await state.forwarding.record(
             draft, state.in_flight <= 1, partial(setattr, draft, "forwarding_sha256")) is None:
         draft.decision, draft.outcome = Decision.REJECTED, Outcome.UNAVAILABLE  # counted once, by its completion record
-        return _error(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
+        return error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
     draft.forwarded = True
     try:
         resp = await state.upstream.post(path, body, headers, limits.first_byte_timeout_s)
@@ -617,7 +507,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     try:
         if 300 <= resp.status < 400:
             draft.upstream_error, draft.outcome, draft.decision = UpstreamErrorKind.REDIRECT, Outcome.UPSTREAM_ERROR, Decision.ERROR
-            return _error(state, draft, ErrorCode.BACKEND_REDIRECT_REFUSED,
+            return error_reply(state, draft, ErrorCode.BACKEND_REDIRECT_REFUSED,
                           "the backend answered with a redirect; redirects are never followed")
         ctype = resp.content_type
         if resp.status >= 400:
@@ -644,7 +534,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
         completed = True
         if not check.ok:
             draft.outcome, draft.decision = Outcome.UPSTREAM_ERROR, Decision.ERROR
-            return _error(state, draft, ErrorCode.SERVED_MODEL_MISMATCH, check.message)
+            return error_reply(state, draft, ErrorCode.SERVED_MODEL_MISMATCH, check.message)
         draft.outcome, draft.reason, draft.status = _OK, _REASON_OK, resp.status
         return web.Response(status=resp.status, body=data,
                             headers={**forwardable_response_headers(resp.headers),

@@ -27,7 +27,7 @@ from pythonjsonlogger.orjson import OrjsonFormatter
 from .redact import clip
 
 if TYPE_CHECKING:
-    from .app import Draft
+    from .state import Draft
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
