@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from functools import partial
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -22,12 +21,22 @@ from .allowlists import check_fields, forwardable_request_headers
 from .auth import authenticate
 from .backend_errors import client_error
 from .body_decoding import DecodeError, decode_body, encoding_label, parse_content_encoding
-from .codes import Decision, DecodingResult, ErrorCode, Outcome, Reason, UpstreamErrorKind, backend_status_reason
-from .evidence import utc_now_rfc3339
+from .codes import (
+    DECISION_ADMITTED,
+    OUTCOME_OK,
+    OUTCOME_UNAUTHENTICATED,
+    REASON_OK,
+    Decision,
+    DecodingResult,
+    ErrorCode,
+    Outcome,
+    Reason,
+    UpstreamErrorKind,
+    backend_status_reason,
+)
 from .hashchain import ChainError
-from .log_setup import ACCESS_LOG, log_access, text_value
-from .metrics import ProxyMetrics
 from .model_policy import Family, classify_family, decide_model
+from .records import access_line, bound_unauthenticated, finish, request_record_fields
 from .replies import error_reply, refuse
 from .request_policy import (
     FORWARDED,
@@ -46,15 +55,10 @@ from .stream_check import StreamChecker, StreamFault, StreamRefused
 from .upstream import BackendError, BackendResponse, upstream_error_kind
 from .upstream_policy import is_known_provider_host, normalize_host
 
+# Imported from here by tests and proxy.server.
+__all__ = ["DRAFT", "STATE", "Draft", "ProxyState", "create_app", "guard", "request_record_fields"]
+
 log = logging.getLogger("case_proxy")
-
-
-# Codes read on every request, bound once as module globals (see proxy.codes: reading
-# an Enum member through its class costs about 0.26 us on Python 3.11).
-_ADMITTED, _REFUSED = Decision.ADMITTED, Decision.REFUSED
-_OK, _UNAUTHENTICATED, _REASON_OK = Outcome.OK, Outcome.UNAUTHENTICATED, Reason.OK
-_LOGGED_OUTCOMES = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UNAVAILABLE})
-_MISMATCH = ErrorCode.SERVED_MODEL_MISMATCH
 
 
 def _forward_proxy_target(request: web.Request) -> str | None:
@@ -87,8 +91,8 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         draft.client_disconnected = True
         if draft.reason == Reason.UNHANDLED:
             draft.reason = Reason.CLIENT_DISCONNECTED
-        _finish(state, draft)  # no answer left to hold back: the record is not awaited
-        _access(state, draft)
+        finish(state, draft)  # no answer left to hold back: the record is not awaited
+        access_line(state, draft)
         raise
     except web.HTTPException as exc:  # from the router (404, 405) or a handler
         response = _http_error(request, state, draft, exc)
@@ -98,35 +102,16 @@ async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         response = error_reply(state, draft, ErrorCode.INTERNAL_ERROR, "internal error in the proxy; request not completed")
     if not draft.status:
         draft.status = response.status
-    if draft.outcome == _UNAUTHENTICATED:
-        _bound_unauthenticated(state, draft)
-    recorded = _finish(state, draft)
+    if draft.outcome == OUTCOME_UNAUTHENTICATED:
+        bound_unauthenticated(state, draft)
+    recorded = finish(state, draft)
     if not isinstance(recorded, bool):
         recorded = await recorded  # the batch's write (see proxy.group_commit)
     if not recorded and not response.prepared:
         draft.outcome = Outcome.UNAVAILABLE
         response = error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
-    _access(state, draft)
+    access_line(state, draft)
     return response
-
-
-def _bound_unauthenticated(state: ProxyState, draft: Draft) -> None:
-    """Unauthenticated traffic is recorded within a token bucket; beyond it the request
-    is only counted, and the next record written says how many were left out."""
-    bucket = state.unauthenticated_records
-    if bucket.admit(time.monotonic()):
-        draft.unauthenticated_suppressed = bucket.take_suppressed() or None
-    else:
-        draft.unrecorded = True
-        if state.settings.metrics_enabled:
-            state.metrics.unauthenticated_suppressed.inc()
-def _access(state: ProxyState, draft: Draft) -> None:
-    """The access line, written once the answer is on its way (off the client's wait),
-    with the draft as final as the client saw it. Public endpoints (probes, scrapes) get none,
-    nor does unauthenticated traffic beyond its record bucket (a loop must not fill the log)."""
-    if (state.settings.access_log and not draft.unrecorded and draft.path not in PUBLIC_PATHS
-            and ACCESS_LOG.isEnabledFor(logging.INFO)):
-        state.loop.call_soon(log_access, draft, time.perf_counter() - draft.started)
 
 
 async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
@@ -135,7 +120,7 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
     headers, a WebSocket upgrade, then the route's own handler."""
     target_host = _forward_proxy_target(request)
     if target_host is None and request.path in PUBLIC_PATHS:
-        draft.decision, draft.outcome, draft.reason = _ADMITTED, _OK, _REASON_OK
+        draft.decision, draft.outcome, draft.reason = DECISION_ADMITTED, OUTCOME_OK, REASON_OK
         return await handler(request)
     if target_host is not None:
         draft.target_host = state.redactor.clip(normalize_host(target_host), 255)
@@ -184,99 +169,6 @@ def _http_error(request: web.Request, state: ProxyState, draft: Draft, exc: web.
     return error_reply(state, draft, ErrorCode.INVALID_BODY, exc.reason)
 
 
-def request_record_fields(state: ProxyState, draft: Draft, elapsed: float) -> dict[str, Any]:
-    """One request's EvidenceRecord fields (see proxy.evidence.EvidenceRecord), None
-    values left out."""
-    rec: dict[str, Any] = {
-        "kind": "request", "request_id": draft.request_id, "time": utc_now_rfc3339(), "method": draft.method,
-        "endpoint": draft.endpoint, "path": draft.path, "alias_rewritten": draft.alias_rewritten,
-        "decision": draft.decision, "reason": draft.reason, "status": draft.status, "stream": draft.stream,
-        "duration_ms": round(elapsed * 1000, 3), "client_disconnected": draft.client_disconnected,
-    }
-    for key in ("requested_model", "effective_model", "family", "target_host", "served_model", "param",
-                "content_encoding", "unauthenticated_suppressed", "client_request_id"):
-        value = getattr(draft, key)
-        if value is not None:
-            rec[key] = value
-    usage = draft.usage
-    if usage.present:
-        rec["usage"] = {k: v for k, v in (("prompt_tokens", usage.prompt_tokens),
-                                          ("completion_tokens", usage.completion_tokens),
-                                          ("total_tokens", usage.total_tokens)) if v is not None}
-    if draft.ttft_s is not None:
-        rec["ttft_ms"] = round(draft.ttft_s * 1000, 3)
-    if draft.forwarded:
-        rec["upstream_class"] = state.target.upstream_class.value
-        rec["upstream_fingerprint"] = state.target.fingerprint
-    if draft.forwarding_sha256 is not None:
-        rec["forwarding_sha256"] = draft.forwarding_sha256
-    return rec
-
-
-def _finish(state: ProxyState, draft: Draft) -> bool | asyncio.Future[bool]:
-    """Metrics and the evidence record for one request: whether the record is written,
-    or a future that will say so once its batch is (see proxy.group_commit)."""
-    elapsed = time.perf_counter() - draft.started
-    counted = state.settings.metrics_enabled and draft.path not in PUBLIC_PATHS
-    recorded: bool | asyncio.Future[bool] = True
-    if state.evidence is not None and draft.path not in PUBLIC_PATHS and not draft.unrecorded:
-        recorded = _record(state, draft, elapsed, counted)
-    if counted:
-        if recorded is True:
-            # Counted right after this task step, once the response is on its way: off the
-            # client's wait (some 10 us at one connection, profiled), and before the next
-            # event is read, so a scrape never sees the count late. The draft is final
-            # here; a failed record is counted at once.
-            state.loop.call_soon(_count, state.metrics, draft, elapsed, draft.outcome)
-        elif recorded is False:
-            _count(state.metrics, draft, elapsed, Outcome.UNAVAILABLE)
-        # else: counted once its batch is written (_count_written)
-    if draft.decision == _REFUSED or draft.outcome in _LOGGED_OUTCOMES:
-        log.warning("request %s %s %s -> %s %s", draft.request_id, draft.method, text_value(draft.path), draft.status,
-                    draft.reason)
-    return recorded
-
-
-def _record(state: ProxyState, draft: Draft, elapsed: float, counted: bool) -> bool | asyncio.Future[bool]:
-    """Write the record now when nothing else is in flight to share the write with;
-    otherwise chain it into the batch written at the next turn of the loop."""
-    assert state.evidence is not None and state.batch is not None
-    fields = request_record_fields(state, draft, elapsed)
-    try:
-        if state.in_flight or state.batch.pending:
-            then = partial(_count_written, state.metrics, draft, elapsed) if counted else None
-            return state.batch.stage(fields, then, draft.own_id)
-        state.evidence.write_fields(fields, draft.own_id)
-        return True
-    except (ChainError, OSError, ValueError):
-        log.error("evidence record could not be written; the proxy refuses traffic until restarted")
-        state.evidence_failed()
-        return False
-
-
-def _count_written(m: ProxyMetrics, draft: Draft, elapsed: float, written: bool) -> None:
-    _count(m, draft, elapsed, draft.outcome if written else Outcome.UNAVAILABLE)
-
-
-def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: Outcome) -> None:
-    """One request's metrics."""
-    m.count_request(draft.endpoint, outcome)
-    if draft.fallback_reason:
-        m.fallback_rejections.labels(draft.fallback_reason, draft.family or Family.OTHER).inc()
-    if draft.reason == _MISMATCH:
-        m.served_model_mismatches.labels(draft.endpoint).inc()
-    if draft.upstream_error:
-        m.upstream_errors.labels(draft.upstream_error).inc()
-    if draft.forwarded:
-        m.observe_duration(draft.endpoint, elapsed)
-        if draft.ttft_s is not None:
-            m.observe_ttft(draft.endpoint, draft.ttft_s)
-        if draft.usage.prompt_tokens:
-            m.count_tokens("prompt", draft.usage.prompt_tokens)
-        if draft.usage.completion_tokens:
-            m.count_tokens("completion", draft.usage.completion_tokens)
-
-
 # ---------------------------------------------------------------- public endpoints
 
 async def healthz(request: web.Request) -> web.Response:
@@ -318,7 +210,7 @@ def _model_object(admission: Admission) -> dict[str, object]:
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     draft: Draft = request[DRAFT]
-    draft.endpoint, draft.decision, draft.outcome, draft.reason = Endpoint.MODELS, _ADMITTED, _OK, _REASON_OK
+    draft.endpoint, draft.decision, draft.outcome, draft.reason = Endpoint.MODELS, DECISION_ADMITTED, OUTCOME_OK, REASON_OK
     return web.json_response({"object": "list", "data": [_model_object(state.admission)]})
 
 
@@ -329,7 +221,7 @@ async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     draft.requested_model = state.redactor.clip(model_id, 200)
     if model_id == state.admission.model or model_id in state.admission.aliases:
-        draft.decision, draft.outcome, draft.reason = _ADMITTED, _OK, _REASON_OK
+        draft.decision, draft.outcome, draft.reason = DECISION_ADMITTED, OUTCOME_OK, REASON_OK
         return web.json_response(_model_object(state.admission))
     return error_reply(state, draft, ErrorCode.MODEL_NOT_FOUND,
                   f"no such model on this route; the only admitted model is '{state.admission.model}'", param="model")
@@ -462,7 +354,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         draft.outcome = Outcome.REJECTED
         return error_reply(state, draft, ErrorCode.TOO_MANY_REQUESTS, "too many concurrent requests; retry shortly",
                       headers={"Retry-After": "1"})
-    draft.decision = _ADMITTED
+    draft.decision = DECISION_ADMITTED
     state.in_flight += 1
     if state.settings.metrics_enabled:
         state.metrics.request_started()
@@ -526,7 +418,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
                                          "X-Request-Id": draft.request_id})
         if ctype.startswith("text/event-stream"):
             out = await _relay_stream(request, state, draft, resp)
-            completed = draft.outcome == _OK
+            completed = draft.outcome == OUTCOME_OK
             return out
         data = await resp.read(max(limits.max_body_bytes, 64 * 1024 * 1024), limits.idle_timeout_s)
         check = check_json_body(data, state.admission.model, draft.usage)
@@ -535,7 +427,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
         if not check.ok:
             draft.outcome, draft.decision = Outcome.UPSTREAM_ERROR, Decision.ERROR
             return error_reply(state, draft, ErrorCode.SERVED_MODEL_MISMATCH, check.message)
-        draft.outcome, draft.reason, draft.status = _OK, _REASON_OK, resp.status
+        draft.outcome, draft.reason, draft.status = OUTCOME_OK, REASON_OK, resp.status
         return web.Response(status=resp.status, body=data,
                             headers={**forwardable_response_headers(resp.headers),
                                      "X-Request-Id": draft.request_id})
@@ -617,7 +509,7 @@ async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft,
     draft.served_model = checker.served_model
     await write(b"")
     await out.write_eof()
-    draft.outcome, draft.reason, draft.status = _OK, _REASON_OK, resp.status
+    draft.outcome, draft.reason, draft.status = OUTCOME_OK, REASON_OK, resp.status
     return out
 
 
