@@ -51,8 +51,8 @@ from .request_policy import (
 )
 from .served_model import check_json_body
 from .state import DRAFT, PUBLIC_PATHS, STATE, Draft, ProxyState
-from .stream_check import StreamChecker, StreamFault, StreamRefused
-from .upstream import BackendError, BackendResponse, upstream_error_kind
+from .streaming import ClientGone, relay_stream
+from .upstream import BackendError, upstream_error_kind
 from .upstream_policy import is_known_provider_host, normalize_host
 
 # Imported from here by tests and proxy.server.
@@ -417,7 +417,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
                                 headers={**forwardable_response_headers(resp.headers),
                                          "X-Request-Id": draft.request_id})
         if ctype.startswith("text/event-stream"):
-            out = await _relay_stream(request, state, draft, resp)
+            out = await relay_stream(request, state, draft, resp)
             completed = draft.outcome == OUTCOME_OK
             return out
         data = await resp.read(max(limits.max_body_bytes, 64 * 1024 * 1024), limits.idle_timeout_s)
@@ -431,7 +431,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
         return web.Response(status=resp.status, body=data,
                             headers={**forwardable_response_headers(resp.headers),
                                      "X-Request-Id": draft.request_id})
-    except _ClientGone as gone:
+    except ClientGone as gone:
         draft.reason = Reason.CLIENT_DISCONNECTED
         return gone.out
     except (OSError, ValueError, BackendError) as exc:
@@ -442,75 +442,6 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
         else:
             # Cancelled or failed mid-way: close the connection so the backend stops generating.
             resp.close()
-
-
-def _stream_error_event(code: ErrorCode, message: str) -> bytes:
-    err = {"message": message, "type": "api_error", "param": None, "code": code}
-    return b"data: " + orjson.dumps({"type": "error", "error": err, "code": code, "message": message}) + b"\n\n"
-
-
-class _ClientGone(Exception):
-    """The client went away mid-stream; the upstream request must be cancelled."""
-
-    def __init__(self, out: web.StreamResponse) -> None:
-        super().__init__("client disconnected")
-        self.out = out
-
-
-async def _relay_stream(request: web.Request, state: ProxyState, draft: Draft,
-                        resp: BackendResponse) -> web.StreamResponse:
-    """Forward the SSE stream as ``StreamChecker`` releases it: every event checked
-    (see proxy.stream_check), events held back until one names the admitted model. A
-    refused stream ends with an error event and its reason in the record. Raises
-    _ClientGone if the client disconnects."""
-    idle_s = state.settings.limits.idle_timeout_s
-    out = web.StreamResponse(status=resp.status, headers={
-        **forwardable_response_headers(resp.headers), "X-Request-Id": draft.request_id})
-    checker = StreamChecker(state.admission.model, draft.usage)
-    draft.stream = True
-
-    async def write(data: bytes) -> None:
-        try:
-            if not out.prepared:
-                await out.prepare(request)
-                draft.ttft_s = time.perf_counter() - draft.started
-            await out.write(data)
-        except ConnectionResetError as exc:
-            draft.client_disconnected = True
-            raise _ClientGone(out) from exc
-
-    async def fail(code: ErrorCode, message: str, kind: UpstreamErrorKind | None = None,
-                   cleared: bytes = b"") -> web.StreamResponse:
-        draft.outcome, draft.decision, draft.reason = Outcome.UPSTREAM_ERROR, Decision.ERROR, code
-        draft.upstream_error = kind
-        draft.status = draft.status or resp.status
-        draft.served_model = checker.served_model
-        await write(cleared + _stream_error_event(code, state.redactor.redact(message)))
-        await out.write_eof()
-        return out
-
-    try:
-        async for data in resp.chunks(idle_s):
-            send = checker.feed(data)
-            if send:
-                await write(send)
-        checker.finish()
-    except StreamRefused as refused:
-        kind = UpstreamErrorKind.PROTOCOL if refused.fault is StreamFault.PROTOCOL else None
-        return await fail(ErrorCode(refused.fault.value), refused.message, kind, refused.cleared)
-    except TimeoutError:
-        return await fail(ErrorCode.BACKEND_TIMEOUT, "the backend stopped sending in the middle of the stream",
-                          UpstreamErrorKind.TIMEOUT)
-    except ValueError as exc:
-        return await fail(ErrorCode.BACKEND_PROTOCOL_ERROR, str(exc), UpstreamErrorKind.PROTOCOL)
-    except (BackendError, OSError):
-        return await fail(ErrorCode.BACKEND_PROTOCOL_ERROR, "the backend connection broke in the middle of the stream",
-                          UpstreamErrorKind.PROTOCOL)
-    draft.served_model = checker.served_model
-    await write(b"")
-    await out.write_eof()
-    draft.outcome, draft.reason, draft.status = OUTCOME_OK, REASON_OK, resp.status
-    return out
 
 
 def create_app(state: ProxyState) -> web.Application:
