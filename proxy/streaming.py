@@ -72,7 +72,7 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
             send = checker.feed(data)
             if send:
                 await write(send)
-        checker.finish()
+        tail = checker.finish()
     except StreamRefused as refused:
         kind = UpstreamErrorKind.PROTOCOL if refused.fault is StreamFault.PROTOCOL else None
         return await fail(ErrorCode(refused.fault.value), refused.message, kind, refused.cleared)
@@ -85,7 +85,7 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
         return await fail(ErrorCode.BACKEND_PROTOCOL_ERROR, "the backend connection broke in the middle of the stream",
                           UpstreamErrorKind.PROTOCOL)
     draft.served_model = checker.served_model
-    await write(b"")
+    await write(tail)  # what the end of the body releases (also prepares a response nothing reached yet)
     await out.write_eof()
     draft.outcome, draft.reason, draft.status = OUTCOME_OK, REASON_OK, resp.status
     return out
