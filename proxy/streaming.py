@@ -28,7 +28,7 @@ def stream_error_event(code: ErrorCode, message: str) -> bytes:
 
 
 class ClientGone(Exception):
-    """The client went away mid-stream; the upstream request must be cancelled (proxy.forwarder)."""
+    """The client went away mid-stream; the upstream request must be cancelled (proxy.forwarding_handler)."""
 
     def __init__(self, out: web.StreamResponse) -> None:
         super().__init__("client disconnected")
