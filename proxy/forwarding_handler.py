@@ -33,7 +33,7 @@ from .codes import (
 )
 from .hashchain import ChainError
 from .model_policy import Family, decide_model
-from .replies import error_reply, refuse
+from .replies import NO_EVIDENCE, error_reply, refuse
 from .request_policy import FORWARDED, Refusal, forwardable_response_headers, routing_override
 from .served_model import check_json_body
 from .state import DRAFT, STATE, Draft, ProxyState
@@ -118,7 +118,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
         if decision.code == ErrorCode.MODEL_MISSING:
             return error_reply(state, draft, ErrorCode.MODEL_MISSING, decision.message, param="model")
         assert decision.family is not None
-        return refuse(state, draft, Refusal(ErrorCode.MODEL_NOT_ADMITTED, decision.family, decision.message, param="model"))
+        return refuse(state, draft, Refusal(ErrorCode.MODEL_NOT_ADMITTED, decision.family, decision.message,
+                                            param="model"))
     draft.effective_model, draft.alias_rewritten = decision.effective_model, decision.alias_rewritten
     if decision.alias_rewritten:
         obj["model"] = decision.effective_model
@@ -132,23 +133,23 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return error_reply(state, draft, ErrorCode.SHUTTING_DOWN, "the proxy is shutting down")
     if state.authority is not None and not state.authority.serving:
         draft.outcome = Outcome.UNAVAILABLE
-        return error_reply(state, draft, ErrorCode.ADMISSION_BLOCKS,
-                      f"the operators' artifacts no longer allow serving ({state.authority.verdict.code}); see /readyz")
+        return error_reply(state, draft, ErrorCode.ADMISSION_BLOCKS, "the operators' artifacts no longer allow "
+                           f"serving ({state.authority.verdict.code}); see /readyz")
     if state.evidence is not None:
         try:
             state.evidence.check()
         except ChainError:
             draft.outcome = Outcome.UNAVAILABLE
             state.evidence_failed()
-            return error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
+            return error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, NO_EVIDENCE)
     if not state.readiness.state.ready:
         draft.outcome = Outcome.UNAVAILABLE
         return error_reply(state, draft, ErrorCode.BACKEND_NOT_READY,
-                      "the backend does not serve the admitted model (yet); see /readyz")
+                           "the backend does not serve the admitted model (yet); see /readyz")
     if state.in_flight >= state.settings.limits.max_concurrency:
         draft.outcome = Outcome.REJECTED
         return error_reply(state, draft, ErrorCode.TOO_MANY_REQUESTS, "too many concurrent requests; retry shortly",
-                      headers={"Retry-After": "1"})
+                           headers={"Retry-After": "1"})
     draft.decision = DECISION_ADMITTED
     state.in_flight += 1
     if state.settings.metrics_enabled:
@@ -184,7 +185,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     if state.forwarding is not None and await state.forwarding.record(
             draft, state.in_flight <= 1, partial(setattr, draft, "forwarding_sha256")) is None:
         draft.decision, draft.outcome = Decision.REJECTED, Outcome.UNAVAILABLE  # counted once, by its completion record
-        return error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, "the proxy cannot record evidence; request refused")
+        return error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, NO_EVIDENCE)
     draft.forwarded = True
     try:
         resp = await state.upstream.post(path, body, headers, limits.first_byte_timeout_s)
@@ -193,9 +194,10 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     completed = False
     try:
         if 300 <= resp.status < 400:
-            draft.upstream_error, draft.outcome, draft.decision = UpstreamErrorKind.REDIRECT, Outcome.UPSTREAM_ERROR, Decision.ERROR
+            draft.upstream_error = UpstreamErrorKind.REDIRECT
+            draft.outcome, draft.decision = Outcome.UPSTREAM_ERROR, Decision.ERROR
             return error_reply(state, draft, ErrorCode.BACKEND_REDIRECT_REFUSED,
-                          "the backend answered with a redirect; redirects are never followed")
+                               "the backend answered with a redirect; redirects are never followed")
         ctype = resp.content_type
         if resp.status >= 400:
             data = await resp.read(4 * 1024 * 1024, limits.idle_timeout_s)

@@ -10,6 +10,9 @@ from .errors import error_body, error_status
 from .request_policy import Refusal
 from .state import Draft, ProxyState
 
+# The message of every evidence_unavailable answer.
+NO_EVIDENCE = "the proxy cannot record evidence; request refused"
+
 
 def error_reply(state: ProxyState, draft: Draft, code: ErrorCode, message: str, *, param: str | None = None,
                 headers: dict[str, str] | None = None) -> web.Response:
