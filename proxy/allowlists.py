@@ -8,7 +8,7 @@ release adds more. So a field travels only if it is in the OpenAI schema of its 
 (the official SDK's ``*CreateParams``; ``tests/test_allowlists.py`` compares) or in the
 short list of engine extras below, which tune sampling of the same weights and nothing
 else. Operators may add names in the TOML config (``[request_fields]``), never a name
-from the steering list. Everything here is data plus pure functions: ``proxy.app``
+from the steering list. Everything here is data plus pure functions: proxy.forwarding_handler
 applies them and records the refusals.
 """
 
