@@ -8,7 +8,7 @@ release adds more. So a field travels only if it is in the OpenAI schema of its 
 (the official SDK's ``*CreateParams``; ``tests/test_allowlists.py`` compares) or in the
 short list of engine extras below, which tune sampling of the same weights and nothing
 else. Operators may add names in the TOML config (``[request_fields]``), never a name
-from the steering list. Everything here is data plus pure functions: ``proxy.app``
+from the steering list. Everything here is data plus pure functions: proxy.forwarding_handler
 applies them and records the refusals.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .codes import ErrorCode
 from .redact import clip
 from .request_policy import ROUTING_FIELDS, Endpoint
 
@@ -127,7 +128,7 @@ class FieldProblem:
     message that names the field and not its value, and whether it is a fallback
     attempt (a steering field) or just a field this route does not take."""
 
-    code: str
+    code: ErrorCode
     param: str
     message: str
     fallback: bool
@@ -167,14 +168,14 @@ def check_fields(endpoint: Endpoint, body: Mapping[str, object],
             continue
         if is_steering(key):
             return FieldProblem(
-                "engine_override_refused", _shown(key),
+                ErrorCode.ENGINE_OVERRIDE_REFUSED, _shown(key),
                 f"request field '{_shown(key)}' selects weights, an adapter, another engine or a route; "
                 "this route runs only the admitted model as admitted", fallback=True)
         if unknown is None:
             unknown = key
     if unknown is not None:
         return FieldProblem(
-            "request_field_not_allowed", _shown(unknown),
+            ErrorCode.REQUEST_FIELD_NOT_ALLOWED, _shown(unknown),
             f"request field '{_shown(unknown)}' is not accepted on {endpoint.value}: only the OpenAI API's fields "
             "and the documented engine extras are forwarded (operators may allow more: [request_fields] in the "
             "proxy config)", fallback=False)
@@ -189,17 +190,17 @@ def _check_nested(body: Mapping[str, object]) -> FieldProblem | None:
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
-            return FieldProblem("request_field_not_allowed", "chat_template_kwargs",
+            return FieldProblem(ErrorCode.REQUEST_FIELD_NOT_ALLOWED, "chat_template_kwargs",
                                 "request field 'chat_template_kwargs' must be an object", fallback=False)
         for key, value in kwargs.items():
             if is_steering(key):
                 return FieldProblem(
-                    "engine_override_refused", f"chat_template_kwargs.{_shown(key)}",
+                    ErrorCode.ENGINE_OVERRIDE_REFUSED, f"chat_template_kwargs.{_shown(key)}",
                     f"chat_template_kwargs key '{_shown(key)}' selects a template or engine behaviour; "
                     "this route runs only the admitted model as admitted", fallback=True)
             if key not in CHAT_TEMPLATE_KWARGS or not isinstance(value, bool):
                 return FieldProblem(
-                    "request_field_not_allowed", f"chat_template_kwargs.{_shown(key)}",
+                    ErrorCode.REQUEST_FIELD_NOT_ALLOWED, f"chat_template_kwargs.{_shown(key)}",
                     f"chat_template_kwargs key '{_shown(key)}' is not accepted: allowed are "
                     f"{', '.join(sorted(CHAT_TEMPLATE_KWARGS))}, each true or false", fallback=False)
     for name in ("metadata", "client_metadata"):
@@ -214,16 +215,16 @@ def _check_string_map(name: str, value: object) -> FieldProblem | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        return FieldProblem("request_field_not_allowed", name,
+        return FieldProblem(ErrorCode.REQUEST_FIELD_NOT_ALLOWED, name,
                             f"request field '{name}' must be an object of strings", fallback=False)
     for key, item in value.items():
         if key.lower() in METADATA_STEERING or key.lower().startswith("litellm_"):
             return FieldProblem(
-                "engine_override_refused", f"{name}.{_shown(key)}",
+                ErrorCode.ENGINE_OVERRIDE_REFUSED, f"{name}.{_shown(key)}",
                 f"{name} key '{_shown(key)}' is read by gateways as routing; "
                 "this route runs only the admitted model as admitted", fallback=True)
         if not isinstance(item, str):
-            return FieldProblem("request_field_not_allowed", f"{name}.{_shown(key)}",
+            return FieldProblem(ErrorCode.REQUEST_FIELD_NOT_ALLOWED, f"{name}.{_shown(key)}",
                                 f"{name} value '{_shown(key)}' must be a string", fallback=False)
     return None
 

@@ -19,6 +19,8 @@ from base64 import b64decode
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .codes import ErrorCode
+
 # Unauthenticated records: a burst of this many, then one per second; the rest are
 # counted (case_proxy_unauthenticated_records_suppressed_total) and summed into the
 # next record written (``unauthenticated_suppressed``).
@@ -62,7 +64,7 @@ def presented_tokens(headers: Mapping[str, str]) -> list[str]:
 class AuthResult:
     """``code`` is None when the token matched, else the error code to answer with."""
 
-    code: str | None
+    code: ErrorCode | None
 
     @property
     def ok(self) -> bool:
@@ -88,8 +90,8 @@ def authenticate(headers: Mapping[str, str], token: bytes, forward_proxy: bool) 
     if matched:
         return _OK
     if forward_proxy:
-        return AuthResult("proxy_auth_required")
-    return AuthResult("invalid_token" if presented else "missing_token")
+        return AuthResult(ErrorCode.PROXY_AUTH_REQUIRED)
+    return AuthResult(ErrorCode.INVALID_TOKEN if presented else ErrorCode.MISSING_TOKEN)
 
 
 class RecordBucket:

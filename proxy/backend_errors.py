@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import orjson
 
+from .codes import ErrorCode
 from .errors import error_body, error_status
 
 AUTH_REFUSED_MESSAGE = ("the backend refused the proxy's credentials; check the backend key "
@@ -36,9 +37,9 @@ def client_error(status: int, body: bytes) -> tuple[int, bytes] | None:
     """The (status, body) to send instead of the backend's error answer, or None to
     relay the backend's answer unchanged."""
     if status in (401, 403):
-        return error_status("backend_auth_refused"), error_body("backend_auth_refused", AUTH_REFUSED_MESSAGE)
+        return error_status(ErrorCode.BACKEND_AUTH_REFUSED), error_body(ErrorCode.BACKEND_AUTH_REFUSED, AUTH_REFUSED_MESSAGE)
     if is_openai_error(body):
         return None
     kind = "invalid_request_error" if status < 500 else "api_error"
     message = f"the backend answered HTTP {status} without an OpenAI error body"
-    return status, orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": "backend_error"}})
+    return status, orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": ErrorCode.BACKEND_ERROR}})

@@ -15,6 +15,7 @@ import zlib
 
 import brotli
 
+from .codes import ErrorCode
 from .redact import clip
 
 try:  # Python 3.14 has it in the standard library
@@ -32,7 +33,7 @@ class DecodeError(Exception):
     that names the problem (never body bytes), and the encoding label for metrics
     (one of SUPPORTED or ``unsupported``)."""
 
-    def __init__(self, code: str, message: str, encoding: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, encoding: str) -> None:
         super().__init__(message)
         self.code, self.message, self.encoding = code, message, encoding
 
@@ -47,11 +48,11 @@ def parse_content_encoding(header: str | None) -> list[str]:
     for c in codings:
         if c not in SUPPORTED:
             shown = clip("".join(ch if " " < ch < "\x7f" else "?" for ch in c), 32)
-            raise DecodeError("unsupported_content_encoding",
+            raise DecodeError(ErrorCode.UNSUPPORTED_CONTENT_ENCODING,
                               f"Content-Encoding '{shown}' is not supported; use one of "
                               f"{', '.join(SUPPORTED)}, or none", "unsupported")
     if len(codings) > MAX_CODINGS:
-        raise DecodeError("unsupported_content_encoding",
+        raise DecodeError(ErrorCode.UNSUPPORTED_CONTENT_ENCODING,
                           f"at most {MAX_CODINGS} stacked content codings are accepted", "unsupported")
     return codings
 
@@ -72,12 +73,12 @@ def decode_body(raw: bytes, codings: list[str], limit: int) -> bytes:
 
 
 def _too_large(coding: str, limit: int) -> DecodeError:
-    return DecodeError("request_too_large",
+    return DecodeError(ErrorCode.REQUEST_TOO_LARGE,
                        f"request body exceeds the limit of {limit} bytes once decoded ({coding})", coding)
 
 
 def _corrupt(coding: str, what: str) -> DecodeError:
-    return DecodeError("invalid_content_encoding", f"request body is not valid {coding} data: {what}", coding)
+    return DecodeError(ErrorCode.INVALID_CONTENT_ENCODING, f"request body is not valid {coding} data: {what}", coding)
 
 
 def _decode_one(data: bytes, coding: str, limit: int) -> bytes:

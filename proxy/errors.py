@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from .codes import ErrorCode
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorSpec:
@@ -18,55 +20,55 @@ class ErrorSpec:
     type: str
 
 
-# code -> (HTTP status, OpenAI error type)
-ERRORS: dict[str, ErrorSpec] = {
+# code -> (HTTP status, OpenAI error type); every ErrorCode but BACKEND_ERROR (the backend's status)
+ERRORS: dict[ErrorCode, ErrorSpec] = {
     # client mistakes
-    "invalid_json": ErrorSpec(400, "invalid_request_error"),
-    "invalid_body": ErrorSpec(400, "invalid_request_error"),
-    "model_missing": ErrorSpec(400, "invalid_request_error"),
-    "unsupported_content_type": ErrorSpec(415, "invalid_request_error"),
-    "request_too_large": ErrorSpec(413, "invalid_request_error"),
-    "unknown_url": ErrorSpec(404, "invalid_request_error"),
-    "model_not_found": ErrorSpec(404, "invalid_request_error"),
-    "method_not_allowed": ErrorSpec(405, "invalid_request_error"),
-    "request_field_not_allowed": ErrorSpec(400, "invalid_request_error"),
-    "unsupported_content_encoding": ErrorSpec(415, "invalid_request_error"),
-    "invalid_content_encoding": ErrorSpec(400, "invalid_request_error"),
-    "upgrade_required": ErrorSpec(426, "invalid_request_error"),
+    ErrorCode.INVALID_JSON: ErrorSpec(400, "invalid_request_error"),
+    ErrorCode.INVALID_BODY: ErrorSpec(400, "invalid_request_error"),
+    ErrorCode.MODEL_MISSING: ErrorSpec(400, "invalid_request_error"),
+    ErrorCode.UNSUPPORTED_CONTENT_TYPE: ErrorSpec(415, "invalid_request_error"),
+    ErrorCode.REQUEST_TOO_LARGE: ErrorSpec(413, "invalid_request_error"),
+    ErrorCode.UNKNOWN_URL: ErrorSpec(404, "invalid_request_error"),
+    ErrorCode.MODEL_NOT_FOUND: ErrorSpec(404, "invalid_request_error"),
+    ErrorCode.METHOD_NOT_ALLOWED: ErrorSpec(405, "invalid_request_error"),
+    ErrorCode.REQUEST_FIELD_NOT_ALLOWED: ErrorSpec(400, "invalid_request_error"),
+    ErrorCode.UNSUPPORTED_CONTENT_ENCODING: ErrorSpec(415, "invalid_request_error"),
+    ErrorCode.INVALID_CONTENT_ENCODING: ErrorSpec(400, "invalid_request_error"),
+    ErrorCode.UPGRADE_REQUIRED: ErrorSpec(426, "invalid_request_error"),
     # access
-    "missing_token": ErrorSpec(401, "authentication_error"),
-    "invalid_token": ErrorSpec(401, "authentication_error"),
-    "proxy_auth_required": ErrorSpec(407, "authentication_error"),
+    ErrorCode.MISSING_TOKEN: ErrorSpec(401, "authentication_error"),
+    ErrorCode.INVALID_TOKEN: ErrorSpec(401, "authentication_error"),
+    ErrorCode.PROXY_AUTH_REQUIRED: ErrorSpec(407, "authentication_error"),
     # policy refusals: fallback attempts
-    "model_not_admitted": ErrorSpec(403, "permission_error"),
-    "routing_override_refused": ErrorSpec(403, "permission_error"),
-    "external_provider_endpoint": ErrorSpec(403, "permission_error"),
-    "external_provider_header": ErrorSpec(403, "permission_error"),
-    "forward_proxy_refused": ErrorSpec(403, "permission_error"),
-    "engine_override_refused": ErrorSpec(403, "permission_error"),
+    ErrorCode.MODEL_NOT_ADMITTED: ErrorSpec(403, "permission_error"),
+    ErrorCode.ROUTING_OVERRIDE_REFUSED: ErrorSpec(403, "permission_error"),
+    ErrorCode.EXTERNAL_PROVIDER_ENDPOINT: ErrorSpec(403, "permission_error"),
+    ErrorCode.EXTERNAL_PROVIDER_HEADER: ErrorSpec(403, "permission_error"),
+    ErrorCode.FORWARD_PROXY_REFUSED: ErrorSpec(403, "permission_error"),
+    ErrorCode.ENGINE_OVERRIDE_REFUSED: ErrorSpec(403, "permission_error"),
     # the operators' artifacts no longer allow serving (proxy.authority)
-    "admission_blocks": ErrorSpec(403, "permission_error"),
+    ErrorCode.ADMISSION_BLOCKS: ErrorSpec(403, "permission_error"),
     # load
-    "too_many_requests": ErrorSpec(429, "rate_limit_error"),
+    ErrorCode.TOO_MANY_REQUESTS: ErrorSpec(429, "rate_limit_error"),
     # backend and proof
-    "served_model_mismatch": ErrorSpec(502, "api_error"),
-    "backend_unreachable": ErrorSpec(502, "api_error"),
-    "backend_auth_refused": ErrorSpec(502, "api_error"),
-    "backend_redirect_refused": ErrorSpec(502, "api_error"),
-    "backend_address_refused": ErrorSpec(502, "api_error"),
-    "backend_protocol_error": ErrorSpec(502, "api_error"),
-    "backend_timeout": ErrorSpec(504, "api_error"),
-    "backend_not_ready": ErrorSpec(503, "api_error"),
-    "evidence_unavailable": ErrorSpec(503, "api_error"),
-    "shutting_down": ErrorSpec(503, "api_error"),
-    "internal_error": ErrorSpec(500, "api_error"),
+    ErrorCode.SERVED_MODEL_MISMATCH: ErrorSpec(502, "api_error"),
+    ErrorCode.BACKEND_UNREACHABLE: ErrorSpec(502, "api_error"),
+    ErrorCode.BACKEND_AUTH_REFUSED: ErrorSpec(502, "api_error"),
+    ErrorCode.BACKEND_REDIRECT_REFUSED: ErrorSpec(502, "api_error"),
+    ErrorCode.BACKEND_ADDRESS_REFUSED: ErrorSpec(502, "api_error"),
+    ErrorCode.BACKEND_PROTOCOL_ERROR: ErrorSpec(502, "api_error"),
+    ErrorCode.BACKEND_TIMEOUT: ErrorSpec(504, "api_error"),
+    ErrorCode.BACKEND_NOT_READY: ErrorSpec(503, "api_error"),
+    ErrorCode.EVIDENCE_UNAVAILABLE: ErrorSpec(503, "api_error"),
+    ErrorCode.SHUTTING_DOWN: ErrorSpec(503, "api_error"),
+    ErrorCode.INTERNAL_ERROR: ErrorSpec(500, "api_error"),
 }
 
 
-def error_body(code: str, message: str, param: str | None = None) -> bytes:
+def error_body(code: ErrorCode, message: str, param: str | None = None) -> bytes:
     spec = ERRORS[code]
     return orjson.dumps({"error": {"message": message, "type": spec.type, "param": param, "code": code}})
 
 
-def error_status(code: str) -> int:
+def error_status(code: ErrorCode) -> int:
     return ERRORS[code].status

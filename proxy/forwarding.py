@@ -28,7 +28,7 @@ from .upstream_policy import UpstreamTarget
 
 
 class Forwarded(Protocol):
-    """What the record needs of a request (proxy.app.Draft)."""
+    """What the record needs of a request (proxy.state.Draft)."""
 
     request_id: str
     method: str

@@ -27,7 +27,7 @@ from pythonjsonlogger.orjson import OrjsonFormatter
 from .redact import clip
 
 if TYPE_CHECKING:
-    from .app import Draft
+    from .state import Draft
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
@@ -70,7 +70,7 @@ def access_fields(draft: Draft, duration_s: float) -> dict[str, Any]:
     or a header other than the request id, which the redaction filter still scans."""
     return {
         "request_id": draft.request_id, "client_request_id": draft.client_request_id, "method": draft.method, "path": draft.path,
-        "endpoint": str(draft.endpoint), "decision": draft.decision, "reason": draft.reason,
+        "endpoint": str(draft.endpoint), "decision": str(draft.decision), "reason": str(draft.reason),
         "family": draft.family, "status": draft.status, "duration_ms": round(duration_s * 1000, 3),
         "stream": draft.stream,
     }

@@ -25,6 +25,8 @@ from prometheus_client.utils import floatToGoString
 
 from .admission import Admission
 from .build_info import build_labels
+from .codes import FALLBACK_CODES, UpstreamErrorKind
+from .model_policy import Family
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -36,8 +38,8 @@ TTFT = ("case_proxy_time_to_first_token_seconds",
 TOKENS = ("case_proxy_tokens", "Tokens reported by the backend's usage objects.", ("kind",))
 TOKEN_KINDS = ("prompt", "completion")
 # Values of case_proxy_upstream_errors_total{kind} (see proxy.upstream.upstream_error_kind
-# and the stream and redirect failures in proxy.app).
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_4xx", "status_5xx", "protocol", "redirect", "address_refused")
+# and the stream and redirect failures in proxy.forwarding_handler and proxy.streaming).
+UPSTREAM_ERROR_KINDS: tuple[UpstreamErrorKind, ...] = tuple(UpstreamErrorKind)
 
 
 class TallyHistogram:
@@ -136,16 +138,15 @@ class ProxyMetrics:
         if multiprocess_dir is None:
             ProcessCollector(registry=r)
         # Pre-create the label sets alerts and dashboards look for, so they read 0, not absent.
-        for reason in ("model_not_admitted", "routing_override_refused", "external_provider_endpoint",
-                       "external_provider_header", "forward_proxy_refused", "engine_override_refused"):
-            for family in ("anthropic", "openai", "google", "other"):
+        for reason in sorted(FALLBACK_CODES):
+            for family in Family:
                 self.fallback_rejections.labels(reason, family)
         # Likewise mismatches and backend failures: an alert on increase() misses the
         # first event of a series that did not exist before it.
         for endpoint in ("chat_completions", "completions", "responses", "embeddings"):
             self.served_model_mismatches.labels(endpoint)
-        for kind in UPSTREAM_ERROR_KINDS:
-            self.upstream_errors.labels(kind)
+        for error_kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(error_kind)
         # The per-request series: a tally in one process; prometheus-client's objects,
         # which write the shared files, with several workers.
         self._tally: RequestTally | None = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from .admission import Admission
+from .codes import ErrorCode, Reason
 
 
 class Family(StrEnum):
@@ -30,7 +31,7 @@ class ModelDecision:
     """Outcome of the pin. ``effective_model`` is what goes upstream when admitted."""
 
     admitted: bool
-    code: str  # "ok" | "model_missing" | "model_not_admitted"
+    code: Reason | ErrorCode  # ok, model_missing or model_not_admitted
     requested: str | None
     effective_model: str | None = None
     alias_rewritten: bool = False
@@ -85,23 +86,26 @@ def classify_family(name: str) -> Family:
     return Family.OTHER
 
 
+_OK = Reason.OK  # bound once: read per request (see proxy.codes)
+
+
 def decide_model(requested: object, admission: Admission) -> ModelDecision:
     """Apply the pin to the ``model`` field of a request body."""
     if requested is None or (isinstance(requested, str) and requested == ""):
-        return ModelDecision(False, "model_missing", None, message="the request names no model; "
+        return ModelDecision(False, ErrorCode.MODEL_MISSING, None, message="the request names no model; "
                              f"the only admitted model is '{admission.model}'")
     if not isinstance(requested, str):
-        return ModelDecision(False, "model_missing", None,
+        return ModelDecision(False, ErrorCode.MODEL_MISSING, None,
                              message="'model' must be a string naming the admitted model")
     if requested == admission.model:
-        return ModelDecision(True, "ok", requested, effective_model=admission.model)
+        return ModelDecision(True, _OK, requested, effective_model=admission.model)
     if requested in admission.aliases:
-        return ModelDecision(True, "ok", requested, effective_model=admission.model, alias_rewritten=True)
+        return ModelDecision(True, _OK, requested, effective_model=admission.model, alias_rewritten=True)
     family = classify_family(requested)
     hint = ""
     if fold(requested) == fold(admission.model):
         hint = f" (names must match exactly: use '{admission.model}')"
     return ModelDecision(
-        False, "model_not_admitted", requested, family=family,
+        False, ErrorCode.MODEL_NOT_ADMITTED, requested, family=family,
         message=f"model is not admitted on this route{hint}; the only admitted model is '{admission.model}'",
     )

@@ -15,6 +15,7 @@ from enum import StrEnum
 
 import orjson
 
+from .codes import ErrorCode
 from .model_policy import Family, classify_family
 
 
@@ -45,7 +46,7 @@ class Refusal:
     """A fallback attempt refused by policy: the error code, its metric reason and
     family, and a message that never echoes client-supplied values."""
 
-    code: str
+    code: ErrorCode
     family: Family
     message: str
     param: str | None = None
@@ -55,11 +56,11 @@ def external_endpoint(path: str) -> Refusal | None:
     """Anthropic- or Gemini-format endpoints are fallback attempts, also under prefixes."""
     p = re.sub(r"/{2,}", "/", path).rstrip("/")
     if _ANTHROPIC_PATH.search(p):
-        return Refusal("external_provider_endpoint", Family.ANTHROPIC,
+        return Refusal(ErrorCode.EXTERNAL_PROVIDER_ENDPOINT, Family.ANTHROPIC,
                        "Anthropic-format endpoints are not served: this route runs only the admitted local model "
                        "through the OpenAI API")
     if _GOOGLE_PATH.search(p):
-        return Refusal("external_provider_endpoint", Family.GOOGLE,
+        return Refusal(ErrorCode.EXTERNAL_PROVIDER_ENDPOINT, Family.GOOGLE,
                        "Gemini-format endpoints are not served: this route runs only the admitted local model "
                        "through the OpenAI API")
     return None
@@ -88,7 +89,7 @@ def routing_override(body: Mapping[str, object]) -> Refusal | None:
             except TypeError:
                 value_text = ""
             return Refusal(
-                "routing_override_refused", classify_family(value_text) if value_text else Family.OTHER,
+                ErrorCode.ROUTING_OVERRIDE_REFUSED, classify_family(value_text) if value_text else Family.OTHER,
                 f"request field '{key}' steers routing to another provider or upstream; "
                 "this route pins every request to the admitted local model",
                 param=key,
@@ -113,7 +114,7 @@ def provider_header(headers: Iterable[str]) -> Refusal | None:
         if family is None and low.startswith("anthropic-"):
             family = Family.ANTHROPIC
         if family is not None:
-            return Refusal("external_provider_header", family,
+            return Refusal(ErrorCode.EXTERNAL_PROVIDER_HEADER, family,
                            f"header '{low}' is for another provider's API; it is not accepted on this route")
     return None
 

@@ -27,6 +27,7 @@ from enum import StrEnum
 
 import orjson
 
+from .codes import ErrorCode
 from .redact import clip
 from .served_model import UsageTotals, find_usage, has_duplicate_key
 
@@ -46,8 +47,8 @@ _EXTRA_LINE_BREAKS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 class StreamFault(StrEnum):
     """Why a stream was ended; the value is the record's reason code."""
 
-    MODEL_MISMATCH = "served_model_mismatch"  # the served model is another, or not proven
-    PROTOCOL = "backend_protocol_error"  # the bytes are not a stream the check can read
+    MODEL_MISMATCH = ErrorCode.SERVED_MODEL_MISMATCH.value  # the served model is another, or not proven
+    PROTOCOL = ErrorCode.BACKEND_PROTOCOL_ERROR.value  # the bytes are not a stream the check can read
 
 
 class StreamRefused(Exception):

@@ -22,6 +22,7 @@ from .backend_http import (
     BackendUnreachable,
     BodyTooLarge,
 )
+from .codes import ErrorCode, UpstreamErrorKind
 from .settings import ProxySettings
 from .upstream_policy import UpstreamTarget
 
@@ -88,12 +89,12 @@ class Upstream:
             return resp.status, None
 
 
-def upstream_error_kind(exc: BaseException) -> tuple[str, str]:
+def upstream_error_kind(exc: BaseException) -> tuple[UpstreamErrorKind, ErrorCode]:
     """(metric kind, error code) for a failure talking to the backend."""
     if isinstance(exc, AddressRefused):
-        return "address_refused", "backend_address_refused"
+        return UpstreamErrorKind.ADDRESS_REFUSED, ErrorCode.BACKEND_ADDRESS_REFUSED
     if isinstance(exc, TimeoutError):
-        return "timeout", "backend_timeout"
+        return UpstreamErrorKind.TIMEOUT, ErrorCode.BACKEND_TIMEOUT
     if isinstance(exc, (BackendUnreachable, ConnectionRefusedError)):
-        return "connect", "backend_unreachable"
-    return "protocol", "backend_protocol_error"
+        return UpstreamErrorKind.CONNECT, ErrorCode.BACKEND_UNREACHABLE
+    return UpstreamErrorKind.PROTOCOL, ErrorCode.BACKEND_PROTOCOL_ERROR
