@@ -186,12 +186,12 @@ def test_a_damaged_valid_response_raises_only_protocol_errors(data: st.DataObjec
 
 # --- hostile heads, each refused
 
-def _refused(wire: bytes, cuts: list[int], eof: bool = True) -> None:
-    """Refused, and no response ended. Without ``eof`` the refusal must come from the
-    bytes themselves, not from the connection ending before the response did."""
+def _refused(wire: bytes, cuts: list[int]) -> None:
+    """Refused by the bytes themselves (the connection stays open: no refusal comes from
+    its ending before the response did), and no response ended."""
     sink = Collector()
     with pytest.raises(BackendProtocolError):
-        feed_cut(wire, cuts, sink, eof)
+        feed_cut(wire, cuts, sink, eof=False)
     assert not sink.ends
 
 
@@ -269,7 +269,7 @@ def test_an_interim_flood_or_a_header_line_that_never_ends_is_refused(data: st.D
         wire = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * (MAX_HEAD_BYTES // 30) + _ok()
     else:
         wire = b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (MAX_HEAD_BYTES + 10)
-    _refused(wire, data.draw(cuts_of(wire)), eof=False)
+    _refused(wire, data.draw(cuts_of(wire)))
 
 
 BAD_LENGTHS = [b"+2", b"-2", b"2a", b"0x2", b"2 2", b"2, 2", b"2,2", b"", b"2.0", b"1e1", b"\xb2",
@@ -341,7 +341,7 @@ def test_oversize_trailers_and_endless_chunk_framing_are_refused(data: st.DataOb
     # In reads of at most 32 KiB, as a socket delivers them (one read holding it all
     # is bounded by the read's size instead).
     cuts = sorted({*data.draw(cuts_of(wire)), *range(len(head), len(wire), 32 * 1024)})
-    _refused(wire, cuts, eof=False)
+    _refused(wire, cuts)
 
 
 def test_after_a_refusal_the_parser_refuses_everything() -> None:
