@@ -491,3 +491,16 @@ async def test_readiness_probe_reads_at_most_a_bounded_model_listing(raw: RawBac
         assert raw.connections == 2  # the oversized answer's connection was closed, not reused
     finally:
         await upstream.close()
+
+
+@pytest.mark.parametrize("shape", ["JSON answer, 1 KiB, one read", "SSE stream, 200 events, 8 per read"])
+def test_the_parser_micro_bench_reads_its_responses_whole(shape: str) -> None:
+    """bench.response_parser_micro times whole responses on a reused connection: its
+    check (body read whole, connection back in the pool) holds for each shape."""
+    from bench.response_parser_micro import seconds_per_response, shapes
+    from proxy import backend_http
+
+    reads, expected = shapes()[shape]
+    assert seconds_per_response(backend_http, reads, expected, count=3, repeats=1) > 0
+    with pytest.raises(AssertionError):  # a body cut short is noticed, not timed
+        seconds_per_response(backend_http, [*reads[:-1], reads[-1][:-1]], expected, count=1, repeats=1)
