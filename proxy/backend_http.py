@@ -9,8 +9,8 @@ content coding is undone, no request is retried (a POST reaching the backend twi
 would run a generation twice).
 
 Connections are made only to addresses ``check_resolved_address`` allows for the target
-(no DNS rebinding onto another host). Malformed or broken responses raise
-``BackendProtocolError``; failures to connect raise ``BackendUnreachable`` or
+(no DNS rebinding onto another host). Responses are parsed by llhttp
+(``proxy.response_parser``); malformed or broken ones raise ``BackendProtocolError``; failures to connect raise ``BackendUnreachable`` or
 ``AddressRefused``; a connect that takes too long raises ``TimeoutError``.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
 import ssl
 import urllib.parse
@@ -26,59 +25,19 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import cast
 
+from .backend_failures import AddressRefused, BackendError, BackendProtocolError, BackendUnreachable
+from .response_parser import ResponseHead, ResponseParser
 from .upstream_policy import UpstreamTarget, check_resolved_address
 
-_MAX_HEAD_BYTES = 64 * 1024
-_MAX_CHUNK_LINE = 1024
+__all__ = ["AddressRefused", "BackendError", "BackendPool", "BackendProtocolError", "BackendResponse",
+           "BackendUnreachable", "BodyTooLarge"]
+
 # Body bytes buffered ahead of the reader before the socket is paused.
 _HIGH_WATER = 1024 * 1024
-_NO_BODY_STATUS = frozenset({204, 304})
-
-# Parser states.
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
-
-
-class BackendError(Exception):
-    """Talking to the backend failed."""
-
-
-class BackendUnreachable(BackendError):
-    """No connection could be made to any allowed address of the backend."""
-
-
-class BackendProtocolError(BackendError):
-    """The backend sent something that is not a valid HTTP/1.1 response, or the
-    connection ended before the response did."""
-
-
-class AddressRefused(BackendError):
-    """The backend name resolved only to addresses the pin does not allow."""
 
 
 class BodyTooLarge(ValueError):
     """A body read whole was longer than the reader's limit."""
-
-
-# One header line: a token name, a colon, a value without line breaks or NUL, CRLF. The
-# anchor is a line start, so a malformed line can never match from its middle.
-# (The value is spelled as words between blanks rather than a lazy match: no backtracking.)
-_HEADER_LINE = re.compile(
-    r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00 \t]*(?:[ \t]+[^\r\n\x00 \t]+)*)[ \t]*\r\n", re.M)
-
-
-def _split_head(head: bytes) -> tuple[int, bool, list[tuple[str, str]]]:
-    """(status, HTTP/1.1, headers) of a response head without its final blank line."""
-    text = head.decode("latin-1") + "\r\n"
-    line_end = text.find("\r\n")
-    version, _, rest = text[:line_end].partition(" ")
-    code = rest[:3]
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit() or rest[3:4] not in ("", " "):
-        raise BackendProtocolError("the backend's status line is not HTTP/1.x")
-    fields = text[line_end + 2:]
-    headers = _HEADER_LINE.findall(fields)
-    if len(headers) != fields.count("\n"):  # every line matched, none skipped
-        raise BackendProtocolError("the backend sent a malformed header line")
-    return int(code), version == "HTTP/1.1", headers
 
 
 class BackendResponse:
@@ -230,16 +189,15 @@ class BackendResponse:
 
 
 class _Connection(asyncio.Protocol):
-    """One connection and its response parser (one request at a time)."""
+    """One connection (one request at a time); its response is parsed by a
+    ``ResponseParser`` made per request, which delivers here (``on_head`` and so on)."""
 
     def __init__(self, pool: BackendPool) -> None:
         self._pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self._buf = b""
-        self._state = _DONE
-        self._remaining = 0
+        self._parser: ResponseParser | None = None  # None between requests
         self._head_waiter: asyncio.Future[BackendResponse] | None = None
         self._response: BackendResponse | None = None
         self._paused = False
@@ -252,32 +210,53 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._state == _DONE:
+        parser = self._parser
+        if parser is None or parser.complete:
             # Bytes nobody asked for (between requests): the connection cannot be trusted.
             self._abort(BackendProtocolError("the backend sent data outside a response"))
             return
         try:
-            self._parse(self._buf + data if self._buf else data)
+            parser.feed(data)
         except BackendProtocolError as exc:
             self._abort(exc)
 
     def eof_received(self) -> bool:
-        if self._state == _UNTIL_CLOSE and self._response is not None:
-            self._state = _DONE
-            self._response._reusable = False
-            self._response._end()
+        parser = self._parser
+        if parser is not None and not parser.complete:
+            try:
+                parser.feed_eof()  # the end of a close-delimited body
+            except BackendProtocolError:
+                pass  # a response cut short: connection_lost, which follows, says so
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool.forget(self)
-        if self._state != _DONE:
-            self._state = _DONE
+        parser = self._parser
+        if parser is not None and not parser.complete:
+            self._parser = None
             err = BackendProtocolError("the backend closed the connection before the response ended")
             if self._head_waiter is not None and not self._head_waiter.done():
                 self._head_waiter.set_exception(err)
             if self._response is not None:
                 self._response._fail(err)
+
+    # -- the parser's sink
+
+    def on_head(self, head: ResponseHead) -> None:
+        resp = self._response = BackendResponse(self, head.status, head.headers, head.content_type,
+                                                head.keep_alive)
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(resp)
+
+    def on_body(self, data: bytes) -> None:
+        if self._response is not None:
+            self._response._feed(data)
+
+    def on_end(self) -> None:
+        if self._response is not None:
+            self._response._end()
 
     # -- flow control, used by the response
 
@@ -294,8 +273,8 @@ class _Connection(asyncio.Protocol):
     # -- one exchange
 
     def send(self, head: bytes, body: bytes) -> asyncio.Future[BackendResponse]:
-        assert self.transport is not None and self._state == _DONE
-        self._state, self._buf, self._response = _HEAD, b"", None
+        assert self.transport is not None and self._parser is None
+        self._parser, self._response = ResponseParser(self), None
         waiter = self._head_waiter = self.loop.create_future()
         if len(body) > 65536:
             self.transport.writelines((head, body))  # no copy of a large body
@@ -304,15 +283,15 @@ class _Connection(asyncio.Protocol):
         return waiter
 
     def finished(self, reuse: bool) -> None:
-        self._response = None
-        self._head_waiter = None
-        if reuse and self._state == _DONE and not self._buf and not self.closed and not self._paused:
+        parser = self._parser
+        self._parser = self._response = self._head_waiter = None
+        if reuse and parser is not None and parser.complete and not self.closed and not self._paused:
             self._pool.put_back(self)
         else:
             self.close()
 
     def close(self) -> None:
-        self._state = _DONE
+        self._parser = None
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
@@ -324,134 +303,6 @@ class _Connection(asyncio.Protocol):
         if self._response is not None:
             self._response._fail(exc)
         self.close()
-
-    # -- the parser
-
-    def _parse(self, data: bytes) -> None:
-        """Consume ``data``; whatever cannot be used yet is kept in ``_buf``."""
-        self._buf = b""
-        pos, n = 0, len(data)
-        while pos < n:
-            state = self._state
-            if state == _HEAD:
-                end = self._find_or_keep(data, pos, b"\r\n\r\n", _MAX_HEAD_BYTES, "response head is too large")
-                if end < 0:
-                    return
-                status, http11, headers = _split_head(data[pos:end])
-                pos = end + 4
-                if 100 <= status < 200:
-                    if status == 101:
-                        raise BackendProtocolError("the backend switched protocols, which was not asked for")
-                    continue  # an interim answer (103 Early Hints): the real one follows
-                self._start_body(status, http11, headers)
-            elif state == _LENGTH:
-                take = min(self._remaining, n - pos)
-                self._body(data[pos:pos + take] if (pos or take < n) else data)
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._finish_body()
-            elif state == _CHUNK_SIZE:
-                end = self._find_or_keep(data, pos, b"\r\n", _MAX_CHUNK_LINE, "chunk size line is too long")
-                if end < 0:
-                    return
-                size_text = data[pos:end].split(b";", 1)[0].strip()
-                if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
-                    raise BackendProtocolError("the backend sent a malformed chunk size")
-                pos = end + 2
-                self._remaining = int(size_text, 16)
-                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
-            elif state == _CHUNK_DATA:
-                take = min(self._remaining, n - pos)
-                self._body(data[pos:pos + take])
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _CHUNK_END
-            elif state == _CHUNK_END:
-                if n - pos < 2:
-                    self._buf = data[pos:]
-                    return
-                if data[pos:pos + 2] != b"\r\n":
-                    raise BackendProtocolError("the backend sent a malformed chunk")
-                pos += 2
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                end = self._find_or_keep(data, pos, b"\r\n", _MAX_HEAD_BYTES, "trailers are too large")
-                if end < 0:
-                    return
-                line_empty = end == pos
-                pos = end + 2
-                if line_empty:
-                    self._finish_body()
-            elif state == _UNTIL_CLOSE:
-                self._body(data[pos:] if pos else data)
-                return
-            else:  # _DONE: more bytes after a whole response
-                raise BackendProtocolError("the backend sent more than one response")
-
-    def _find_or_keep(self, data: bytes, pos: int, sep: bytes, limit: int, too_long: str) -> int:
-        """Where ``sep`` starts in ``data`` from ``pos``; or -1, with the rest kept for the
-        next read (refused once it is longer than ``limit`` without ``sep``)."""
-        end = data.find(sep, pos)
-        if end < 0:
-            if len(data) - pos > limit:
-                raise BackendProtocolError(f"the backend's {too_long}")
-            self._buf = data[pos:]
-        return end
-
-    def _start_body(self, status: int, http11: bool, headers: list[tuple[str, str]]) -> None:
-        length: int | None = None
-        chunked = False
-        keep_alive = http11
-        content_type = ""
-        for name, value in headers:
-            low = name.lower()
-            if low == "content-type":
-                content_type = value
-            elif low == "content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
-                    raise BackendProtocolError("the backend sent an invalid Content-Length")
-                length = int(value)
-            elif low == "transfer-encoding":
-                codings = [c.strip().lower() for c in value.split(",")]
-                if codings[-1] != "chunked":
-                    raise BackendProtocolError("the backend used a transfer coding other than chunked")
-                chunked = True
-            elif low == "connection":
-                tokens = {t.strip().lower() for t in value.split(",")}
-                if "close" in tokens:
-                    keep_alive = False
-                elif "keep-alive" in tokens:
-                    keep_alive = True
-        resp = self._response = BackendResponse(self, status, headers, content_type, keep_alive)
-        if status in _NO_BODY_STATUS:
-            self._state = _DONE
-            resp._done = True
-        elif chunked:
-            if length is not None:  # RFC 9112 6.3: both is a smuggling signal; refuse
-                raise BackendProtocolError("the backend sent both Transfer-Encoding and Content-Length")
-            self._state = _CHUNK_SIZE
-        elif length is not None:
-            self._remaining = length
-            self._state = _LENGTH if length else _DONE
-            resp._done = not length
-        else:
-            self._state = _UNTIL_CLOSE
-            resp._reusable = False
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(resp)
-
-    def _body(self, data: bytes) -> None:
-        if data and self._response is not None:
-            self._response._feed(data)
-
-    def _finish_body(self) -> None:
-        self._state = _DONE
-        if self._response is not None:
-            self._response._end()
-
 
 def _expire(waiter: asyncio.Future[BackendResponse]) -> None:
     if not waiter.done():

@@ -368,16 +368,21 @@ async def test_base_path_is_encoded_and_idle_connections_expire(raw: RawBackend)
 
 
 async def test_oversized_heads_and_chunk_lines_are_refused(raw: RawBackend) -> None:
-    """Bytes without the line end they need are buffered only up to a limit."""
+    """Bytes without the line end they need are taken only up to a limit: a header line
+    that never ends, and chunk framing (a chunk-size line with an endless extension)
+    that never yields a body byte. llhttp holds none of it, but a backend sending it
+    would hold the connection forever with the idle watchdog content."""
     raw.answers = [([b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (70 * 1024)], False),
-                   ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 2048], False)]
+                   ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1;x="]
+                    + [b"a" * (16 * 1024)] * 8, False)]
     pool = BackendPool(raw.target(), 5)
     try:
         with pytest.raises(BackendProtocolError, match="head is too large"):
             await pool.request("GET", "/v1/models", [])
         resp = await pool.request("GET", "/v1/models", [])
-        with pytest.raises(BackendProtocolError, match="chunk size line is too long"):
-            await _body(resp)
+        async with asyncio.timeout(10):  # bounds the test if the limit were lost
+            with pytest.raises(BackendProtocolError, match="chunk framing without body"):
+                await _body(resp)
         resp.close()
     finally:
         await pool.close()
@@ -486,3 +491,16 @@ async def test_readiness_probe_reads_at_most_a_bounded_model_listing(raw: RawBac
         assert raw.connections == 2  # the oversized answer's connection was closed, not reused
     finally:
         await upstream.close()
+
+
+@pytest.mark.parametrize("shape", ["JSON answer, 1 KiB, one read", "SSE stream, 200 events, 8 per read"])
+def test_the_parser_micro_bench_reads_its_responses_whole(shape: str) -> None:
+    """bench.response_parser_micro times whole responses on a reused connection: its
+    check (body read whole, connection back in the pool) holds for each shape."""
+    from bench.response_parser_micro import seconds_per_response, shapes
+    from proxy import backend_http
+
+    reads, expected = shapes()[shape]
+    assert seconds_per_response(backend_http, reads, expected, count=3, repeats=1) > 0
+    with pytest.raises(AssertionError):  # a body cut short is noticed, not timed
+        seconds_per_response(backend_http, [*reads[:-1], reads[-1][:-1]], expected, count=1, repeats=1)
