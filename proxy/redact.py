@@ -212,9 +212,13 @@ class Redactor:
         return [Finding(m.lastgroup or "secret", m.start(), m.end()) for m in self._pattern.finditer(text) if _valid(m)]
 
     def redact(self, text: str) -> str:
-        assert self._pattern is not None
         if not self.may_match(text):
             return text
+        return self.redact_flagged(text)
+
+    def redact_flagged(self, text: str) -> str:
+        """``redact`` for text ``may_match`` has already flagged (no second pre-check)."""
+        assert self._pattern is not None
         return self._pattern.sub(lambda m: REDACTED if _valid(m) else m.group(), text)
 
     def clip(self, text: str, limit: int) -> str:
@@ -335,11 +339,16 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken format string must still be logged, redacted
             message = str(record.msg)
-        record.msg, record.args = escape_controls(self.redactor.redact(message)), None
+        flagged = self.redactor.may_match(message)
+        record.msg, record.args = escape_controls(self.redactor.redact_flagged(message) if flagged else message), None
         # Fields passed with ``extra=`` (an access line's) reach a JSON formatter as they
-        # are: they are redacted here too, after one pre-check over all of them.
+        # are: they are redacted here too, after one pre-check over all of them. That
+        # check is already done when each of them stands verbatim in a message the
+        # pre-check passed (an access line's fields are its message's values): the
+        # pre-check looks for anchors, and an anchor in a field is then in the message.
         extras = [(k, v) for k, v in record.__dict__.items() if type(v) is str and k not in _RECORD_ATTRS]
-        if extras and self.redactor.may_match("\x00".join(v for _, v in extras)):
+        if extras and (flagged or not all(v in message for _, v in extras)) \
+                and self.redactor.may_match("\x00".join(v for _, v in extras)):
             for key, value in extras:
                 record.__dict__[key] = self.redactor.redact(value)
         if record.exc_info:

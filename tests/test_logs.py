@@ -83,6 +83,28 @@ def test_a_secret_in_an_access_field_is_redacted_in_json(json_log: Any) -> None:
     assert rec["message"].startswith("access ") and secret not in rec["message"]
 
 
+def test_a_secret_in_a_field_the_message_does_not_hold_is_redacted(json_log: Any) -> None:
+    """Hostile: a record whose ``extra`` field holds a secret that its message does not
+    (or holds only escaped: a quote makes the access line's text form differ). The filter
+    skips the fields' own check only when each stands verbatim in a clean message; these
+    must still be checked and cleaned."""
+    buf, _ = json_log
+    secret = "bk-" + secrets.token_hex(16)
+    root = logging.getLogger()
+    filt = install_log_redaction(Redactor([secret]))
+    try:
+        logging.getLogger("case_proxy.access").info("access clean message", extra={"path": f"/v1/{secret}"})
+        log_access(_draft(path=f'/v1/"{secret}', reason="unknown_url", status=404), 0.002)
+    finally:
+        root.removeFilter(filt)
+        for h in root.handlers:
+            h.removeFilter(filt)
+    lines = buf.getvalue().strip().splitlines()
+    assert len(lines) == 2 and secret not in buf.getvalue()
+    assert json.loads(lines[0])["path"] == "/v1/[REDACTED]"
+    assert json.loads(lines[1])["path"] == '/v1/"[REDACTED]'
+
+
 def test_json_line_holds_time_level_logger_message(json_log: Any) -> None:
     buf, _ = json_log
     logging.getLogger("case_proxy").warning("something %s", "happened")
