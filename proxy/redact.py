@@ -76,6 +76,24 @@ assert all("_" in a for a in _SHAPE_ANCHORS_LOWER)  # may_match relies on it
 _SHAPE_ANCHORS_LOWER_BYTES = tuple(a.encode() for a in _SHAPE_ANCHORS_LOWER)
 
 
+# Characters from the most to the least common in log lines and JSON records (letters,
+# digits, the punctuation of paths, numbers and key=value pairs); any other character is
+# rarer still. Only a speed heuristic: see _anchor_groups.
+_COMMON_CHARS = "etaoinsrhldcumfpgwybvkxjqz 0123456789=_./:-\",{}[]ETAOINSRHLDCUMFPGWYBVKXJQZ"
+_RANK = {c: i for i, c in enumerate(_COMMON_CHARS)}
+
+
+def _anchor_groups(anchors: Iterable[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The anchors grouped under one character each contains (its least common, by
+    _COMMON_CHARS). A text holding an anchor holds that character, so a pre-check that
+    searches a group only when its character is in the text is exact; most texts lack
+    most groups' characters, and one character's search is cheaper than an anchor's."""
+    groups: dict[str, list[str]] = {}
+    for anchor in anchors:
+        groups.setdefault(max(anchor, key=lambda c: _RANK.get(c, len(_RANK))), []).append(anchor)
+    return tuple((key, tuple(group)) for key, group in sorted(groups.items()))
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
     kind: str
@@ -176,9 +194,11 @@ class Redactor:
         parts.extend(f"(?P<{name}>{rx})" for name, rx in _SHAPES)
         self._pattern = re.compile("|".join(parts))
         self._anchors = tuple(sorted(forms)) + _SHAPE_ANCHORS
+        self._anchor_groups = _anchor_groups(self._anchors)
         # The same anchors searched in JSON text: sound only while none of them contains
         # a character JSON escapes (a quote, a backslash, a control character).
-        self._json_anchors = tuple(a.encode() for a in self._anchors)
+        self._json_anchor_groups = tuple((key.encode(), tuple(a.encode() for a in group))
+                                         for key, group in self._anchor_groups)
         self._json_safe = not any(c in '"\\' or ord(c) < 0x20 for a in self._anchors for c in a)
         self._clean = frozenset()  # vetted against the old secrets only
 
@@ -195,9 +215,11 @@ class Redactor:
 
     def may_match(self, text: str) -> bool:
         """Cheap and sound pre-check: False only when ``text`` cannot contain a finding."""
-        for anchor in self._anchors:
-            if anchor in text:
-                return True
+        for key, group in self._anchor_groups:
+            if key in text:
+                for anchor in group:
+                    if anchor in text:
+                        return True
         # Every case-insensitive anchor has underscores, which have no case variants.
         if len(text) >= _MIN_LOWER_ANCHOR and "_" in text:
             # casefold, not lower: (?i) also matches folded look-alikes such as 'ſ' for 's'.
@@ -247,9 +269,11 @@ class Redactor:
         return self._redact_obj(obj)
 
     def _may_match_json(self, blob: bytes) -> bool:
-        for anchor in self._json_anchors:
-            if anchor in blob:
-                return True
+        for key, group in self._json_anchor_groups:
+            if key in blob:
+                for anchor in group:
+                    if anchor in blob:
+                        return True
         lowered = blob.lower()
         return any(anchor in lowered for anchor in _SHAPE_ANCHORS_LOWER_BYTES)
 
