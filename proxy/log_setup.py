@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
@@ -41,6 +42,23 @@ ACCESS_FIELDS: tuple[str, ...] = (
 )
 
 
+class TextFormatter(logging.Formatter):
+    """``logging.Formatter`` whose default time (``2026-11-28 10:00:00,123``) has its
+    date and clock part formatted once per second, not per line (the access line is
+    one line per request). The same text as the base class, digit for digit."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        sec = int(record.created)
+        cached = self._second
+        if cached[0] != sec:
+            cached = self._second = (sec, time.strftime(self.default_time_format, self.converter(sec)))
+        return self.default_msec_format % (cached[1], record.msecs)
+
+
 def make_formatter(fmt: LogFormat) -> logging.Formatter:
     """Text as before, or one JSON object per line: ``time`` (RFC 3339, UTC), ``level``,
     ``logger``, ``message`` and any fields the record carries (an access line's)."""
@@ -48,7 +66,7 @@ def make_formatter(fmt: LogFormat) -> logging.Formatter:
         # The orjson flavour: about 6 us less per line than the json module (measured).
         return OrjsonFormatter("%(levelname)s %(name)s %(message)s", timestamp="time",
                                rename_fields={"levelname": "level", "name": "logger"})
-    return logging.Formatter(TEXT_FORMAT)
+    return TextFormatter(TEXT_FORMAT)
 
 
 def configure_logging(level: str, fmt: LogFormat, stream: TextIO | None = None) -> logging.Handler:

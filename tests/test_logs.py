@@ -240,3 +240,17 @@ async def test_a_hostile_path_cannot_forge_text_log_lines(scripted_backend: Any,
     assert len(newline) == 1 and 'path="/v1/a\\n2026-01-01' in newline[0] and "status=404" in newline[0]
     assert len(space) == 1 and 'path="/v1/x status=200 decision=admitted"' in space[0]
     assert "decision=rejected" in space[0] and "decision=admitted status" not in space[0].split('"')[2]
+
+
+def test_the_text_formatter_writes_the_same_time_as_loggings_own() -> None:
+    """The per-second cache of the date part must not change a digit: records just
+    before, on and after second boundaries, out of order, and a datefmt of its own."""
+    from proxy.log_setup import TEXT_FORMAT, TextFormatter
+
+    ours, theirs = TextFormatter(TEXT_FORMAT), logging.Formatter(TEXT_FORMAT)
+    record = logging.LogRecord("case_proxy.access", logging.INFO, __file__, 1, "access x", None, None)
+    for created in (1767225599.9996, 1767225600.0, 1767225600.0004, 1767225600.999, 1767225601.5, 1767225599.25,
+                    1767225661.001):
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == theirs.format(record)
+        assert ours.formatTime(record, "%H:%M") == theirs.formatTime(record, "%H:%M")
