@@ -48,6 +48,7 @@ class TextFormatter(logging.Formatter):
     one line per request). The same text as the base class, digit for digit."""
 
     _second: tuple[int, str] = (-1, "")
+    default_msec_format = "%s,%03d"  # the base class's, typed as the str it is
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
         if datefmt is not None:
