@@ -254,3 +254,25 @@ def test_the_text_formatter_writes_the_same_time_as_loggings_own() -> None:
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert ours.format(record) == theirs.format(record)
         assert ours.formatTime(record, "%H:%M") == theirs.formatTime(record, "%H:%M")
+
+
+def test_the_access_line_follows_the_level_and_says_where_it_came_from(json_log: Any) -> None:
+    """log_access makes its record itself (no stack walk): the level still decides
+    whether it is written, and the record still names its logger and function."""
+    buf, _ = json_log
+    root = logging.getLogger()
+    root.setLevel("WARNING")
+    log_access(_draft(), 0.001)
+    assert buf.getvalue() == ""
+    root.setLevel("INFO")
+    seen: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = seen.append  # type: ignore[method-assign]
+    root.addHandler(catcher)
+    try:
+        log_access(_draft(), 0.001)
+    finally:
+        root.removeHandler(catcher)
+    assert json.loads(buf.getvalue())["message"].startswith("access request_id=abc123 ")
+    assert seen[0].name == "case_proxy.access" and seen[0].funcName == "log_access"
+    assert seen[0].pathname.endswith("log_setup.py") and seen[0].levelno == logging.INFO
