@@ -166,6 +166,7 @@ class Redactor:
         self._secrets: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
         self._clean: frozenset[str] = frozenset()
+        self._clean_max = -1
         for s in secrets:
             self.add_secret(s)
         if self._pattern is None:
@@ -201,12 +202,14 @@ class Redactor:
                                          for key, group in self._anchor_groups)
         self._json_safe = not any(c in '"\\' or ord(c) < 0x20 for a in self._anchors for c in a)
         self._clean = frozenset()  # vetted against the old secrets only
+        self._clean_max = -1  # the longest vetted value's length (a longer text is never one)
 
     def vet_clean(self, values: Iterable[str]) -> None:
         """Remember the values among ``values`` that hold no finding. Meant for strings a
         hot path sees on every call (the admitted model, route paths): checked once here,
         they can be skipped there (see ``clean``). Forgotten when a secret is added."""
         self._clean = self._clean | {v for v in values if not self.may_match(v)}
+        self._clean_max = max((len(v) for v in self._clean), default=-1)
 
     @property
     def clean(self) -> frozenset[str]:
@@ -214,7 +217,11 @@ class Redactor:
         return self._clean
 
     def may_match(self, text: str) -> bool:
-        """Cheap and sound pre-check: False only when ``text`` cannot contain a finding."""
+        """Cheap and sound pre-check: False only when ``text`` cannot contain a finding.
+        A vetted value (``vet_clean``: the admitted model, the routes, which the proxy
+        clips on every request) is answered by a set lookup."""
+        if len(text) <= self._clean_max and text in self._clean:
+            return False
         for key, group in self._anchor_groups:
             if key in text:
                 for anchor in group:

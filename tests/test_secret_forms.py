@@ -143,3 +143,19 @@ def test_the_grouped_pre_check_finds_every_anchor_wherever_it_stands() -> None:
         folded = text.casefold()
         expected = any(a in text for a in anchors) or any(a in folded for a in _SHAPE_ANCHORS_LOWER)
         assert redactor.may_match(text) == expected, text
+
+
+def test_a_vetted_value_is_skipped_only_until_a_secret_it_holds_is_registered() -> None:
+    """The proxy vets the values it clips on every request (the admitted model, the
+    routes) so a set lookup answers for them. Hostile order: a value vetted clean, then
+    a secret registered that the value contains (an operator's extra secret added
+    later). The vetting must be forgotten, and the value redacted."""
+    token = "xk" + secrets.token_hex(12)
+    vetted = f"qwen3.6-35b-a3b-{token}"
+    redactor = Redactor(["tok-" + secrets.token_hex(16)])
+    redactor.vet_clean([vetted, "/v1/chat/completions"])
+    assert vetted in redactor.clean and redactor.clip(vetted, 200) == vetted
+    assert not redactor.may_match("/v1/chat/completions")
+    redactor.add_secret(token)
+    assert redactor.may_match(vetted)
+    assert redactor.clip(vetted, 200) == f"qwen3.6-35b-a3b-{REDACTED}"
