@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         mark = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
         log(f"  [{mark}] {t['target']}")
     for row in results["before_after"]:
-        mark = "not measured" if row["met"] is None else ("met" if row["met"] else "NOT met")
+        mark = ("info" if row["limit"] is None else "not measured" if row["met"] is None
+                else "met" if row["met"] else "NOT met")
         log(f"  [{mark}] before/after: {row['title']}: {row['target']}"
             + ("" if row["ratio"] is None else f", ratio {row['ratio']:.3f}"))
     return 0

@@ -118,13 +118,14 @@ def imported_from(root: Path, env: dict[str, str]) -> Path:
 
 @dataclass(frozen=True)
 class Rule:
-    """One of the issue's before/after rules: ``current / baseline`` against ``limit``."""
+    """One of the issue's before/after rules: ``current / baseline`` against ``limit``
+    (None: a figure shown beside them, with no target of its own)."""
 
     key: str
     title: str
     unit: str
     higher_is_better: bool
-    limit: float
+    limit: float | None
     wording: str
 
 
@@ -135,6 +136,15 @@ RULES: tuple[Rule, ...] = (
          "within 10 % (current / baseline >= 0.90)"),
     Rule("streams_1000_added_gap_p99", "1,000 streams: added inter-chunk delay p99", "us", False, 1.00,
          "does not grow (current / baseline <= 1.00)"),
+    # CPU spent by each proxy for the same work: on a shared machine the steadiest of the
+    # figures (a neighbour's load stretches latencies far more than it changes the CPU a
+    # request takes), so it says where the rows above come from.
+    Rule("one_conn_cpu", "non-streaming, 1 connection: proxy CPU per request", "us", False, None,
+         "(no target: where the cost is)"),
+    Rule("c64_cpu", "non-streaming, 64 connections: proxy CPU per request", "us", False, None,
+         "(no target: where the cost is)"),
+    Rule("streams_1000_cpu", "1,000 streams: proxy CPU seconds per 10,000 chunks", "s", False, None,
+         "(no target: where the cost is)"),
 )
 
 
@@ -155,7 +165,8 @@ def judge(rule: Rule, baseline: Summary, current: Summary) -> dict[str, Any]:
         return row
     r = c / b
     row["ratio"] = round(r, 4)
-    row["met"] = r >= rule.limit if rule.higher_is_better else r <= rule.limit
+    if rule.limit is not None:
+        row["met"] = r >= rule.limit if rule.higher_is_better else r <= rule.limit
     return row
 
 
@@ -180,5 +191,11 @@ def before_after(results: dict[str, Any]) -> list[dict[str, Any]]:
                     _values(c64.get("rounds", {}).get("proxy", []), "rps")),
         "streams_1000_added_gap_p99": (st.get("added_gap_p99_per_round", {}).get(base, empty),
                                        st.get("added_gap_p99_per_round", {}).get("proxy", empty)),
+        "one_conn_cpu": (_values(c1.get("rounds", {}).get(base, []), "cpu_us_per_request"),
+                         _values(c1.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
+        "c64_cpu": (_values(c64.get("rounds", {}).get(base, []), "cpu_us_per_request"),
+                    _values(c64.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
+        "streams_1000_cpu": (_values(st.get("rounds", {}).get(base, []), "proxy_cpu_s_per_10k_chunks"),
+                             _values(st.get("rounds", {}).get("proxy", []), "proxy_cpu_s_per_10k_chunks")),
     }
     return [judge(rule, summarize(pairs[rule.key][0]), summarize(pairs[rule.key][1])) for rule in RULES]

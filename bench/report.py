@@ -98,7 +98,8 @@ def _fmt_value(t: dict[str, Any], key: str = "value") -> str:
 def _cell(d: dict[str, Any] | None, kind: str = "us") -> str:
     if not d or d.get("median") is None:
         return "n/a"
-    f = fmt_us if kind == "us" else (lambda v: f"{v:,.0f}") if kind == "n" else _fmt_ratio
+    f = (fmt_us if kind == "us" else (lambda v: f"{v:,.0f}") if kind == "n" else (lambda v: f"{v:.3f} s")
+         if kind == "s" else _fmt_ratio)
     lo, hi = d.get("min"), d.get("max")
     if d.get("rounds", 1) > 1 and lo is not None and hi is not None and lo != hi:
         return f"{f(d['median'])} ({f(lo)} to {f(hi)})"
@@ -250,9 +251,12 @@ def render_before_after(results: dict[str, Any]) -> list[str]:
            "Baseline and current are medians over rounds; the ratio is current / baseline.", "",
            "| figure | baseline | current | ratio | target | met |", "|---|---|---|---|---|---|"]
     for r in rows:
-        kind = "n" if r["unit"] == "rps" else "us"
+        kind = {"rps": "n", "s": "s"}.get(r["unit"], "us")
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        met = "not measured" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        if r["limit"] is None:
+            met = "-"
+        else:
+            met = "not measured" if r["met"] is None else ("yes" if r["met"] else "**no**")
         note = f" ({r['note']})" if r.get("note") else ""
         out.append(f"| {r['title']} | {_cell(r['baseline'], kind)} | {_cell(r['current'], kind)} | {ratio}{note} | "
                    f"{r['target']} | {met} |")

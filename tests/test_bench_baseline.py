@@ -83,7 +83,9 @@ def _results(p50: tuple[list[float], list[float]], rps: tuple[list[float], list[
         "baseline": {"ref": "1472c50", "commit": "1472c50" + "0" * 33, "target": BASE},
         "scenario1": {"notes": [], "by_concurrency": {
             "1": {"added_p50_per_round": {BASE: p50[0], "proxy": p50[1]}},
-            "64": {"rounds": {BASE: [{"rps": v} for v in rps[0]], "proxy": [{"rps": v} for v in rps[1]]}}}},
+            "64": {"rounds": {BASE: [{"rps": v, "cpu_us_per_request": 110.0 + 20 * i} for i, v in enumerate(rps[0])],
+                              "proxy": [{"rps": v, "cpu_us_per_request": 140.0 + 20 * i}
+                                        for i, v in enumerate(rps[1])]}}}},
         "scenario2": s2,
         "targets": [],
     }
@@ -104,6 +106,10 @@ def test_before_after_rows_come_from_the_runs_paired_rounds_and_render_as_a_tabl
             "355 µs (350 µs to 360 µs) | 1.164 | within 10 % (current / baseline <= 1.10) | **no** |") in text
     assert "| non-streaming, 64 connections: requests/s | 8,100 (8,000 to 8,200) | 8,000 (7,900 to 8,100) | 0.988 |" in text
     assert "| 1,000 streams: added inter-chunk delay p99 | n/a | n/a | n/a (not measured in this run) |" in text
+    cpu = rows["c64_cpu"]  # a figure beside the targets: a ratio, never a verdict
+    assert cpu["ratio"] == pytest.approx(150 / 120, abs=1e-4) and cpu["met"] is None and cpu["limit"] is None
+    assert "| non-streaming, 64 connections: proxy CPU per request | 120 µs (110 µs to 130 µs) | 150 µs " in text
+    assert text.count("(no target: where the cost is) | - |") == 3
 
 
 def test_without_a_baseline_there_is_no_before_after() -> None:
