@@ -243,6 +243,8 @@ def render_before_after(results: dict[str, Any]) -> list[str]:
     this one, measured in the same interleaved rounds; [] when no baseline was measured."""
     base = results.get("baseline")
     rows = results.get("before_after") or []
+    if results.get("baseline_skipped"):
+        return ["", "## Before/after", "", f"No baseline measured: {results['baseline_skipped']}."]
     if not base or not rows:
         return []
     out = ["", f"## Before/after: {base['target']} (baseline) against this tree", "",

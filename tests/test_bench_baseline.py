@@ -3,6 +3,7 @@ its table (pure), the round order, and that the exported baseline's own proxy st
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import subprocess
@@ -161,3 +162,24 @@ def test_the_exported_baseline_imports_its_own_proxy_and_serves(tmp_path: Path) 
             proxy.stop()
     finally:
         backend.stop()
+
+
+def test_the_default_baseline_is_skipped_with_a_note_where_the_checkout_lacks_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """make bench in a checkout without the ref (a shallow clone) still runs, and says
+    in the results that no baseline was measured; an explicit --baseline is exit 2."""
+    import bench.__main__ as bench_main
+
+    def lacking(repo: Path, ref: str, dest: Path) -> None:
+        raise BaselineError(f"baseline ref {ref!r} is not a commit in {repo}")
+
+    monkeypatch.setattr("bench.baseline.export", lacking)
+    monkeypatch.setattr(bench_main.shutil, "which", lambda tool: f"/usr/bin/{tool}")  # no wrk or nginx needed
+    monkeypatch.setattr(bench_main, "machine_info", lambda: _results(([], []), ([], []), None)["machine"])
+    monkeypatch.setattr(bench_main, "SCENARIOS", {"1": "none_at_all"})
+    monkeypatch.setattr(bench_main.Bench, "none_at_all", lambda self: {}, raising=False)
+    assert bench_main.main(["--scenarios", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert "baseline" not in results and "is not a commit" in results["baseline_skipped"]
+    assert "No baseline measured: baseline ref '1472c50' is not a commit" in (tmp_path / "latest.md").read_text()
+    assert bench_main.main(["--scenarios", "1", "--baseline", "main", "--out", str(tmp_path)]) == 2
