@@ -282,10 +282,33 @@ def start_nginx_proxy(tmp: Path, name: str, upstream: Proc) -> Proc:
     return p
 
 
+def proxy_env(code_root: Path, backend_url: str, token: str, evidence_file: Path) -> dict[str, str]:
+    """The environment a proxy from ``code_root`` (this tree, or a baseline exported by
+    bench.baseline) starts with: the one place where what a version needs is decided.
+    Every version from the baseline (1472c50) on reads the same variables and the same
+    ``[server]``, ``[limits]`` and ``[proof]`` keys and accepts the same flags; an exported
+    tree's ``proxy`` package and example decision/admission files are its own (its
+    directory first on ``PYTHONPATH``, checked by bench.baseline.imported_from)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CASE_PROXY_", "CTO_HARNESS_CASE_")) and k != "PYTHONPATH"}
+    env.update({
+        "CTO_HARNESS_CASE_DECISION_FILE": str(code_root / "config" / "decision.example.json"),
+        "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE": str(code_root / "config" / "admission.example.json"),
+        "CTO_HARNESS_CASE_LOCAL_BASE_URL": backend_url,
+        "CASE_PROXY_TOKEN": token,
+        "CASE_PROXY_EVIDENCE_FILE": str(evidence_file),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    })
+    if code_root != ROOT:
+        env["PYTHONPATH"] = str(code_root)
+    return env
+
+
 def start_proxy(tmp: Path, name: str, backend_url: str, token: str, *, metrics: bool = True,
-                evidence: bool = True, max_concurrency: int = 4096, workers: int = 1) -> Proc:
+                evidence: bool = True, max_concurrency: int = 4096, workers: int = 1,
+                code_root: Path = ROOT) -> Proc:
     """``python -m proxy serve`` with its own config and its own evidence file (one per
-    worker when ``workers`` > 1)."""
+    worker when ``workers`` > 1); ``code_root`` another tree's proxy (a baseline)."""
     d = tmp / name
     d.mkdir()
     cfg = d / "proxy.toml"
@@ -298,18 +321,9 @@ def start_proxy(tmp: Path, name: str, backend_url: str, token: str, *, metrics: 
         "[proof]\n"
         f"metrics_enabled = {'true' if metrics else 'false'}\n"
         f"evidence_enabled = {'true' if evidence else 'false'}\n")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CASE_PROXY_", "CTO_HARNESS_CASE_"))}
-    env.update({
-        "CTO_HARNESS_CASE_DECISION_FILE": str(ROOT / "config" / "decision.example.json"),
-        "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE": str(ROOT / "config" / "admission.example.json"),
-        "CTO_HARNESS_CASE_LOCAL_BASE_URL": backend_url,
-        "CASE_PROXY_TOKEN": token,
-        "CASE_PROXY_EVIDENCE_FILE": str(d / "evidence.jsonl"),
-        "PYTHONDONTWRITEBYTECODE": "1",
-    })
+    env = proxy_env(code_root, backend_url, token, d / "evidence.jsonl")
     popen = _spawn(name, [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0",
-                          "--config", str(cfg), "--log-level", "WARNING"], tmp, env=env)
+                          "--config", str(cfg), "--log-level", "WARNING"], tmp, env=env, cwd=code_root)
     url = _wait_line(tmp / f"{name}.stdout.log", "CASE_PROXY_LISTENING", 30, popen)
     p = Proc(name, popen, tmp, port=int(url.rsplit(":", 1)[1].split("/")[0]), url=url)
     p.extra["evidence_file"] = str(d / "evidence.jsonl")

@@ -98,7 +98,8 @@ def _fmt_value(t: dict[str, Any], key: str = "value") -> str:
 def _cell(d: dict[str, Any] | None, kind: str = "us") -> str:
     if not d or d.get("median") is None:
         return "n/a"
-    f = fmt_us if kind == "us" else (lambda v: f"{v:,.0f}") if kind == "n" else _fmt_ratio
+    f = (fmt_us if kind == "us" else (lambda v: f"{v:,.0f}") if kind == "n" else (lambda v: f"{v:.3f} s")
+         if kind == "s" else _fmt_ratio)
     lo, hi = d.get("min"), d.get("max")
     if d.get("rounds", 1) > 1 and lo is not None and hi is not None and lo != hi:
         return f"{f(d['median'])} ({f(lo)} to {f(hi)})"
@@ -141,6 +142,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
         note = f" ({t['note']})" if t.get("note") else ""
         out.append(f"| {t['target']} | {_fmt_value(t)}{note} | {_fmt_value(t, 'reference')} | {met} |")
+    out += render_before_after(results)
     s1 = results.get("scenario1")
     if s1:
         out += ["", "## 1. Non-streaming chat completions (nginx answering canned JSON)", ""]
@@ -234,6 +236,33 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += ["", f"Here {s5['note']}: the load generator competes with the workers for the same cores, "
                 "so this scaling is a floor."]
     return "\n".join(out) + "\n"
+
+
+def render_before_after(results: dict[str, Any]) -> list[str]:
+    """The before/after table (issue 18's performance rule): the baseline proxy against
+    this one, measured in the same interleaved rounds; [] when no baseline was measured."""
+    base = results.get("baseline")
+    rows = results.get("before_after") or []
+    if results.get("baseline_skipped"):
+        return ["", "## Before/after", "", f"No baseline measured: {results['baseline_skipped']}."]
+    if not base or not rows:
+        return []
+    out = ["", f"## Before/after: {base['target']} (baseline) against this tree", "",
+           f"The baseline is commit {base['commit'][:12]} (ref {base['ref']}), exported with git archive and run as "
+           "one more target in the same rounds as this tree's proxy (their order swapped every other round). "
+           "Baseline and current are medians over rounds; the ratio is current / baseline.", "",
+           "| figure | baseline | current | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        kind = {"rps": "n", "s": "s"}.get(r["unit"], "us")
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        if r["limit"] is None:
+            met = "-"
+        else:
+            met = "not measured" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        note = f" ({r['note']})" if r.get("note") else ""
+        out.append(f"| {r['title']} | {_cell(r['baseline'], kind)} | {_cell(r['current'], kind)} | {ratio}{note} | "
+                   f"{r['target']} | {met} |")
+    return out
 
 
 def _fmt_ratio(v: float) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .baseline import Baseline
 from .loads import chat_body, measured_wrk, run_streams, run_wrk, write_body
 from .procs import (
     Proc,
@@ -80,11 +81,24 @@ def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str,
     return summarize(op(x[key], y[key]) for x, y in zip(a, b, strict=True)).to_dict()
 
 
+def round_order(names: list[str], rnd: int, swap: tuple[str, str] | None) -> list[str]:
+    """The order targets run in round ``rnd``: as listed, except that the two named in
+    ``swap`` (the proxy and its baseline) trade places every other round, so neither
+    always runs right after the same neighbour or always first on a drifting machine."""
+    order = list(names)
+    if swap and rnd % 2 == 1 and swap[0] in order and swap[1] in order:
+        i, j = order.index(swap[0]), order.index(swap[1])
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
 class Bench:
     """Owns every process it starts and stops them all, whatever happens."""
 
-    def __init__(self, tmp: Path, settings: BenchSettings, log: Log) -> None:
+    def __init__(self, tmp: Path, settings: BenchSettings, log: Log, baseline: Baseline | None = None) -> None:
         self.tmp, self.s, self.log = tmp, settings, log
+        # An earlier commit's proxy, one more target in scenarios 1 and 2 (bench.baseline).
+        self.baseline = baseline
         self.token = secrets.token_urlsafe(24)
         self._procs: list[Proc] = []
         self._nginx: Proc | None = None
@@ -112,6 +126,16 @@ class Bench:
     def proxy(self, name: str, backend_url: str, **kw: Any) -> Proc:
         return self.keep(start_proxy(self.tmp, name, backend_url, self.token, **kw))
 
+    def baseline_proxy(self, name: str, backend_url: str, **kw: Any) -> Proc | None:
+        """The baseline's proxy beside this one (same settings), or None without a baseline."""
+        if self.baseline is None:
+            return None
+        return self.proxy(f"{name}-baseline", backend_url, code_root=self.baseline.root, **kw)
+
+    @property
+    def _swap(self) -> tuple[str, str] | None:
+        return None if self.baseline is None else ("proxy", self.baseline.name)
+
     # Scenario 1 -----------------------------------------------------------------------
     def nonstreaming(self) -> dict[str, Any]:
         nginx = self.nginx
@@ -122,6 +146,9 @@ class Bench:
             "proxy": (proxy, proxy.url + "/chat/completions", self.token),
             NGINX_PROXY: (floor, floor.url + "/chat/completions", None),
         }
+        before = self.baseline_proxy("proxy-s1", nginx.url)
+        if before is not None and self.baseline is not None:
+            targets[self.baseline.name] = (before, before.url + "/chat/completions", self.token)
         notes: list[str] = []
         litellm_key = secrets.token_urlsafe(24)
         if not self.s.litellm:
@@ -142,7 +169,8 @@ class Bench:
         for conc in self.s.concurrencies:
             rows: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
             for rnd in range(self.s.rounds):
-                for name, (proc, url, tok) in targets.items():
+                for name in round_order(list(targets), rnd, self._swap):
+                    proc, url, tok = targets[name]
                     res, cpu = measured_wrk(proc, url, body, conc, self.s.duration_s, tok)
                     rows[name].append(_wrk_row(res, cpu))
                 self.log(f"  c={conc} round {rnd + 1}: " + ", ".join(
@@ -152,6 +180,11 @@ class Bench:
             for via in ("proxy", NGINX_PROXY):  # proxy_added_p50_us, nginx_proxy_added_p99_us, ...
                 for q in ("p50_us", "p99_us"):
                     entry[f"{via}_added_{q}"] = _paired(rows[via], rows["direct"], q, added)
+            if self.baseline is not None:
+                entry["added_p50_per_round"] = {
+                    via: [added(r["p50_us"], d["p50_us"]) for r, d in zip(rows[via], rows["direct"], strict=True)]
+                    for via in ("proxy", self.baseline.name)}
+                entry["baseline_added_p50_us"] = summarize(entry["added_p50_per_round"][self.baseline.name]).to_dict()
             if "litellm" in rows:
                 entry["proxy_rps_over_litellm"] = _paired(rows["proxy"], rows["litellm"], "rps", ratio)
                 entry["litellm_added_p50_us"] = _paired(rows["litellm"], rows["direct"], "p50_us", added)
@@ -176,11 +209,16 @@ class Bench:
             backend = self.keep(start_sse_backend(self.tmp, chunks, delay))
             proxy = self.proxy(f"proxy-s2-{n}-{ramp:g}", backend.url, max_concurrency=max(4096, 2 * n))
             floor = self.keep(start_nginx_proxy(self.tmp, f"nginx-proxy-s2-{n}-{ramp:g}", backend))
+            before = self.baseline_proxy(f"proxy-s2-{n}-{ramp:g}", backend.url, max_concurrency=max(4096, 2 * n))
             timeout = min_s * 20 + 60
-            rows: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": [], NGINX_PROXY: []}
+            vias: dict[str, tuple[Proc, str | None]] = {"proxy": (proxy, self.token), NGINX_PROXY: (floor, None)}
+            if before is not None and self.baseline is not None:
+                vias[self.baseline.name] = (before, self.token)
+            rows: dict[str, list[dict[str, Any]]] = {"direct": [], **{name: [] for name in vias}}
             for rnd in range(self.s.rounds):
                 rows["direct"].append(run_streams(backend.url + "/chat/completions", n, body, None, ramp, timeout))
-                for name, proc, token in (("proxy", proxy, self.token), (NGINX_PROXY, floor, None)):
+                for name in round_order(list(vias), rnd, self._swap):
+                    proc, token = vias[name]
                     cpu0 = proc.cpu()
                     via = run_streams(proc.url + "/chat/completions", n, body, token, ramp, timeout)
                     via["proxy_cpu_s"] = cpu = proc.cpu() - cpu0
@@ -189,8 +227,11 @@ class Bench:
                 self.log(f"  {n} streams round {rnd + 1}: direct gap p99 {_us(rows['direct'][-1], 'gap_us', '99')}, "
                          f"proxy {_us(rows['proxy'][-1], 'gap_us', '99')}, "
                          f"nginx proxy {_us(rows[NGINX_PROXY][-1], 'gap_us', '99')}, "
-                         f"completed {rows['proxy'][-1]['completed']}/{n}")
+                         + "".join(f"{b} {_us(rows[b][-1], 'gap_us', '99')}, " for b in vias if b.startswith("proxy@"))
+                         + f"completed {rows['proxy'][-1]['completed']}/{n}")
             rss = peak_rss_mb(proxy.pid)
+            if before is not None:
+                self.release(before)
             self.release(floor)
             self.release(proxy)
             self.release(backend)
@@ -212,6 +253,13 @@ class Bench:
                 entry[name] = summarize(r["proxy_cpu_s_per_10k_chunks"] for r in rows[via]).to_dict()
             entry["direct_stretch"] = summarize(
                 stream_stretch(r, min_s) for r in rows["direct"]).to_dict()
+            if self.baseline is not None:
+                entry["added_gap_p99_per_round"] = {
+                    via: [added(pick(p, "gap_us", "99"), pick(d, "gap_us", "99"))
+                          for p, d in zip(rows[via], rows["direct"], strict=True)]
+                    for via in ("proxy", self.baseline.name)}
+                entry["baseline_added_gap_us_p99"] = summarize(
+                    entry["added_gap_p99_per_round"][self.baseline.name]).to_dict()
             entry["completed"] = {k: [r["completed"] for r in v] for k, v in rows.items()}
             entry["streams"], entry["opened_over_s"] = n, ramp
             out["by_streams"][key] = entry

@@ -76,6 +76,24 @@ assert all("_" in a for a in _SHAPE_ANCHORS_LOWER)  # may_match relies on it
 _SHAPE_ANCHORS_LOWER_BYTES = tuple(a.encode() for a in _SHAPE_ANCHORS_LOWER)
 
 
+# Characters from the most to the least common in log lines and JSON records (letters,
+# digits, the punctuation of paths, numbers and key=value pairs); any other character is
+# rarer still. Only a speed heuristic: see _anchor_groups.
+_COMMON_CHARS = "etaoinsrhldcumfpgwybvkxjqz 0123456789=_./:-\",{}[]ETAOINSRHLDCUMFPGWYBVKXJQZ"
+_RANK = {c: i for i, c in enumerate(_COMMON_CHARS)}
+
+
+def _anchor_groups(anchors: Iterable[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The anchors grouped under one character each contains (its least common, by
+    _COMMON_CHARS). A text holding an anchor holds that character, so a pre-check that
+    searches a group only when its character is in the text is exact; most texts lack
+    most groups' characters, and one character's search is cheaper than an anchor's."""
+    groups: dict[str, list[str]] = {}
+    for anchor in anchors:
+        groups.setdefault(max(anchor, key=lambda c: _RANK.get(c, len(_RANK))), []).append(anchor)
+    return tuple((key, tuple(group)) for key, group in sorted(groups.items()))
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
     kind: str
@@ -148,6 +166,7 @@ class Redactor:
         self._secrets: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
         self._clean: frozenset[str] = frozenset()
+        self._clean_max = -1
         for s in secrets:
             self.add_secret(s)
         if self._pattern is None:
@@ -176,17 +195,21 @@ class Redactor:
         parts.extend(f"(?P<{name}>{rx})" for name, rx in _SHAPES)
         self._pattern = re.compile("|".join(parts))
         self._anchors = tuple(sorted(forms)) + _SHAPE_ANCHORS
+        self._anchor_groups = _anchor_groups(self._anchors)
         # The same anchors searched in JSON text: sound only while none of them contains
         # a character JSON escapes (a quote, a backslash, a control character).
-        self._json_anchors = tuple(a.encode() for a in self._anchors)
+        self._json_anchor_groups = tuple((key.encode(), tuple(a.encode() for a in group))
+                                         for key, group in self._anchor_groups)
         self._json_safe = not any(c in '"\\' or ord(c) < 0x20 for a in self._anchors for c in a)
         self._clean = frozenset()  # vetted against the old secrets only
+        self._clean_max = -1  # the longest vetted value's length (a longer text is never one)
 
     def vet_clean(self, values: Iterable[str]) -> None:
         """Remember the values among ``values`` that hold no finding. Meant for strings a
         hot path sees on every call (the admitted model, route paths): checked once here,
         they can be skipped there (see ``clean``). Forgotten when a secret is added."""
         self._clean = self._clean | {v for v in values if not self.may_match(v)}
+        self._clean_max = max((len(v) for v in self._clean), default=-1)
 
     @property
     def clean(self) -> frozenset[str]:
@@ -194,10 +217,16 @@ class Redactor:
         return self._clean
 
     def may_match(self, text: str) -> bool:
-        """Cheap and sound pre-check: False only when ``text`` cannot contain a finding."""
-        for anchor in self._anchors:
-            if anchor in text:
-                return True
+        """Cheap and sound pre-check: False only when ``text`` cannot contain a finding.
+        A vetted value (``vet_clean``: the admitted model, the routes, which the proxy
+        clips on every request) is answered by a set lookup."""
+        if len(text) <= self._clean_max and text in self._clean:
+            return False
+        for key, group in self._anchor_groups:
+            if key in text:
+                for anchor in group:
+                    if anchor in text:
+                        return True
         # Every case-insensitive anchor has underscores, which have no case variants.
         if len(text) >= _MIN_LOWER_ANCHOR and "_" in text:
             # casefold, not lower: (?i) also matches folded look-alikes such as 'ſ' for 's'.
@@ -212,9 +241,13 @@ class Redactor:
         return [Finding(m.lastgroup or "secret", m.start(), m.end()) for m in self._pattern.finditer(text) if _valid(m)]
 
     def redact(self, text: str) -> str:
-        assert self._pattern is not None
         if not self.may_match(text):
             return text
+        return self.redact_flagged(text)
+
+    def redact_flagged(self, text: str) -> str:
+        """``redact`` for text ``may_match`` has already flagged (no second pre-check)."""
+        assert self._pattern is not None
         return self._pattern.sub(lambda m: REDACTED if _valid(m) else m.group(), text)
 
     def clip(self, text: str, limit: int) -> str:
@@ -243,9 +276,11 @@ class Redactor:
         return self._redact_obj(obj)
 
     def _may_match_json(self, blob: bytes) -> bool:
-        for anchor in self._json_anchors:
-            if anchor in blob:
-                return True
+        for key, group in self._json_anchor_groups:
+            if key in blob:
+                for anchor in group:
+                    if anchor in blob:
+                        return True
         lowered = blob.lower()
         return any(anchor in lowered for anchor in _SHAPE_ANCHORS_LOWER_BYTES)
 
@@ -335,11 +370,16 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken format string must still be logged, redacted
             message = str(record.msg)
-        record.msg, record.args = escape_controls(self.redactor.redact(message)), None
+        flagged = self.redactor.may_match(message)
+        record.msg, record.args = escape_controls(self.redactor.redact_flagged(message) if flagged else message), None
         # Fields passed with ``extra=`` (an access line's) reach a JSON formatter as they
-        # are: they are redacted here too, after one pre-check over all of them.
+        # are: they are redacted here too, after one pre-check over all of them. That
+        # check is already done when each of them stands verbatim in a message the
+        # pre-check passed (an access line's fields are its message's values): the
+        # pre-check looks for anchors, and an anchor in a field is then in the message.
         extras = [(k, v) for k, v in record.__dict__.items() if type(v) is str and k not in _RECORD_ATTRS]
-        if extras and self.redactor.may_match("\x00".join(v for _, v in extras)):
+        if extras and (flagged or not all(v in message for _, v in extras)) \
+                and self.redactor.may_match("\x00".join(v for _, v in extras)):
             for key, value in extras:
                 record.__dict__[key] = self.redactor.redact(value)
         if record.exc_info:

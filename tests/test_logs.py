@@ -83,6 +83,28 @@ def test_a_secret_in_an_access_field_is_redacted_in_json(json_log: Any) -> None:
     assert rec["message"].startswith("access ") and secret not in rec["message"]
 
 
+def test_a_secret_in_a_field_the_message_does_not_hold_is_redacted(json_log: Any) -> None:
+    """Hostile: a record whose ``extra`` field holds a secret that its message does not
+    (or holds only escaped: a quote makes the access line's text form differ). The filter
+    skips the fields' own check only when each stands verbatim in a clean message; these
+    must still be checked and cleaned."""
+    buf, _ = json_log
+    secret = "bk-" + secrets.token_hex(16)
+    root = logging.getLogger()
+    filt = install_log_redaction(Redactor([secret]))
+    try:
+        logging.getLogger("case_proxy.access").info("access clean message", extra={"path": f"/v1/{secret}"})
+        log_access(_draft(path=f'/v1/"{secret}', reason="unknown_url", status=404), 0.002)
+    finally:
+        root.removeFilter(filt)
+        for h in root.handlers:
+            h.removeFilter(filt)
+    lines = buf.getvalue().strip().splitlines()
+    assert len(lines) == 2 and secret not in buf.getvalue()
+    assert json.loads(lines[0])["path"] == "/v1/[REDACTED]"
+    assert json.loads(lines[1])["path"] == '/v1/"[REDACTED]'
+
+
 def test_json_line_holds_time_level_logger_message(json_log: Any) -> None:
     buf, _ = json_log
     logging.getLogger("case_proxy").warning("something %s", "happened")
@@ -218,3 +240,39 @@ async def test_a_hostile_path_cannot_forge_text_log_lines(scripted_backend: Any,
     assert len(newline) == 1 and 'path="/v1/a\\n2026-01-01' in newline[0] and "status=404" in newline[0]
     assert len(space) == 1 and 'path="/v1/x status=200 decision=admitted"' in space[0]
     assert "decision=rejected" in space[0] and "decision=admitted status" not in space[0].split('"')[2]
+
+
+def test_the_text_formatter_writes_the_same_time_as_loggings_own() -> None:
+    """The per-second cache of the date part must not change a digit: records just
+    before, on and after second boundaries, out of order, and a datefmt of its own."""
+    from proxy.log_setup import TEXT_FORMAT, TextFormatter
+
+    ours, theirs = TextFormatter(TEXT_FORMAT), logging.Formatter(TEXT_FORMAT)
+    record = logging.LogRecord("case_proxy.access", logging.INFO, __file__, 1, "access x", None, None)
+    for created in (1767225599.9996, 1767225600.0, 1767225600.0004, 1767225600.999, 1767225601.5, 1767225599.25,
+                    1767225661.001):
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == theirs.format(record)
+        assert ours.formatTime(record, "%H:%M") == theirs.formatTime(record, "%H:%M")
+
+
+def test_the_access_line_follows_the_level_and_says_where_it_came_from(json_log: Any) -> None:
+    """log_access makes its record itself (no stack walk): the level still decides
+    whether it is written, and the record still names its logger and function."""
+    buf, _ = json_log
+    root = logging.getLogger()
+    root.setLevel("WARNING")
+    log_access(_draft(), 0.001)
+    assert buf.getvalue() == ""
+    root.setLevel("INFO")
+    seen: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = seen.append  # type: ignore[method-assign]
+    root.addHandler(catcher)
+    try:
+        log_access(_draft(), 0.001)
+    finally:
+        root.removeHandler(catcher)
+    assert json.loads(buf.getvalue())["message"].startswith("access request_id=abc123 ")
+    assert seen[0].name == "case_proxy.access" and seen[0].funcName == "log_access"
+    assert seen[0].pathname.endswith("log_setup.py") and seen[0].levelno == logging.INFO

@@ -14,7 +14,7 @@ import urllib.parse
 import pytest
 
 from harness.secret_scan import SecretSet, TextScanner
-from proxy.redact import REDACTED, Redactor
+from proxy.redact import _SHAPE_ANCHORS_LOWER, REDACTED, Redactor
 
 SECRET = "cpt-" + "A9z/+_~." + secrets.token_hex(12)  # characters that encode differently
 
@@ -117,3 +117,45 @@ def test_prose_and_non_credentials_are_left_alone(text: str) -> None:
 def test_npm_token_shape_is_case_insensitive() -> None:
     token = "NP" + "M_" + _rand(string.ascii_uppercase + string.digits, 36)
     assert "npm_token" in {f.kind for f in Redactor().find(token)}
+
+
+def test_the_grouped_pre_check_finds_every_anchor_wherever_it_stands() -> None:
+    """Hostile text: every anchor (each encoded form of the registered secrets and each
+    token-shape literal) alone, and inside text that holds every other character of the
+    common set, at the start, middle and end. The pre-check searches an anchor only when
+    its group's character is present, which must never let one through: it agrees with
+    a plain search of every anchor, as text and (the evidence path) as JSON bytes."""
+    import json
+    import random
+
+    redactor = Redactor([SECRET, "http://127.0.0.1:8000/v1", "sk-backend-" + secrets.token_hex(8)])
+    anchors = redactor._anchors
+    filler = string.ascii_lowercase + string.digits + " =/.:,"
+    rng = random.Random(18)
+    for anchor in anchors:
+        pad = "".join(rng.choice(filler) for _ in range(60))
+        for text in (anchor, pad + anchor, anchor + pad, pad[:30] + anchor + pad[30:]):
+            assert redactor.may_match(text), (anchor, text)
+            if text.isascii():
+                assert redactor._may_match_json(json.dumps({"v": text}).encode()), anchor
+    for _ in range(300):
+        text = "".join(rng.choice(filler + "ABCDEFGHIJKLMNOPQRSTUVWXYZ_-%+") for _ in range(rng.randint(0, 120)))
+        folded = text.casefold()
+        expected = any(a in text for a in anchors) or any(a in folded for a in _SHAPE_ANCHORS_LOWER)
+        assert redactor.may_match(text) == expected, text
+
+
+def test_a_vetted_value_is_skipped_only_until_a_secret_it_holds_is_registered() -> None:
+    """The proxy vets the values it clips on every request (the admitted model, the
+    routes) so a set lookup answers for them. Hostile order: a value vetted clean, then
+    a secret registered that the value contains (an operator's extra secret added
+    later). The vetting must be forgotten, and the value redacted."""
+    token = "xk" + secrets.token_hex(12)
+    vetted = f"qwen3.6-35b-a3b-{token}"
+    redactor = Redactor(["tok-" + secrets.token_hex(16)])
+    redactor.vet_clean([vetted, "/v1/chat/completions"])
+    assert vetted in redactor.clean and redactor.clip(vetted, 200) == vetted
+    assert not redactor.may_match("/v1/chat/completions")
+    redactor.add_secret(token)
+    assert redactor.may_match(vetted)
+    assert redactor.clip(vetted, 200) == f"qwen3.6-35b-a3b-{REDACTED}"

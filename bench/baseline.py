@@ -1,0 +1,201 @@
+"""The baseline proxy: an earlier commit's proxy measured in the same rounds as this one.
+
+Issue 18's performance rule compares the proxy with "main before this change" in the same
+run of ``make bench``, not with a figure from another day. This module exports that
+commit with ``git archive`` into the bench's temporary directory, so it runs as it was
+(its own ``proxy`` package first on ``sys.path``, its own example decision and admission
+files), and judges the before/after figures. The default ref is the one line of
+``bench/baseline-ref``; ``python -m bench --baseline REF`` picks another, ``--no-baseline``
+none. Everything except the export is a pure function.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .stats import Summary, summarize
+
+BASELINE_REF_FILE = Path(__file__).resolve().parent / "baseline-ref"
+# A ref as git spells a commit, a branch or a tag; nothing that starts an option or
+# walks (``--``, ``..``, ``@{``), so it can stand in git's argv without a shell.
+_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+
+
+class BaselineError(RuntimeError):
+    """The baseline cannot be set up: a bad ref file, an unknown ref, a failed export."""
+
+
+def parse_ref(text: str, origin: str) -> str:
+    """The ref in a ``baseline-ref`` file: its first line that is neither blank nor a
+    ``#`` comment. BaselineError names ``origin`` when there is none or it is malformed."""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        return check_ref(line, origin)
+    raise BaselineError(f"{origin}: no ref in it (one line such as 1472c50)")
+
+
+def check_ref(ref: str, origin: str = "--baseline") -> str:
+    if not _REF_RE.match(ref) or ".." in ref:
+        raise BaselineError(f"{origin}: {ref[:40]!r} is not a git ref (letters, digits, '.', '_', '/', '-')")
+    return ref
+
+
+def default_ref(path: Path = BASELINE_REF_FILE) -> str:
+    try:
+        return parse_ref(path.read_text(), str(path))
+    except OSError as exc:
+        raise BaselineError(f"{path}: cannot read it ({exc.strerror})") from None
+
+
+def label(commit: str) -> str:
+    """The target's name in the results: ``proxy@`` and the commit's first 7 digits."""
+    return f"proxy@{commit[:7]}"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """An exported tree: ``root`` holds the commit's files, ``commit`` its full id."""
+
+    ref: str
+    commit: str
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return label(self.commit)
+
+    def describe(self) -> dict[str, str]:
+        return {"ref": self.ref, "commit": self.commit, "target": self.name}
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=120)
+
+
+def export(repo: Path, ref: str, dest: Path) -> Baseline:
+    """``git archive`` of ``ref`` unpacked into ``dest`` (made here, must not exist). The
+    archive's members are unpacked with tarfile's ``data`` filter: no links out, no
+    absolute paths, no device files."""
+    ref = check_ref(ref)
+    rev = _git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}")
+    if rev.returncode != 0:
+        raise BaselineError(f"baseline ref {ref!r} is not a commit in {repo} "
+                            "(a shallow clone may lack it: git fetch --unshallow)")
+    commit = rev.stdout.decode().strip()
+    arch = _git(repo, "archive", "--format=tar", commit)
+    if arch.returncode != 0:
+        raise BaselineError(f"git archive {commit[:12]} failed: {arch.stderr.decode(errors='replace')[:300]}")
+    dest.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(arch.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    if not (dest / "proxy" / "__main__.py").is_file():
+        raise BaselineError(f"baseline {commit[:12]} has no proxy/__main__.py: not a proxy of this project")
+    return Baseline(ref, commit, dest)
+
+
+def imported_from(root: Path, env: dict[str, str]) -> Path:
+    """Where ``python -m proxy`` started in ``root`` with ``env`` takes its ``proxy``
+    package from: the bench refuses to call a run a baseline run if this is the working
+    tree's package (an editable install found first would be)."""
+    out = subprocess.run([sys.executable, "-c", "import proxy; print(proxy.__file__)"], cwd=str(root), env=env,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise BaselineError(f"the baseline's proxy does not import: {out.stderr.strip()[-300:]}")
+    return Path(out.stdout.strip()).resolve()
+
+
+# The before/after judgement ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """One of the issue's before/after rules: ``current / baseline`` against ``limit``
+    (None: a figure shown beside them, with no target of its own)."""
+
+    key: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    limit: float | None
+    wording: str
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("one_conn_added_p50", "non-streaming, 1 connection: added latency p50", "us", False, 1.10,
+         "within 10 % (current / baseline <= 1.10)"),
+    Rule("c64_rps", "non-streaming, 64 connections: requests/s", "rps", True, 0.90,
+         "within 10 % (current / baseline >= 0.90)"),
+    Rule("streams_1000_added_gap_p99", "1,000 streams: added inter-chunk delay p99", "us", False, 1.00,
+         "does not grow (current / baseline <= 1.00)"),
+    # CPU spent by each proxy for the same work: on a shared machine the steadiest of the
+    # figures (a neighbour's load stretches latencies far more than it changes the CPU a
+    # request takes), so it says where the rows above come from.
+    Rule("one_conn_cpu", "non-streaming, 1 connection: proxy CPU per request", "us", False, None,
+         "(no target: where the cost is)"),
+    Rule("c64_cpu", "non-streaming, 64 connections: proxy CPU per request", "us", False, None,
+         "(no target: where the cost is)"),
+    Rule("streams_1000_cpu", "1,000 streams: proxy CPU seconds per 10,000 chunks", "s", False, None,
+         "(no target: where the cost is)"),
+)
+
+
+def judge(rule: Rule, baseline: Summary, current: Summary) -> dict[str, Any]:
+    """A row of the before/after table. The ratio is of the two medians over this run's
+    rounds (interleaved, so drift hits both); it is undefined (not measured, ``met``
+    None) when either side is missing or the baseline's median is not above zero, as an
+    added delay can be on a quiet machine: a ratio to nothing says nothing."""
+    row: dict[str, Any] = {"key": rule.key, "title": rule.title, "unit": rule.unit, "target": rule.wording,
+                           "limit": rule.limit, "baseline": baseline.to_dict(), "current": current.to_dict(),
+                           "ratio": None, "met": None}
+    b, c = baseline.median, current.median
+    if math.isnan(b) or math.isnan(c):
+        row["note"] = "not measured in this run"
+        return row
+    if b <= 0:
+        row["note"] = "baseline median is not above zero: no ratio"
+        return row
+    r = c / b
+    row["ratio"] = round(r, 4)
+    if rule.limit is not None:
+        row["met"] = r >= rule.limit if rule.higher_is_better else r <= rule.limit
+    return row
+
+
+def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) is not None]
+
+
+def before_after(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The three rows of issue 18's performance rule from a results dict that measured a
+    baseline (``results["baseline"]["target"]`` names its rows); [] when none was."""
+    base = (results.get("baseline") or {}).get("target")
+    if not base:
+        return []
+    s1 = (results.get("scenario1") or {}).get("by_concurrency", {})
+    s2 = (results.get("scenario2") or {}).get("by_streams", {})
+    c1, c64, st = s1.get("1", {}), s1.get("64", {}), s2.get("1000", {})
+    empty: list[float] = []
+    pairs = {
+        "one_conn_added_p50": (c1.get("added_p50_per_round", {}).get(base, empty),
+                               c1.get("added_p50_per_round", {}).get("proxy", empty)),
+        "c64_rps": (_values(c64.get("rounds", {}).get(base, []), "rps"),
+                    _values(c64.get("rounds", {}).get("proxy", []), "rps")),
+        "streams_1000_added_gap_p99": (st.get("added_gap_p99_per_round", {}).get(base, empty),
+                                       st.get("added_gap_p99_per_round", {}).get("proxy", empty)),
+        "one_conn_cpu": (_values(c1.get("rounds", {}).get(base, []), "cpu_us_per_request"),
+                         _values(c1.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
+        "c64_cpu": (_values(c64.get("rounds", {}).get(base, []), "cpu_us_per_request"),
+                    _values(c64.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
+        "streams_1000_cpu": (_values(st.get("rounds", {}).get(base, []), "proxy_cpu_s_per_10k_chunks"),
+                             _values(st.get("rounds", {}).get("proxy", []), "proxy_cpu_s_per_10k_chunks")),
+    }
+    return [judge(rule, summarize(pairs[rule.key][0]), summarize(pairs[rule.key][1])) for rule in RULES]

@@ -1,0 +1,185 @@
+"""The bench's baseline (bench.baseline): the ref file, the before/after judgement and
+its table (pure), the round order, and that the exported baseline's own proxy starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench.baseline import (
+    RULES,
+    BaselineError,
+    before_after,
+    check_ref,
+    default_ref,
+    export,
+    imported_from,
+    judge,
+    label,
+    parse_ref,
+)
+from bench.procs import ROOT, proxy_env, start_sse_backend
+from bench.procs import start_proxy as start_bench_proxy
+from bench.report import render_markdown
+from bench.scenarios import round_order
+from bench.stats import summarize
+
+BASE = "proxy@1472c50"
+RULE = {r.key: r for r in RULES}
+
+
+def test_the_ref_file_gives_its_first_non_comment_line_and_refuses_what_is_not_a_ref(tmp_path: Path) -> None:
+    assert parse_ref("# a comment\n\n  1472c50  \nmain\n", "f") == "1472c50"
+    assert default_ref() == "1472c50"  # bench/baseline-ref as committed: main before issue 18
+    for bad, why in (("# only a comment\n", "no ref"), ("--upload-pack=touch x\n", "not a git ref"),
+                     ("main..HEAD\n", "not a git ref"), ("a b\n", "not a git ref")):
+        with pytest.raises(BaselineError, match=why) as err:
+            parse_ref(bad, "bench/baseline-ref")
+        assert "bench/baseline-ref" in str(err.value)
+    with pytest.raises(BaselineError, match="cannot read"):
+        default_ref(tmp_path / "missing")
+    assert check_ref("v1.2/rc-1") == "v1.2/rc-1"
+    assert label("1472c50" + "0" * 33) == BASE
+
+
+def test_ratios_are_judged_against_each_rule() -> None:
+    s = summarize
+    p50 = RULE["one_conn_added_p50"]
+    assert judge(p50, s([300.0]), s([329.0]))["met"] is True       # 1.097: within 10 %
+    row = judge(p50, s([300.0]), s([331.0]))
+    assert row["met"] is False and row["ratio"] == pytest.approx(331 / 300, abs=1e-4)
+    rps = RULE["c64_rps"]
+    assert judge(rps, s([8000.0]), s([7300.0]))["met"] is True       # 0.9125
+    assert judge(rps, s([8000.0]), s([7100.0]))["met"] is False      # 0.8875
+    gap = RULE["streams_1000_added_gap_p99"]
+    assert judge(gap, s([5000.0]), s([5000.0]))["met"] is True       # equal: did not grow
+    assert judge(gap, s([5000.0]), s([5100.0]))["met"] is False
+    # Medians over rounds, not the last round's figure.
+    assert judge(gap, s([100.0, 5000.0, 5200.0]), s([4900.0, 4950.0, 9000.0]))["met"] is True
+
+
+def test_a_ratio_to_nothing_is_not_measured_never_met() -> None:
+    gap = RULE["streams_1000_added_gap_p99"]
+    for base, cur, why in ((summarize([-40.0]), summarize([10.0]), "not above zero"),
+                           (summarize([0.0]), summarize([0.0]), "not above zero"),
+                           (summarize([]), summarize([10.0]), "not measured"),
+                           (summarize([10.0]), summarize([math.nan]), "not measured")):
+        row = judge(gap, base, cur)
+        assert row["met"] is None and row["ratio"] is None and why in row["note"]
+
+
+def _results(p50: tuple[list[float], list[float]], rps: tuple[list[float], list[float]],
+             gap: tuple[list[float], list[float]] | None) -> dict:
+    s2 = {} if gap is None else {"by_streams": {"1000": {"added_gap_p99_per_round": {BASE: gap[0], "proxy": gap[1]}}}}
+    return {
+        "schema_version": 1,
+        "machine": {"date_utc": "2026-11-28 00:00 UTC", "nproc": 2, "cpu_model": "test", "memory_gb": 1,
+                    "os": "test", "kernel": "0", "python": "3.11", "aiohttp": "3", "nginx": "nginx", "wrk": "wrk"},
+        "settings": {"quick": True, "rounds": 2, "duration_s": 1.0},
+        "baseline": {"ref": "1472c50", "commit": "1472c50" + "0" * 33, "target": BASE},
+        "scenario1": {"notes": [], "by_concurrency": {
+            "1": {"added_p50_per_round": {BASE: p50[0], "proxy": p50[1]}},
+            "64": {"rounds": {BASE: [{"rps": v, "cpu_us_per_request": 110.0 + 20 * i} for i, v in enumerate(rps[0])],
+                              "proxy": [{"rps": v, "cpu_us_per_request": 140.0 + 20 * i}
+                                        for i, v in enumerate(rps[1])]}}}},
+        "scenario2": s2,
+        "targets": [],
+    }
+
+
+def test_before_after_rows_come_from_the_runs_paired_rounds_and_render_as_a_table() -> None:
+    results = _results(([300.0, 310.0], [350.0, 360.0]), ([8000.0, 8200.0], [7900.0, 8100.0]), None)
+    rows = {r["key"]: r for r in before_after(results)}
+    assert rows["one_conn_added_p50"]["ratio"] == pytest.approx(355 / 305, abs=1e-4)
+    assert rows["one_conn_added_p50"]["met"] is False
+    assert rows["c64_rps"]["ratio"] == pytest.approx(8000 / 8100, abs=1e-4) and rows["c64_rps"]["met"] is True
+    assert rows["streams_1000_added_gap_p99"]["met"] is None  # the 1,000 streams were not run
+    results["before_after"] = list(rows.values())
+    del results["scenario1"], results["scenario2"]  # their own sections are tested in test_bench_stats
+    text = render_markdown(results)
+    assert f"## Before/after: {BASE} (baseline) against this tree" in text
+    assert ("| non-streaming, 1 connection: added latency p50 | 305 µs (300 µs to 310 µs) | "
+            "355 µs (350 µs to 360 µs) | 1.164 | within 10 % (current / baseline <= 1.10) | **no** |") in text
+    assert "| non-streaming, 64 connections: requests/s | 8,100 (8,000 to 8,200) | 8,000 (7,900 to 8,100) | 0.988 |" in text
+    assert "| 1,000 streams: added inter-chunk delay p99 | n/a | n/a | n/a (not measured in this run) |" in text
+    cpu = rows["c64_cpu"]  # a figure beside the targets: a ratio, never a verdict
+    assert cpu["ratio"] == pytest.approx(150 / 120, abs=1e-4) and cpu["met"] is None and cpu["limit"] is None
+    assert "| non-streaming, 64 connections: proxy CPU per request | 120 µs (110 µs to 130 µs) | 150 µs " in text
+    assert text.count("(no target: where the cost is) | - |") == 3
+
+
+def test_without_a_baseline_there_is_no_before_after() -> None:
+    results = _results(([300.0], [350.0]), ([8000.0], [7900.0]), ([1.0], [1.0]))
+    del results["baseline"]
+    assert before_after(results) == []
+    results["before_after"] = []
+    del results["scenario1"], results["scenario2"]
+    assert "Before/after" not in render_markdown(results)
+
+
+def test_the_proxy_and_its_baseline_trade_places_every_other_round() -> None:
+    names = ["direct", "proxy", "nginx_proxy", BASE]
+    assert round_order(names, 0, ("proxy", BASE)) == names
+    assert round_order(names, 1, ("proxy", BASE)) == ["direct", BASE, "nginx_proxy", "proxy"]
+    assert round_order(names, 2, ("proxy", BASE)) == names
+    assert round_order(names, 1, None) == names
+
+
+def test_an_unknown_ref_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BaselineError, match="not a commit"):
+        export(ROOT, "no-such-ref-" + secrets.token_hex(4), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def _has_commit(ref: str) -> bool:
+    return subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{ref}^{{commit}}"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_commit("1472c50"), reason="this checkout lacks the baseline commit (shallow clone)")
+def test_the_exported_baseline_imports_its_own_proxy_and_serves(tmp_path: Path) -> None:
+    """The export is the commit's files, and `python -m proxy` there runs that commit's
+    proxy (not this tree's, which an editable install could put first): it lacks a
+    module this tree has, and it answers a chat completion through the bench's start."""
+    base = export(ROOT, "1472c50", tmp_path / "src")
+    assert base.name == BASE and base.commit.startswith("1472c50")
+    assert not (base.root / "proxy" / "stream_check.py").exists()  # added by issue 18's work
+    env = proxy_env(base.root, "http://127.0.0.1:9/v1", "t", tmp_path / "e.jsonl")
+    assert imported_from(base.root, env).is_relative_to(base.root.resolve())
+    backend = start_sse_backend(tmp_path, 3, 1.0)
+    try:
+        proxy = start_bench_proxy(tmp_path, "base", backend.url, "tok-" + secrets.token_hex(8), code_root=base.root)
+        try:
+            cmdline = Path(f"/proc/{proxy.pid}/cwd").resolve()
+            assert cmdline == base.root.resolve()
+            assert proxy.alive()
+        finally:
+            proxy.stop()
+    finally:
+        backend.stop()
+
+
+def test_the_default_baseline_is_skipped_with_a_note_where_the_checkout_lacks_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """make bench in a checkout without the ref (a shallow clone) still runs, and says
+    in the results that no baseline was measured; an explicit --baseline is exit 2."""
+    import bench.__main__ as bench_main
+
+    def lacking(repo: Path, ref: str, dest: Path) -> None:
+        raise BaselineError(f"baseline ref {ref!r} is not a commit in {repo}")
+
+    monkeypatch.setattr("bench.baseline.export", lacking)
+    monkeypatch.setattr(bench_main.shutil, "which", lambda tool: f"/usr/bin/{tool}")  # no wrk or nginx needed
+    monkeypatch.setattr(bench_main, "machine_info", lambda: _results(([], []), ([], []), None)["machine"])
+    monkeypatch.setattr(bench_main, "SCENARIOS", {"1": "none_at_all"})
+    monkeypatch.setattr(bench_main.Bench, "none_at_all", lambda self: {}, raising=False)
+    assert bench_main.main(["--scenarios", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert "baseline" not in results and "is not a commit" in results["baseline_skipped"]
+    assert "No baseline measured: baseline ref '1472c50' is not a commit" in (tmp_path / "latest.md").read_text()
+    assert bench_main.main(["--scenarios", "1", "--baseline", "main", "--out", str(tmp_path)]) == 2
