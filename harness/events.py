@@ -2,7 +2,8 @@
 
 Same chain as the proxy's evidence (``proxy.hashchain``), so one verifier serves both and
 an edited, deleted or reordered event is caught by ``case-harness verify``. Each event type
-is one pydantic model below (``extra="forbid"``): the writer takes a model, so a misspelt
+is one pydantic model below (``extra="forbid"``, strict types: the writer writes JSON
+types exactly, so ``"passed": "yes"`` is garbled, not true): the writer takes a model, so a misspelt
 or missing field is a type error (mypy) or a validation error when the event is made,
 never a field silently absent from the log. The reader (:func:`parse_events`) turns each
 line back into its model and names the line and field of anything that is not a known,
@@ -52,7 +53,7 @@ class _Event(BaseModel):
     """Fields every event has. ``time`` is stamped when the event is made (the writer
     writes it at once); the reader requires it on every line."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     time: str = Field(default_factory=utc_now_rfc3339, description="when the harness recorded it (RFC 3339, UTC)")
 
@@ -73,7 +74,7 @@ class PreflightIdentity(BaseModel):
     """What the preflight established (never the backend URL): both preflight outcomes
     carry it; a value the preflight could not read (an unusable artifact) is null."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     decision_status: str | None = None
     provider_class: str | None = None
@@ -90,7 +91,7 @@ class PreflightPassed(_Event, PreflightIdentity):
 
 
 class GateReason(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     code: str
     message: str
 
@@ -122,7 +123,7 @@ class IdentityVerified(_Event):
 class BubblewrapIsolation(BaseModel):
     """Case ran in the bubblewrap sandbox (``harness.sandbox``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     kind: Literal["bubblewrap"]
     version: str
@@ -139,7 +140,7 @@ class BubblewrapIsolation(BaseModel):
 class NoIsolation(BaseModel):
     """``--no-sandbox``: Case shared the harness's network, files and processes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     kind: Literal["none"]
 
@@ -222,10 +223,11 @@ class EventLog:
         self._chain = HashChainWriter(self.path)
         self._chain.open()
 
-    def emit(self, name: str, **fields: Any) -> str:
-        if name not in KNOWN_EVENTS:
-            raise ValueError(f"unknown event {name!r}")
-        return self._chain.append({"event": name, "time": utc_now_rfc3339(), **fields})
+    def emit(self, event: Event) -> str:
+        # Validated again as written: a model built with model_construct (no checks)
+        # must not put an unreadable line into the log.
+        checked = _EVENT.validate_python(event.model_dump(warnings=False))
+        return self._chain.append({"event": checked.event, **checked.model_dump(mode="json", exclude={"event"})})
 
     def close(self) -> None:
         self._chain.close()

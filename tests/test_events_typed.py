@@ -3,10 +3,12 @@ that is not a known, well-formed event named by line and field."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from harness import events as ev
 from proxy.hashchain import HashChainWriter
@@ -27,12 +29,47 @@ TESTS_RUN = {"event": "fixture_tests_run", "time": "2026-11-28T10:00:00.000Z", "
              "git_controls_reset": []}
 
 
+def test_each_line_comes_back_as_its_model(tmp_path: Path) -> None:
+    log = ev.EventLog(tmp_path / "events.jsonl")
+    log.emit(ev.ProxyStarted(pid=42, port=None, listen="unix"))
+    log.emit(ev.FixtureTestsRun(commit=None, committed=False, passed=False, total=3, failed=1, errors=2,
+                                sandboxed=True, git_controls_reset=[".git/config"]))
+    log.close()
+    parsed = ev.read_typed_events(tmp_path / "events.jsonl")
+    assert parsed.verdict.ok and parsed.problems == []
+    started, tests = parsed.events
+    assert isinstance(started, ev.ProxyStarted) and started.pid == 42 and started.listen == "unix"
+    assert isinstance(tests, ev.FixtureTestsRun) and (tests.total, tests.failed, tests.errors) == (3, 1, 2)
+    assert tests.git_controls_reset == [".git/config"]
+    # On disk the name leads the line, the chain fields follow the event's own.
+    first = json.loads((tmp_path / "events.jsonl").read_text().splitlines()[0])
+    assert next(iter(first)) == "event" and {"seq", "prev_sha256"} <= set(first)
+
+
+def test_a_misspelt_or_missing_field_is_refused_when_the_event_is_made() -> None:
+    with pytest.raises(ValidationError, match="listn"):
+        ev.ProxyStarted(pid=1, port=None, listen="unix", listn="unix")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="listen"):
+        ev.ProxyStarted(pid=1, port=None)  # type: ignore[call-arg]
+
+
+def test_the_writer_refuses_an_unchecked_model(tmp_path: Path) -> None:
+    """A model built without validation (``model_construct``) is checked as it is written."""
+    log = ev.EventLog(tmp_path / "events.jsonl")
+    bogus = ev.ProxyStarted.model_construct(pid="not a pid", port=None, listen="unix")
+    with pytest.raises(ValidationError, match="pid"):
+        log.emit(bogus)
+    log.close()
+    assert (tmp_path / "events.jsonl").read_bytes() == b""
+
+
 @pytest.mark.parametrize(("record", "expected"), [
     ({k: v for k, v in TESTS_RUN.items() if k != "passed"}, "line 2 (fixture_tests_run): field 'passed': Field required"),
     ({**TESTS_RUN, "event": "tests_overridden"}, "line 2: unknown event type 'tests_overridden'"),
     ({k: v for k, v in TESTS_RUN.items() if k != "event"}, "line 2: no event name"),
     ({k: v for k, v in TESTS_RUN.items() if k != "time"}, "line 2 (fixture_tests_run): field 'time': Field required"),
     ({**TESTS_RUN, "total": "ninety"}, "line 2 (fixture_tests_run): field 'total': Input should be a valid integer"),
+    ({**TESTS_RUN, "passed": "yes"}, "line 2 (fixture_tests_run): field 'passed': Input should be a valid boolean"),
     ({**TESTS_RUN, "verdict": "pass"}, "line 2 (fixture_tests_run): field 'verdict': Extra inputs are not permitted"),
     ({"event": "case_process_started", "time": "t", "pid": 1, "argv_sha256": "0", "env_names": [],
       "isolation": {"kind": "bubblewrap"}}, "field 'isolation.bubblewrap.version': Field required"),
