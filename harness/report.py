@@ -20,8 +20,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.evidence import FALLBACK_REASONS, NON_MODEL_ENDPOINTS, EvidenceRecord, records_from_bytes
+from proxy.evidence import NON_MODEL_ENDPOINTS, EvidenceRecord, records_from_bytes
 from proxy.evidence_files import EvidenceFile, lines_from_bytes, pair_forwarding
+from proxy.fallback import is_fallback_attempt, is_fallback_refusal
 from proxy.hashchain import ChainVerdict
 from proxy.upstream_policy import is_known_provider_host
 
@@ -358,14 +359,9 @@ class RunEvents:
 
 
 def _is_fallback(rec: EvidenceRecord) -> bool:
-    """A refusal that was an attempt to reach another model, provider or upstream. A
-    forward-proxy attempt counts only when its target is a model provider's host (other
-    egress is listed separately)."""
-    if rec.kind != "request" or rec.decision != "refused" or rec.reason not in FALLBACK_REASONS:
-        return False
-    if rec.reason == "forward_proxy_refused":
-        return bool(rec.target_host) and is_known_provider_host(rec.target_host or "")
-    return True
+    """A request record that was an attempt to reach another model, provider or upstream
+    (``proxy.fallback``: the definition the proxy's metric uses too)."""
+    return rec.kind == "request" and is_fallback_attempt(rec.decision, rec.reason, rec.target_host)
 
 
 _BLOCK_BREAKERS = frozenset({"artifact_changed", "secret_found", "secret_scan_changed", "events_chain_broken",
@@ -493,7 +489,7 @@ def fallback_section(inp: ReportInputs, run: RunEvents, blocked: bool) -> tuple[
     fallbacks = [r for r in reqs if _is_fallback(r)]
     egress = [r for r in reqs if r.reason == "forward_proxy_refused"]
     metrics_fallbacks = metric_sum(inp.metrics_text, "case_proxy_fallback_rejections_total")
-    all_fallback_refusals = sum(1 for r in reqs if r.decision == "refused" and r.reason in FALLBACK_REASONS)
+    all_fallback_refusals = sum(1 for r in reqs if is_fallback_refusal(r.decision, r.reason))
     dns_names = Counter(q["name"] for q in inp.dns_queries if q.get("name"))
     dns_provider = {n: c for n, c in dns_names.items() if is_known_provider_host(n)}
     reasons: list[Reason] = []

@@ -28,6 +28,7 @@ from .backend_errors import client_error
 from .body_decoding import DecodeError, decode_body, encoding_label, parse_content_encoding
 from .errors import error_body, error_status
 from .evidence import EvidenceLog, utc_now_rfc3339
+from .fallback import is_fallback_refusal
 from .forwarding import ForwardingRecorder
 from .group_commit import GroupCommit
 from .hashchain import ChainError
@@ -352,8 +353,8 @@ def _count_written(m: ProxyMetrics, draft: Draft, elapsed: float, written: bool)
 def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: str) -> None:
     """One request's metrics."""
     m.count_request(draft.endpoint, outcome)
-    if draft.fallback_reason:
-        m.fallback_rejections.labels(draft.fallback_reason, draft.family or "other").inc()
+    if is_fallback_refusal(draft.decision, draft.reason):  # the report's definition too (proxy.fallback)
+        m.fallback_rejections.labels(draft.reason, draft.family or "other").inc()
     if draft.reason == "served_model_mismatch":
         m.served_model_mismatches.labels(draft.endpoint).inc()
     if draft.upstream_error:

@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 
 from .admission import Admission
 from .build_info import build_labels
+from .fallback import FALLBACK_REASONS
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -136,8 +137,7 @@ class ProxyMetrics:
         if multiprocess_dir is None:
             ProcessCollector(registry=r)
         # Pre-create the label sets alerts and dashboards look for, so they read 0, not absent.
-        for reason in ("model_not_admitted", "routing_override_refused", "external_provider_endpoint",
-                       "external_provider_header", "forward_proxy_refused", "engine_override_refused"):
+        for reason in sorted(FALLBACK_REASONS):
             for family in ("anthropic", "openai", "google", "other"):
                 self.fallback_rejections.labels(reason, family)
         # Likewise mismatches and backend failures: an alert on increase() misses the
