@@ -99,8 +99,10 @@ def test_a_malformed_or_unknown_event_fails_the_report_naming_line_and_field(
     malformed = [r for r in report.reasons if r.code == "events_malformed"]
     assert report.status == "fail" and len(malformed) == 1, report.reasons
     assert f"line {line}{named}" in malformed[0].message, malformed[0].message
-    # verify recomputes the same report, and the stored pass no longer matches it.
-    assert any("'status' differs" in p for p in verify_run(copy).problems)
+    # verify names the line too, recomputes the same report, and the stored pass no longer matches it.
+    problems = verify_run(copy).problems
+    assert f"events.jsonl: line {line}{named}" in "\n".join(problems), problems
+    assert any("'status' differs" in p for p in problems)
 
 
 def test_an_unknown_event_alone_would_otherwise_pass(pass_run: Path, tmp_path: Path) -> None:
