@@ -290,11 +290,12 @@ def recorded_artifacts(run_dir: Path) -> tuple[str | None, str | None, str | Non
     recorded them: the digests in ``report_written``, the commit in ``fixture_tests_run``."""
     from . import events as ev
 
-    _, events = ev.read_events(run_dir / "events.jsonl")
-    written: dict[str, Any] = next((e for e in reversed(events) if e.get("event") == ev.REPORT_WRITTEN), {})
-    tests: dict[str, Any] = next((e for e in events if e.get("event") == ev.FIXTURE_TESTS_RUN), {})
-    values = (written.get("decision_sha256_after"), written.get("admission_sha256_after"), tests.get("commit"))
-    return tuple(v if isinstance(v, str) and v else None for v in values)  # type: ignore[return-value]
+    events = ev.read_typed_events(run_dir / "events.jsonl").events
+    written = next((e for e in reversed(events) if isinstance(e, ev.ReportWritten)), None)
+    tests = next((e for e in events if isinstance(e, ev.FixtureTestsRun)), None)
+    return ((written.decision_sha256_after or None) if written else None,
+            (written.admission_sha256_after or None) if written else None,
+            (tests.commit or None) if tests else None)
 
 
 def run_subjects(run_dir: Path) -> list[Subject]:

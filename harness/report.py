@@ -12,16 +12,18 @@ import hashlib
 import html
 import json
 from collections import Counter
+from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.evidence import FALLBACK_REASONS, NON_MODEL_ENDPOINTS, EvidenceRecord, records_from_bytes
+from proxy.evidence import NON_MODEL_ENDPOINTS, EvidenceRecord, records_from_bytes
 from proxy.evidence_files import EvidenceFile, lines_from_bytes, pair_forwarding
-from proxy.hashchain import ChainVerdict, read_chain_bytes
+from proxy.fallback import is_fallback_attempt, is_fallback_refusal
+from proxy.hashchain import ChainVerdict
 from proxy.upstream_policy import is_known_provider_host
 
 from . import events as ev
@@ -38,7 +40,7 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "report.schema.js
 
 # unproven: every check held, but Case did not run in the sandbox (--no-sandbox), so
 # nothing shows it could not have gone around the proxy: never a pass.
-Status = Literal["pass", "fail", "blocked", "unproven"]
+Status = ev.RunStatus
 
 
 class Reason(BaseModel):
@@ -204,7 +206,9 @@ class ReportInputs(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     events_verdict: ChainVerdict
-    events: list[dict[str, Any]]
+    events: list[ev.Event]
+    # Lines of events.jsonl that are not a known, well-formed event (harness.events).
+    event_problems: list[str] = []
     events_sha256: str | None
     evidence_present: bool
     evidence_verdict: ChainVerdict | None
@@ -255,11 +259,11 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
     except OSError:
         raw_events = None
     if raw_events is None:
-        verdict = ChainVerdict(ok=False, records=0, last_sha256="", problems=["events.jsonl is missing or unreadable"])
-        events: list[dict[str, Any]] = []
+        parsed = ev.ParsedEvents(verdict=ChainVerdict(ok=False, records=0, last_sha256="",
+                                                      problems=["events.jsonl is missing or unreadable"]),
+                                 events=[], problems=[])
     else:
-        verdict, raw = read_chain_bytes(raw_events)
-        events = [{k: v for k, v in r.items() if k not in ("seq", "prev_sha256")} for r in raw]
+        parsed = ev.parse_events(raw_events)
     evidence_path = run_dir / "proxy" / "evidence.jsonl"
     evidence: list[EvidenceRecord] = []
     evidence_verdict = None
@@ -287,7 +291,8 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
             scan_problem = "secret_scan.json is not a valid scan result"
     dns_path = run_dir / "dns" / "queries.jsonl"
     dns_sha = _sha(dns_path.read_bytes()) if dns_path.is_file() else None
-    return ReportInputs(events_verdict=verdict, events=events, dns_queries=read_queries(dns_path), dns_sha256=dns_sha,
+    return ReportInputs(events_verdict=parsed.verdict, events=parsed.events, event_problems=parsed.problems,
+                        dns_queries=read_queries(dns_path), dns_sha256=dns_sha,
                         events_sha256=_sha(raw_events) if raw_events is not None else None,
                         evidence_present=evidence_path.exists(), evidence_verdict=evidence_verdict,
                         evidence=evidence, evidence_sha256=evidence_sha, metrics_text=metrics_text, scan=scan,
@@ -313,58 +318,132 @@ def metric_sum(text: str | None, name: str) -> float | None:
     return total
 
 
-def _first(events: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    return next((e for e in events if e.get("event") == name), None)
+_E = TypeVar("_E", bound=BaseModel)
+
+
+def _first(events: list[ev.Event], kind: type[_E]) -> _E | None:
+    return next((e for e in events if isinstance(e, kind)), None)
+
+
+@dataclass(frozen=True)
+class RunEvents:
+    """The events a report reads, typed: the first of each kind (a repeated required
+    event is a required-events problem, not a second value)."""
+
+    names: list[str]
+    last_time: str | None
+    started: ev.RunStarted | None
+    preflight: ev.PreflightPassed | None
+    blocked: ev.GateBlocked | None
+    identity: ev.IdentityVerified | None
+    case_started: ev.CaseProcessStarted | None
+    case_exited: ev.CaseProcessExited | None
+    tests: ev.FixtureTestsRun | None
+    stopped: ev.ProxyStopped | None
+    scan: ev.SecretScanDone | None
+    aborted: list[ev.RunAborted]
+
+    @classmethod
+    def of(cls, events: list[ev.Event]) -> RunEvents:
+        return cls(names=[e.event for e in events], last_time=events[-1].time if events else None,
+                   started=_first(events, ev.RunStarted), preflight=_first(events, ev.PreflightPassed),
+                   blocked=_first(events, ev.GateBlocked), identity=_first(events, ev.IdentityVerified),
+                   case_started=_first(events, ev.CaseProcessStarted), case_exited=_first(events, ev.CaseProcessExited),
+                   tests=_first(events, ev.FixtureTestsRun), stopped=_first(events, ev.ProxyStopped),
+                   scan=_first(events, ev.SecretScanDone), aborted=[e for e in events if isinstance(e, ev.RunAborted)])
+
+    @property
+    def preflight_identity(self) -> ev.PreflightIdentity:
+        """What the preflight established, whichever way it ended (all null: no preflight)."""
+        return self.preflight or self.blocked or ev.PreflightIdentity()
 
 
 def _is_fallback(rec: EvidenceRecord) -> bool:
-    """A refusal that was an attempt to reach another model, provider or upstream. A
-    forward-proxy attempt counts only when its target is a model provider's host (other
-    egress is listed separately)."""
-    if rec.kind != "request" or rec.decision != "refused" or rec.reason not in FALLBACK_REASONS:
-        return False
-    if rec.reason == "forward_proxy_refused":
-        return bool(rec.target_host) and is_known_provider_host(rec.target_host or "")
-    return True
+    """A request record that was an attempt to reach another model, provider or upstream
+    (``proxy.fallback``: the definition the proxy's metric uses too)."""
+    return rec.kind == "request" and is_fallback_attempt(rec.decision, rec.reason, rec.target_host)
 
 
 _BLOCK_BREAKERS = frozenset({"artifact_changed", "secret_found", "secret_scan_changed", "events_chain_broken",
-                             "case_started_after_block"})
+                             "events_malformed", "case_started_after_block"})
 
 
-def compute_report(inp: ReportInputs) -> Report:
-    """The report, from its inputs alone."""
-    events = inp.events
-    names = [e.get("event", "") for e in events]
-    missing, order_problems = ev.check_required_order(names)
-    started = _first(events, ev.RUN_STARTED) or {}
-    blocked = _first(events, ev.GATE_BLOCKED)
-    preflight = _first(events, ev.PREFLIGHT_PASSED) or blocked or {}
-    identity = _first(events, ev.IDENTITY_VERIFIED) or {}
-    case_started = _first(events, ev.CASE_PROCESS_STARTED)
-    case_exited = _first(events, ev.CASE_PROCESS_EXITED) or {}
-    tests_ev = _first(events, ev.FIXTURE_TESTS_RUN)
-    stopped = _first(events, ev.PROXY_STOPPED) or {}
-    scan_ev = _first(events, ev.SECRET_SCAN_DONE)
-    reasons: list[Reason] = []
+def fail(code: str, message: str) -> Reason:
+    """A failure reason (tests/test_docs.py reads the codes passed here: each is documented)."""
+    return Reason(code=code, message=message)
 
-    def fail(code: str, message: str) -> None:
-        reasons.append(Reason(code=code, message=message))
 
-    # Chains.
-    chain_problems = [f"events: {p}" for p in inp.events_verdict.problems]
+# --------------------------------------------------------------------------- sections
+# Each takes the inputs (and the typed events) and returns its part of the report and
+# the failure reasons it found; compute_report adds them up in a fixed order.
+
+
+def chains_section(inp: ReportInputs) -> tuple[Chains, list[Reason]]:
+    """Both hash chains, and every line of the event log that is not a known, well-formed
+    event (an unknown or garbled event fails the run: it is never skipped)."""
+    problems = [f"events: {p}" for p in inp.events_verdict.problems]
     evidence_ok: bool | None = None
     if inp.evidence_verdict is not None:
         evidence_ok = inp.evidence_verdict.ok
-        chain_problems += [f"evidence: {p}" for p in inp.evidence_verdict.problems]
+        problems += [f"evidence: {p}" for p in inp.evidence_verdict.problems]
+    reasons: list[Reason] = []
     if not inp.events_verdict.ok:
-        fail("events_chain_broken", "events.jsonl does not verify: " + "; ".join(inp.events_verdict.problems[:3]))
+        reasons.append(fail("events_chain_broken",
+                               "events.jsonl does not verify: " + "; ".join(inp.events_verdict.problems[:3])))
+    if inp.event_problems:
+        reasons.append(fail("events_malformed", f"events.jsonl holds {len(inp.event_problems)} line(s) that are "
+                               "not a known, well-formed event: " + "; ".join(inp.event_problems[:3])))
+    return Chains(events_ok=inp.events_verdict.ok, evidence_ok=evidence_ok, problems=problems), reasons
 
-    # Evidence.
+
+def block_section(run: RunEvents) -> list[Reason]:
+    """A blocked run: the gates' own reasons, and Case must not have started after them."""
+    assert run.blocked is not None
+    reasons = [fail(r.code, r.message) for r in run.blocked.reasons]
+    if run.case_started is not None:
+        reasons.append(fail("case_started_after_block", "case_process_started appears after gate_blocked"))
+    return reasons
+
+
+def evidence_section(inp: ReportInputs, run: RunEvents) -> list[Reason]:
+    """The proxy's evidence log: there, whole, paired, and what the proxy left at stop."""
+    reasons = [fail("run_aborted", f"{a.phase}: {a.reason}") for a in run.aborted]
+    if not inp.evidence_present:
+        reasons.append(fail("evidence_missing", "the proxy's evidence log (proxy/evidence.jsonl) is missing"))
+    elif inp.evidence_verdict is not None and not inp.evidence_verdict.ok:
+        reasons.append(fail("evidence_chain_broken", "proxy/evidence.jsonl does not verify: "
+                               + "; ".join(inp.evidence_verdict.problems[:3])))
+    if inp.unpaired_forwarding:
+        # A request forwarded and never completed: the proxy crashed or was killed
+        # mid-request, so what that request was answered with is not in the evidence.
+        reasons.append(fail(
+            "evidence_unpaired_forwarding",
+            f"{len(inp.unpaired_forwarding)} forwarded request(s) have no completion record (the proxy "
+            "stopped mid-request): " + "; ".join(inp.unpaired_forwarding[:3])))
+    recorded = run.stopped.evidence_sha256 if run.stopped is not None else None
+    if inp.evidence_present and recorded not in (None, inp.evidence_sha256):
+        reasons.append(fail("evidence_changed",
+                               "proxy/evidence.jsonl differs from the digest recorded when the proxy stopped"))
+    return reasons
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """Which model served Case, and under which admission, from the evidence."""
+
+    admitted_requests: int
+    served_model_mismatches: int
+    grade: Literal["real", "demo", "none"]
+    case_model: str | None
+    provider: str | None
+    admission_status: str | None
+
+
+def model_section(inp: ReportInputs, run: RunEvents, blocked: bool) -> tuple[ModelRoute, list[Reason]]:
+    """The admitted model requests, the identity the proxy enforced, the upstream it used
+    and the model the backend said it served."""
     reqs = [r for r in inp.evidence if r.kind == "request"]
     admitted = [r for r in reqs if r.decision == "admitted" and r.endpoint not in NON_MODEL_ENDPOINTS]
-    fallbacks = [r for r in reqs if _is_fallback(r)]
-    egress = [r for r in reqs if r.reason == "forward_proxy_refused"]
     mismatches = sum(1 for r in reqs if r.reason == "served_model_mismatch")
     served = Counter(r.served_model for r in admitted if r.served_model)
     # The proxy states what it enforced in its start record; one identity per run.
@@ -372,192 +451,254 @@ def compute_report(inp: ReportInputs) -> Report:
     identities = {(r.admission_provider, r.admission_model, r.admission_status) for r in starts}
     proxy_identity = next(iter(identities)) if len(identities) == 1 else (None, None, None)
     upstreams = {r.upstream_fingerprint for r in starts} | {r.upstream_fingerprint for r in admitted}
-    metrics_fallbacks = metric_sum(inp.metrics_text, "case_proxy_fallback_rejections_total")
-    all_fallback_refusals = sum(1 for r in reqs if r.decision == "refused" and r.reason in FALLBACK_REASONS)
-
-    found_grade = identity.get("evidence_grade")
-    grade: Literal["real", "demo", "none"] = found_grade if found_grade in ("real", "demo") else "none"
-    admitted_model = identity.get("admitted_model") or preflight.get("admission_model")
-
-    if blocked is not None:
-        for r in blocked.get("reasons", []):
-            reasons.append(Reason(code=str(r.get("code", "gate")), message=str(r.get("message", ""))))
-        if case_started is not None:
-            fail("case_started_after_block", "case_process_started appears after gate_blocked")
-    else:
-        for aborted in (e for e in events if e.get("event") == ev.RUN_ABORTED):
-            fail("run_aborted", f"{aborted.get('phase', '?')}: {aborted.get('reason', '')}")
-        if not inp.evidence_present:
-            fail("evidence_missing", "the proxy's evidence log (proxy/evidence.jsonl) is missing")
-        elif not evidence_ok:
-            fail("evidence_chain_broken", "proxy/evidence.jsonl does not verify: "
-                 + "; ".join((inp.evidence_verdict.problems if inp.evidence_verdict else [])[:3]))
-        if inp.unpaired_forwarding:
-            # A request forwarded and never completed: the proxy crashed or was killed
-            # mid-request, so what that request was answered with is not in the evidence.
-            fail("evidence_unpaired_forwarding",
-                 f"{len(inp.unpaired_forwarding)} forwarded request(s) have no completion record (the proxy "
-                 "stopped mid-request): " + "; ".join(inp.unpaired_forwarding[:3]))
-        if inp.evidence_present and stopped.get("evidence_sha256") not in (None, inp.evidence_sha256):
-            fail("evidence_changed", "proxy/evidence.jsonl differs from the digest recorded when the proxy stopped")
+    pre = run.preflight_identity
+    admitted_model = (run.identity.admitted_model if run.identity else None) or pre.admission_model
+    reasons: list[Reason] = []
+    if not blocked:
         if not admitted:
-            fail("no_admitted_requests", "the proxy recorded no admitted model request")
-        if fallbacks:
-            by = Counter(r.reason or "" for r in fallbacks)
-            fail("external_fallback_attempted",
-                 f"{len(fallbacks)} attempt(s) to reach another model, provider or upstream: "
-                 + ", ".join(f"{k}={v}" for k, v in sorted(by.items())))
-        if inp.metrics_text is None:
-            fail("metrics_missing", "no /metrics scrape of the proxy (proxy/metrics.prom)")
-        elif metrics_fallbacks != all_fallback_refusals:
-            fail("metrics_evidence_disagree",
-                 f"/metrics counts {metrics_fallbacks:g} fallback rejections, the evidence {all_fallback_refusals}")
+            reasons.append(fail("no_admitted_requests", "the proxy recorded no admitted model request"))
         if inp.evidence_present and len(identities) != 1:
-            fail("proxy_identity_unclear", f"the evidence holds {len(identities)} different proxy admissions")
+            reasons.append(fail("proxy_identity_unclear",
+                                   f"the evidence holds {len(identities)} different proxy admissions"))
         elif inp.evidence_present and proxy_identity[1] != admitted_model:
-            fail("proxy_identity_mismatch", "the proxy enforced a different model than the preflight admitted")
-        if inp.evidence_present and upstreams - {preflight.get("upstream_fingerprint")}:
-            fail("upstream_mismatch", "the proxy forwarded to a backend other than the one the preflight checked")
+            reasons.append(fail("proxy_identity_mismatch",
+                                   "the proxy enforced a different model than the preflight admitted"))
+        if inp.evidence_present and upstreams - {pre.upstream_fingerprint}:
+            reasons.append(fail("upstream_mismatch",
+                                   "the proxy forwarded to a backend other than the one the preflight checked"))
         if mismatches:
-            fail("served_model_mismatch", f"{mismatches} response(s) named a model other than the admitted one")
+            reasons.append(fail("served_model_mismatch",
+                                   f"{mismatches} response(s) named a model other than the admitted one"))
         if admitted_model and set(served) - {admitted_model}:
-            fail("served_model_mismatch", "the backend reported serving: " + ", ".join(sorted(served)))
-        if case_started is None:
-            fail("case_not_started", "Case was never started")
-        elif case_exited.get("timed_out"):
-            fail("case_timed_out", "Case hit its time limit and was killed")
-        elif case_exited.get("exit_code") != 0:
-            fail("case_exit_nonzero", f"Case exited with {case_exited.get('exit_code')}")
-        if tests_ev is not None and not tests_ev.get("committed"):
-            fail("case_made_no_commit", "Case did not commit; acceptance tests need a committed tree")
-        elif tests_ev is not None and not tests_ev.get("passed"):
-            fail("acceptance_tests_failed",
-                 f"acceptance tests on Case's commit: {tests_ev.get('failed', 0)} failed, "
-                 f"{tests_ev.get('errors', 0)} errors of {tests_ev.get('total', 0)}")
-        elif tests_ev is None:
-            fail("acceptance_tests_not_run", "the acceptance tests were not run")
-        if missing or order_problems:
-            fail("required_events_missing", "; ".join(
-                ([f"missing: {', '.join(missing)}"] if missing else []) + order_problems))
-
-    # Secret scan (also for blocked runs, when one ran).
-    scan = inp.scan
-    if scan is None:
-        if blocked is None:
-            fail("secret_scan_missing", inp.scan_problem or "no secret scan result (secret_scan.json)")
-    else:
-        if scan_ev is not None and scan_ev.get("findings_count") != len(scan.findings):
-            fail("secret_scan_changed", "secret_scan.json does not match the secret_scan_done event")
-        if not scan.clean:
-            kinds = Counter(f.place for f in scan.findings)
-            fail("secret_found", "secret found in: " + ", ".join(f"{p} ({n})" for p, n in sorted(kinds.items())))
-    for label, before, after in (
-            ("decision record", started.get("decision_sha256"), inp.decision_sha256_after),
-            ("admission JSON", started.get("admission_sha256"), inp.admission_sha256_after)):
-        if before is not None and after is not None and before != after:
-            fail("artifact_changed", f"the {label} changed during the run (SHA-256 before != after)")
-    dns_names = Counter(q["name"] for q in inp.dns_queries if q.get("name"))
-    dns_provider = {n: c for n, c in dns_names.items() if is_known_provider_host(n)}
-    if blocked is None and dns_provider:
-        fail("external_fallback_attempted", f"Case tried to resolve {sum(dns_provider.values())} time(s) a model "
-             f"provider's host: {', '.join(sorted(dns_provider))}")
-    recorded_dns = case_exited.get("dns_queries_sha256")
-    if recorded_dns is not None and recorded_dns != (inp.dns_sha256 or _sha(b"")):
-        fail("dns_log_changed", "dns/queries.jsonl differs from the digest recorded when the DNS sink stopped")
-    isolation = _isolation(case_started, case_exited)
-    if blocked is None and case_started is not None:
-        if isolation is None or isolation.kind == "none":
-            fail("not_sandboxed", "Case ran without the sandbox (--no-sandbox): it could have reached the network, "
-                 "the harness's secrets or the acceptance tests; at best unproven")
-        elif isolation.namespace_survivors != 0:
-            fail("sandbox_not_emptied", "processes Case started were still alive after it was killed "
-                 f"({isolation.namespace_survivors if isolation.namespace_survivors is not None else 'not proven'})")
-    status: Status
-    if blocked is None:
-        status = "fail" if any(r.code != "not_sandboxed" for r in reasons) else "unproven" if reasons else "pass"
-    else:  # blocked stays blocked unless the block itself was not honoured or not recorded honestly
-        status = "fail" if any(r.code in _BLOCK_BREAKERS for r in reasons) else "blocked"
-
+            reasons.append(fail("served_model_mismatch",
+                                   "the backend reported serving: " + ", ".join(sorted(served))))
     case_model = next(iter(served)) if len(served) == 1 else None
     provider, proxy_model, admission_status = proxy_identity
     if case_model is None or case_model != proxy_model:
         provider = admission_status = None
-    tests = TestsResult(ran=tests_ev is not None, passed=bool(tests_ev and tests_ev.get("passed")),
-                        total=(tests_ev or {}).get("total", 0), failed=(tests_ev or {}).get("failed", 0),
-                        errors=(tests_ev or {}).get("errors", 0), committed=bool((tests_ev or {}).get("committed")),
-                        commit=(tests_ev or {}).get("commit"))
+    return ModelRoute(admitted_requests=len(admitted), served_model_mismatches=mismatches,
+                      grade=run.identity.evidence_grade if run.identity else "none", case_model=case_model,
+                      provider=provider, admission_status=admission_status), reasons
+
+
+def fallback_section(inp: ReportInputs, run: RunEvents, blocked: bool) -> tuple[ExternalFallback, Egress, list[Reason]]:
+    """Every attempt to reach another model, provider or upstream (refused requests, the
+    forward-proxy and DNS attempts at providers' hosts), the proxy's own count of them in
+    /metrics, and the DNS log's integrity."""
+    reqs = [r for r in inp.evidence if r.kind == "request"]
+    fallbacks = [r for r in reqs if _is_fallback(r)]
+    egress = [r for r in reqs if r.reason == "forward_proxy_refused"]
+    metrics_fallbacks = metric_sum(inp.metrics_text, "case_proxy_fallback_rejections_total")
+    all_fallback_refusals = sum(1 for r in reqs if is_fallback_refusal(r.decision, r.reason))
+    dns_names = Counter(q["name"] for q in inp.dns_queries if q.get("name"))
+    dns_provider = {n: c for n, c in dns_names.items() if is_known_provider_host(n)}
+    reasons: list[Reason] = []
+    if not blocked:
+        if fallbacks:
+            by = Counter(r.reason or "" for r in fallbacks)
+            reasons.append(fail("external_fallback_attempted",
+                                   f"{len(fallbacks)} attempt(s) to reach another model, provider or upstream: "
+                                   + ", ".join(f"{k}={v}" for k, v in sorted(by.items()))))
+        if inp.metrics_text is None:
+            reasons.append(fail("metrics_missing", "no /metrics scrape of the proxy (proxy/metrics.prom)"))
+        elif metrics_fallbacks != all_fallback_refusals:
+            reasons.append(fail("metrics_evidence_disagree", f"/metrics counts {metrics_fallbacks:g} fallback "
+                                   f"rejections, the evidence {all_fallback_refusals}"))
+        if dns_provider:
+            reasons.append(fail("external_fallback_attempted",
+                                   f"Case tried to resolve {sum(dns_provider.values())} time(s) a model "
+                                   f"provider's host: {', '.join(sorted(dns_provider))}"))
+    recorded_dns = run.case_exited.dns_queries_sha256 if run.case_exited else None
+    if recorded_dns is not None and recorded_dns != (inp.dns_sha256 or _sha(b"")):
+        reasons.append(fail("dns_log_changed",
+                               "dns/queries.jsonl differs from the digest recorded when the DNS sink stopped"))
     egress_hosts = Counter(r.target_host or "?" for r in egress)
+    fallback = ExternalFallback(
+        used=bool(fallbacks) or bool(dns_provider), attempts=len(fallbacks), dns_attempts=sum(dns_provider.values()),
+        by_reason=dict(Counter(r.reason or "" for r in fallbacks)),
+        by_family=dict(Counter(r.family or "other" for r in fallbacks)),
+        attempted_models=sorted({r.requested_model for r in fallbacks if r.requested_model}),
+        metrics_fallback_rejections=metrics_fallbacks)
+    out = Egress(attempts=len(egress), hosts=dict(egress_hosts),
+                 provider_hosts=sorted(h for h in egress_hosts if is_known_provider_host(h)),
+                 dns_names=dict(dns_names), dns_provider_names=sorted(dns_provider))
+    return fallback, out, reasons
+
+
+def process_section(run: RunEvents, blocked: bool) -> tuple[CaseProcess, list[Reason]]:
+    """Case's process: started, not timed out, exit code 0."""
+    started, exited = run.case_started, run.case_exited
+    exit_code = exited.exit_code if exited else None
+    reasons: list[Reason] = []
+    if not blocked:
+        if started is None:
+            reasons.append(fail("case_not_started", "Case was never started"))
+        elif exited is not None and exited.timed_out:
+            reasons.append(fail("case_timed_out", "Case hit its time limit and was killed"))
+        elif exit_code != 0:
+            reasons.append(fail("case_exit_nonzero", f"Case exited with {exit_code}"))
+    return CaseProcess(started=started is not None, exit_code=exit_code,
+                       duration_s=exited.duration_s if exited else None,
+                       timed_out=bool(exited and exited.timed_out)), reasons
+
+
+def tests_section(run: RunEvents, blocked: bool) -> tuple[TestsResult, list[Reason]]:
+    """The acceptance tests, on Case's commit."""
+    t = run.tests
+    reasons: list[Reason] = []
+    if not blocked:
+        if t is None:
+            reasons.append(fail("acceptance_tests_not_run", "the acceptance tests were not run"))
+        elif not t.committed:
+            reasons.append(fail("case_made_no_commit",
+                                   "Case did not commit; acceptance tests need a committed tree"))
+        elif not t.passed:
+            reasons.append(fail("acceptance_tests_failed", f"acceptance tests on Case's commit: {t.failed} failed, "
+                                   f"{t.errors} errors of {t.total}"))
+    if t is None:
+        return TestsResult(ran=False, passed=False), reasons
+    return TestsResult(ran=True, passed=t.passed, total=t.total, failed=t.failed, errors=t.errors,
+                       committed=t.committed, commit=t.commit), reasons
+
+
+def required_events_section(run: RunEvents, blocked: bool) -> tuple[RequiredEvents, list[Reason]]:
+    """Each required event exactly once, in order."""
+    missing, problems = ev.check_required_order(run.names)
+    reasons: list[Reason] = []
+    if not blocked and (missing or problems):
+        reasons.append(fail("required_events_missing", "; ".join(
+            ([f"missing: {', '.join(missing)}"] if missing else []) + problems)))
+    return RequiredEvents(passed=not missing and not problems, missing=missing, problems=problems), reasons
+
+
+def secret_scan_section(inp: ReportInputs, run: RunEvents, blocked: bool) -> tuple[SecretScanSummary, list[Reason]]:
+    """The secret scan (also for blocked runs, when one ran), as the event recorded it."""
+    scan = inp.scan
+    reasons: list[Reason] = []
+    if scan is None:
+        if not blocked:
+            reasons.append(fail("secret_scan_missing",
+                                   inp.scan_problem or "no secret scan result (secret_scan.json)"))
+        return SecretScanSummary(ran=False, clean=False), reasons
+    if run.scan is not None and run.scan.findings_count != len(scan.findings):
+        reasons.append(fail("secret_scan_changed", "secret_scan.json does not match the secret_scan_done event"))
+    if not scan.clean:
+        kinds = Counter(f.place for f in scan.findings)
+        reasons.append(fail("secret_found", "secret found in: "
+                               + ", ".join(f"{p} ({n})" for p, n in sorted(kinds.items()))))
+    return SecretScanSummary(ran=True, clean=scan.clean, secrets_known=scan.secrets_known,
+                             places_scanned=list(scan.places_scanned),
+                             findings=[f.model_dump() for f in scan.findings]), reasons
+
+
+def artifacts_section(inp: ReportInputs, run: RunEvents) -> tuple[Digests, list[Reason]]:
+    """The operators' artifacts unchanged by the run, and the digests the report covers."""
+    s = run.started
+    decision_before = s.decision_sha256 if s else None
+    admission_before = s.admission_sha256 if s else None
+    reasons: list[Reason] = []
+    for label, before, after in (("decision record", decision_before, inp.decision_sha256_after),
+                                 ("admission JSON", admission_before, inp.admission_sha256_after)):
+        if before is not None and after is not None and before != after:
+            reasons.append(fail("artifact_changed", f"the {label} changed during the run (SHA-256 before != after)"))
+    return Digests(events_sha256=inp.events_sha256, evidence_sha256=inp.evidence_sha256,
+                   decision_sha256_before=decision_before, decision_sha256_after=inp.decision_sha256_after,
+                   admission_sha256_before=admission_before, admission_sha256_after=inp.admission_sha256_after,
+                   profile_sha256=s.profile_sha256 if s else None), reasons
+
+
+def isolation_section(run: RunEvents, blocked: bool) -> tuple[Isolation | None, list[Reason]]:
+    """What isolated Case, and that nothing it started outlived it."""
+    isolation = _isolation(run.case_started, run.case_exited)
+    reasons: list[Reason] = []
+    if not blocked and run.case_started is not None:
+        if isolation is None or isolation.kind == "none":
+            reasons.append(fail("not_sandboxed", "Case ran without the sandbox (--no-sandbox): it could have "
+                                   "reached the network, the harness's secrets or the acceptance tests; at best "
+                                   "unproven"))
+        elif isolation.namespace_survivors != 0:
+            left = isolation.namespace_survivors if isolation.namespace_survivors is not None else "not proven"
+            reasons.append(fail("sandbox_not_emptied",
+                                   f"processes Case started were still alive after it was killed ({left})"))
+    return isolation, reasons
+
+
+def _status(blocked: bool, reasons: list[Reason]) -> Status:
+    if not blocked:
+        return "fail" if any(r.code != "not_sandboxed" for r in reasons) else "unproven" if reasons else "pass"
+    # blocked stays blocked unless the block itself was not honoured or not recorded honestly
+    return "fail" if any(r.code in _BLOCK_BREAKERS for r in reasons) else "blocked"
+
+
+def compute_report(inp: ReportInputs) -> Report:
+    """The report, from its inputs alone: one section function per part of it."""
+    run = RunEvents.of(inp.events)
+    blocked = run.blocked is not None
+    chains, chain_reasons = chains_section(inp)
+    route, route_reasons = model_section(inp, run, blocked)
+    fallback, egress, fallback_reasons = fallback_section(inp, run, blocked)
+    process, process_reasons = process_section(run, blocked)
+    tests, tests_reasons = tests_section(run, blocked)
+    required, required_reasons = required_events_section(run, blocked)
+    scan, scan_reasons = secret_scan_section(inp, run, blocked)
+    digests, artifact_reasons = artifacts_section(inp, run)
+    isolation, isolation_reasons = isolation_section(run, blocked)
+    # Every section's reasons, in report order; a new section adds its own here.
+    reasons = [
+        *chain_reasons,
+        *(block_section(run) if blocked else evidence_section(inp, run)),
+        *route_reasons,
+        *fallback_reasons,
+        *process_reasons,
+        *tests_reasons,
+        *required_reasons,
+        *scan_reasons,
+        *artifact_reasons,
+        *isolation_reasons,
+    ]
+    pre, s = run.preflight_identity, run.started
     return Report(
-        status=status,
+        status=_status(blocked, reasons),
         reasons=reasons,
-        run_id=started.get("run_id"),
-        stage=started.get("stage"),
-        fixture=started.get("fixture"),
-        evidence_grade=grade,
-        case_model_provider=provider,
-        case_model=case_model,
-        case_model_admission_status=admission_status,
-        decision_status=preflight.get("decision_status"),
-        provider_class=preflight.get("provider_class"),
-        admitted_requests=len(admitted),
-        external_fallback=ExternalFallback(
-            used=bool(fallbacks) or bool(dns_provider), attempts=len(fallbacks),
-            dns_attempts=sum(dns_provider.values()),
-            by_reason=dict(Counter(r.reason or "" for r in fallbacks)),
-            by_family=dict(Counter(r.family or "other" for r in fallbacks)),
-            attempted_models=sorted({r.requested_model for r in fallbacks if r.requested_model}),
-            metrics_fallback_rejections=metrics_fallbacks),
-        egress=Egress(attempts=len(egress), hosts=dict(egress_hosts),
-                      provider_hosts=sorted(h for h in egress_hosts if is_known_provider_host(h)),
-                      dns_names=dict(dns_names), dns_provider_names=sorted(dns_provider)),
-        served_model_mismatches=mismatches,
+        run_id=s.run_id if s else None,
+        stage=s.stage if s else None,
+        fixture=s.fixture if s else None,
+        evidence_grade=route.grade,
+        case_model_provider=route.provider,
+        case_model=route.case_model,
+        case_model_admission_status=route.admission_status,
+        decision_status=pre.decision_status,
+        provider_class=pre.provider_class,
+        admitted_requests=route.admitted_requests,
+        external_fallback=fallback,
+        egress=egress,
+        served_model_mismatches=route.served_model_mismatches,
         tests_passed=tests.passed and tests.committed,
         tests=tests,
-        case_process=CaseProcess(started=case_started is not None, exit_code=case_exited.get("exit_code"),
-                                 duration_s=case_exited.get("duration_s"),
-                                 timed_out=bool(case_exited.get("timed_out"))),
+        case_process=process,
         isolation=isolation,
-        required_events_passed=not missing and not order_problems,
-        required_events=RequiredEvents(passed=not missing and not order_problems, missing=missing,
-                                       problems=order_problems),
-        secret_scan=SecretScanSummary(
-            ran=scan is not None, clean=bool(scan and scan.clean), secrets_known=scan.secrets_known if scan else 0,
-            places_scanned=list(scan.places_scanned) if scan else [],
-            findings=[f.model_dump() for f in scan.findings] if scan else []),
-        digests=Digests(
-            events_sha256=inp.events_sha256, evidence_sha256=inp.evidence_sha256,
-            decision_sha256_before=started.get("decision_sha256"), decision_sha256_after=inp.decision_sha256_after,
-            admission_sha256_before=started.get("admission_sha256"),
-            admission_sha256_after=inp.admission_sha256_after, profile_sha256=started.get("profile_sha256")),
-        chains=Chains(events_ok=inp.events_verdict.ok, evidence_ok=evidence_ok, problems=chain_problems),
-        endpoint=Endpoint(upstream_class=preflight.get("upstream_class"),
-                          fingerprint=preflight.get("upstream_fingerprint")),
-        timings=Timings(started_at=started.get("time"), finished_at=events[-1].get("time") if events else None,
-                        case_duration_s=case_exited.get("duration_s")),
-        attestation=_attestation(started),
+        required_events_passed=required.passed,
+        required_events=required,
+        secret_scan=scan,
+        digests=digests,
+        chains=chains,
+        endpoint=Endpoint(upstream_class=pre.upstream_class, fingerprint=pre.upstream_fingerprint),
+        timings=Timings(started_at=s.time if s else None, finished_at=run.last_time,
+                        case_duration_s=process.duration_s),
+        attestation=AttestationSummary(signed=bool(s and s.attestation_key_id),
+                                       key_id=s.attestation_key_id if s and s.attestation_key_id else None),
     )
 
 
-def _attestation(started: dict[str, Any]) -> AttestationSummary:
-    """Signed exactly when ``run_started`` names the key id the harness loaded."""
-    raw = started.get("attestation_key_id")
-    kid = raw if isinstance(raw, str) and raw else None
-    return AttestationSummary(signed=kid is not None, key_id=kid)
-
-
-def _isolation(started: dict[str, Any] | None, exited: dict[str, Any]) -> Isolation | None:
-    """The isolation Case ran under, from its two events; a run that recorded none (or
-    something unreadable) counts as not isolated."""
+def _isolation(started: ev.CaseProcessStarted | None, exited: ev.CaseProcessExited | None) -> Isolation | None:
+    """The isolation Case ran under, from its two events."""
     if started is None:
         return None
-    raw = started.get("isolation")
-    if isinstance(raw, dict) and raw.get("kind") == "bubblewrap":
-        survivors = exited.get("namespace_survivors")
-        try:
-            return Isolation.model_validate({**raw, "namespace_survivors": survivors if isinstance(survivors, int)
-                                             else None})
-        except ValueError:
-            pass
+    iso = started.isolation
+    if isinstance(iso, ev.BubblewrapIsolation):
+        return Isolation(kind="bubblewrap", version=iso.version, network=iso.network, pid=iso.pid, home=iso.home,
+                         uid=iso.uid, dns=iso.dns, writable=iso.writable, ro_paths=iso.ro_paths,
+                         namespace_survivors=exited.namespace_survivors if exited else None)
     return Isolation(kind="none", network="host", pid="host", home="host")
 
 

@@ -503,20 +503,14 @@ def preflight(env: Mapping[str, str], profile: RunProfile, *, argv: tuple[str, .
                          exposed=[path for _, path in profile.case.sandbox.exposed()] if sandboxed else ())
 
 
-def identity_fields(result: PreflightResult) -> dict[str, Any]:
+def identity_fields(result: PreflightResult) -> ev.PreflightIdentity:
     """What the preflight established, for the events (never the URL itself)."""
-    out: dict[str, Any] = {}
-    if result.decision is not None:
-        d = result.decision
-        out.update(decision_status=d.decision_status, provider_class=d.provider_class)
-    if result.admission is not None:
-        a = result.admission
-        out.update(admission_provider=a.provider, admission_model=a.model,
-                   admission_status=a.admission_status.value)
-    if result.upstream is not None:
-        out.update(upstream_class=result.upstream.upstream_class.value,
-                   upstream_fingerprint=result.upstream.fingerprint)
-    return out
+    d, a, u = result.decision, result.admission, result.upstream
+    return ev.PreflightIdentity(
+        decision_status=d.decision_status if d else None, provider_class=d.provider_class if d else None,
+        admission_provider=a.provider if a else None, admission_model=a.model if a else None,
+        admission_status=a.admission_status.value if a else None,
+        upstream_class=u.upstream_class.value if u else None, upstream_fingerprint=u.fingerprint if u else None)
 
 
 # --------------------------------------------------------------------------- the run
@@ -615,9 +609,9 @@ def _write_report(st: _RunState) -> Status:
         data, text = redactor.redact(data), redactor.redact(text)
     (st.run_dir / "report.json").write_text(data, encoding="utf-8")
     (st.run_dir / "report.txt").write_text(text, encoding="utf-8")
-    st.events.emit(ev.REPORT_WRITTEN, report_sha256=_sha256_bytes(data.encode()), status=report.status,
-                   decision_sha256_after=decision_after, admission_sha256_after=admission_after,
-                   report_secret_scan_clean=clean)
+    st.events.emit(ev.ReportWritten(report_sha256=_sha256_bytes(data.encode()), status=report.status,
+                                    decision_sha256_after=decision_after, admission_sha256_after=admission_after,
+                                    report_secret_scan_clean=clean))
     return report.status
 
 
@@ -670,10 +664,10 @@ def run_once(profile: RunProfile, env: Mapping[str, str], runs_dir: Path, *, bac
             st.secrets.add(label, value)
     say(f"run {run_id}: started in {run_dir}")
     try:
-        st.events.emit(ev.RUN_STARTED, run_id=run_id, fixture=fixture.id, stage=profile.stage,
-                       profile_sha256=profile.sha256(), decision_sha256=_digest(decision_path),
-                       admission_sha256=_digest(admission_path), backend=backend,
-                       attestation_key_id=att.key_id(signing_key.public_key()) if signing_key else None)
+        st.events.emit(ev.RunStarted(run_id=run_id, fixture=fixture.id, stage=profile.stage,
+                                     profile_sha256=profile.sha256(), decision_sha256=_digest(decision_path),
+                                     admission_sha256=_digest(admission_path), backend=backend,
+                                     attestation_key_id=att.key_id(signing_key.public_key()) if signing_key else None))
         status = _run_body(st, profile, fixture, dict(env), backend, token, sandbox, session)
     finally:
         _cleanup(st)
@@ -778,7 +772,7 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
         st.sampler.roots.add(st.backend.proc.pid)
         st.sampler.sample()
         if not st.backend.url:
-            st.events.emit(ev.RUN_ABORTED, phase="backend", reason="the scripted backend did not report ready in time")
+            st.events.emit(ev.RunAborted(phase="backend", reason="the scripted backend did not report ready in time"))
             return _finish(st)
         run_env[ENV_BASE_URL] = st.backend.url  # this run only; never written
         st.secrets.add("endpoint", st.backend.url)
@@ -788,20 +782,20 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     say("preflight: checking every gate")
     result = preflight(run_env, profile, argv=argv, extra_secrets=[token], sandboxed=sandboxed)
     fields = identity_fields(result)
-    reasons = [{"code": f.code, "message": f.message} for f in result.failures]
+    reasons = [ev.GateReason(code=f.code, message=f.message) for f in result.failures]
     bwrap: sbx.BwrapInfo | None = None
     if sandboxed:
         probed = sbx.probe_bwrap()
         if isinstance(probed, str):
-            reasons.append({"code": "sandbox_unavailable", "message": probed})
+            reasons.append(ev.GateReason(code="sandbox_unavailable", message=probed))
         else:
             bwrap = probed
     if reasons:
-        st.events.emit(ev.GATE_BLOCKED, reasons=reasons, **fields)
+        st.events.emit(ev.GateBlocked(reasons=reasons, **fields.model_dump()))
         for r in reasons:
-            say(f"blocked: {r['code']}: {r['message']}")
+            say(f"blocked: {r.code}: {r.message}")
         return _finish(st)
-    st.events.emit(ev.PREFLIGHT_PASSED, gates=result.checked, **fields)
+    st.events.emit(ev.PreflightPassed(gates=result.checked, **fields.model_dump()))
     assert result.admission is not None
     admitted = result.admission.model
     evidence_path = run_dir / "proxy" / "evidence.jsonl"
@@ -827,33 +821,34 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     st.sampler.roots.add(st.proxy.proc.pid)
     st.sampler.sample()
     if not st.proxy.url:
-        st.events.emit(ev.RUN_ABORTED, phase="proxy",
-                       reason=f"the proxy did not start (exit code {st.proxy.proc.poll()}); see proxy/proxy.log")
+        st.events.emit(ev.RunAborted(phase="proxy", reason=f"the proxy did not start (exit code "
+                                     f"{st.proxy.proc.poll()}); see proxy/proxy.log"))
         return _finish(st)
     if st.proxy.url.startswith("unix:"):
         st.proxy_socket = st.proxy.url.removeprefix("unix:")
         proxy_base = f"http://127.0.0.1:{sbx.RELAY_PORT}/v1"  # the relay inside the sandbox
-        st.events.emit(ev.PROXY_STARTED, pid=st.proxy.proc.pid, port=None, listen="unix")
+        st.events.emit(ev.ProxyStarted(pid=st.proxy.proc.pid, port=None, listen="unix"))
     else:
         proxy_base = st.proxy.url
         st.proxy_root = proxy_base.removesuffix("/v1")
-        st.events.emit(ev.PROXY_STARTED, pid=st.proxy.proc.pid, port=_port_of(proxy_base), listen="tcp")
+        st.events.emit(ev.ProxyStarted(pid=st.proxy.proc.pid, port=_port_of(proxy_base), listen="tcp"))
 
     if not _wait_ready(st, st.proxy.proc):
-        st.events.emit(ev.RUN_ABORTED, phase="proxy_ready",
-                       reason="the proxy did not become ready (backend does not list the admitted model?)")
+        st.events.emit(ev.RunAborted(phase="proxy_ready",
+                                     reason="the proxy did not become ready (backend does not list the admitted model?)"))
         return _finish(st)
-    st.events.emit(ev.PROXY_READY)
+    st.events.emit(ev.ProxyReady())
     say("proxy: ready")
 
     probe = probe_backend_models(run_env[ENV_BASE_URL], backend_api_key(run_env))
     if not probe.ok or admitted not in probe.models:
-        st.events.emit(ev.RUN_ABORTED, phase="identity", reason=probe.error or "the backend does not list the admitted model")
+        st.events.emit(ev.RunAborted(phase="identity",
+                                     reason=probe.error or "the backend does not list the admitted model"))
         return _finish(st)
     owned_by = probe.owned_by(admitted)
-    grade = "demo" if backend == "scripted" or owned_by == SCRIPTED_OWNER else "real"
-    st.events.emit(ev.IDENTITY_VERIFIED, backend_models=list(probe.models), admitted_model=admitted,
-                   owned_by=owned_by, evidence_grade=grade)
+    grade: Literal["real", "demo"] = "demo" if backend == "scripted" or owned_by == SCRIPTED_OWNER else "real"
+    st.events.emit(ev.IdentityVerified(backend_models=list(probe.models), admitted_model=admitted,
+                                       owned_by=owned_by, evidence_grade=grade))
     say(f"identity: backend serves {admitted} (evidence grade {grade})")
 
     initial = materialize(fixture, repo_dir, task_file)
@@ -874,8 +869,8 @@ def _stop_proxy(st: _RunState, evidence_path: Path) -> None:
     st.say("proxy: stopping")
     code = st.proxy.stop(PROXY_STOP_TIMEOUT_S)
     metrics = st.run_dir / "proxy" / "metrics.prom"
-    st.events.emit(ev.PROXY_STOPPED, exit_code=code, evidence_sha256=_digest(evidence_path),
-                   metrics_sha256=_digest(metrics) if metrics.is_file() else None)
+    st.events.emit(ev.ProxyStopped(exit_code=code, evidence_sha256=_digest(evidence_path),
+                                   metrics_sha256=_digest(metrics) if metrics.is_file() else None))
 
 
 def _proxy_get(st: _RunState, path: str, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[int, bytes]:
@@ -924,6 +919,7 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
     st.say(f"case: starting ({Path(argv[0]).name} ..., time limit {timeout_s:g}s, "
            f"{'sandboxed by bubblewrap ' + bwrap.version if bwrap else 'NOT sandboxed'})")
     started = time.monotonic()
+    isolation: ev.BubblewrapIsolation | ev.NoIsolation
     if bwrap is not None:
         spec = _sandbox_spec(st, case, bwrap, repo_dir, task_file)
         try:
@@ -931,14 +927,14 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
                                    stderr=subprocess.PIPE, before_case=lambda box: _start_dns_sink(st, box))
         except sbx.SandboxError as exc:
             _stop_dns_sink(st)
-            st.events.emit(ev.RUN_ABORTED, phase="sandbox", reason=str(exc))
+            st.events.emit(ev.RunAborted(phase="sandbox", reason=str(exc)))
             return
         proc = st.sandbox.proc
         isolation = _isolation(bwrap, spec)
     else:
         proc = subprocess.Popen(argv, cwd=repo_dir, env=case_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
-        isolation = {"kind": "none"}
+        isolation = ev.NoIsolation(kind="none")
     pgid = proc.pid  # start_new_session: the child leads its own session and group
     st.sampler.roots.add(proc.pid)
     st.sampler.groups.add(pgid)
@@ -946,8 +942,8 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
     out, err = _Capture(proc.stdout), _Capture(proc.stderr)
     out.start()
     err.start()
-    st.events.emit(ev.CASE_PROCESS_STARTED, pid=proc.pid,
-          argv_sha256=_sha256_bytes("\0".join(argv).encode()), env_names=sorted(case_env), isolation=isolation)
+    st.events.emit(ev.CaseProcessStarted(pid=proc.pid, argv_sha256=_sha256_bytes("\0".join(argv).encode()),
+                                         env_names=sorted(case_env), isolation=isolation))
     timed_out = False
     deadline = started + timeout_s
     next_progress = started + PROGRESS_INTERVAL_S
@@ -976,7 +972,7 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
     # Whatever Case left behind (daemons, setsid() children) goes now, before the
     # acceptance tests: the sandbox's whole PID namespace, proven empty.
     survivors: int | None = None
-    dns: dict[str, Any] = {}
+    dns: tuple[int | None, str | None] = (None, None)
     if st.sandbox is not None:
         survivors = len(st.sandbox.kill_all())
         st.say(f"case: sandbox emptied ({survivors} process(es) left in its PID namespace)")
@@ -992,8 +988,8 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
             stream.close()
         except OSError:
             pass
-    st.events.emit(ev.CASE_PROCESS_EXITED, exit_code=exit_code, duration_s=round(duration, 3), timed_out=timed_out,
-                   namespace_survivors=survivors, **dns)
+    st.events.emit(ev.CaseProcessExited(exit_code=exit_code, duration_s=round(duration, 3), timed_out=timed_out,
+                                        namespace_survivors=survivors, dns_queries=dns[0], dns_queries_sha256=dns[1]))
     st.say(f"case: exited with {exit_code} after {duration:.1f}s; model requests: "
            f"{_count_model_requests(evidence_path)}")
 
@@ -1015,15 +1011,15 @@ def _start_dns_sink(st: _RunState, box: sbx.SandboxProcess) -> None:
         raise sbx.SandboxError("the DNS sink did not start in the sandbox's network namespace; see dns/sink.log")
 
 
-def _stop_dns_sink(st: _RunState) -> dict[str, Any]:
-    """Stop the sink and digest what it recorded (for ``case_process_exited``)."""
+def _stop_dns_sink(st: _RunState) -> tuple[int | None, str | None]:
+    """Stop the sink; the lines it recorded and their digest (for ``case_process_exited``)."""
     if st.dns is None:
-        return {}
+        return None, None
     st.dns.stop(KILL_GRACE_S)
     st.dns = None
     log = st.run_dir / "dns" / "queries.jsonl"
     data = log.read_bytes() if log.is_file() else b""
-    return {"dns_queries": len(data.splitlines()), "dns_queries_sha256": _sha256_bytes(data)}
+    return len(data.splitlines()), _sha256_bytes(data)
 
 
 def _sandbox_spec(st: _RunState, case: CaseProfile, bwrap: sbx.BwrapInfo, repo_dir: Path,
@@ -1055,11 +1051,11 @@ def _masked(runs_dir: Path) -> tuple[Path, ...]:
     return sbx.masked_paths(sbx.interpreter_paths(), [*(p for _, p in static_protected()), runs_dir])
 
 
-def _isolation(bwrap: sbx.BwrapInfo, spec: sbx.SandboxSpec) -> dict[str, Any]:
+def _isolation(bwrap: sbx.BwrapInfo, spec: sbx.SandboxSpec) -> ev.BubblewrapIsolation:
     """What isolated Case, for ``case_process_started`` and the report."""
-    return {"kind": "bubblewrap", "version": bwrap.version, "network": "proxy-only", "pid": "namespace",
-            "home": "fresh", "uid": sbx.SANDBOX_UID, "relay_port": spec.relay_port, "dns": "sink",
-            "writable": [str(spec.repo_dir)], "ro_paths": [str(p) for p in spec.ro_paths]}
+    return ev.BubblewrapIsolation(kind="bubblewrap", version=bwrap.version, network="proxy-only", pid="namespace",
+                                  home="fresh", uid=sbx.SANDBOX_UID, relay_port=spec.relay_port, dns="sink",
+                                  writable=[str(spec.repo_dir)], ro_paths=[str(p) for p in spec.ro_paths])
 
 
 def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, bwrap: sbx.BwrapInfo | None) -> None:
@@ -1102,9 +1098,9 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
     # Case's code wrote that output: redacted like its logs (the tail is whole lines).
     result = result.model_copy(update={"output_tail": Redactor(st.secrets.values).redact(result.output_tail)})
     (st.run_dir / "acceptance.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    st.events.emit(ev.FIXTURE_TESTS_RUN, commit=head if committed else None, committed=committed,
-                   passed=result.passed, total=result.total, failed=result.failed, errors=result.errors,
-                   sandboxed=wrap is not None, git_controls_reset=reset)
+    st.events.emit(ev.FixtureTestsRun(commit=head if committed else None, committed=committed,
+                                      passed=result.passed, total=result.total, failed=result.failed,
+                                      errors=result.errors, sandboxed=wrap is not None, git_controls_reset=reset))
     st.say(f"acceptance: {'passed' if result.passed else 'FAILED'} ({result.total} tests, "
            f"{result.failed} failed, {result.errors} errors)")
 
@@ -1129,8 +1125,8 @@ def _finish(st: _RunState) -> Status:
         if st.git_snapshot is not None:
             st.git_snapshot.remove()
     (st.run_dir / "secret_scan.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    st.events.emit(ev.SECRET_SCAN_DONE, findings_count=len(result.findings), places_scanned=result.places_scanned,
-                   secret_scan_sha256=_digest(st.run_dir / "secret_scan.json"))
+    st.events.emit(ev.SecretScanDone(findings_count=len(result.findings), places_scanned=result.places_scanned,
+                                     secret_scan_sha256=_digest(st.run_dir / "secret_scan.json")))
     return _write_report(st)
 
 

@@ -51,8 +51,9 @@ def verify_run(run_dir: Path, *, decision_path: Path | None = None, admission_pa
                public_key: Ed25519PublicKey | None = None) -> VerifyResult:
     result = VerifyResult()
     run_dir = Path(run_dir)
-    verdict, events = ev.read_events(run_dir / "events.jsonl")
-    result.problems += [f"events.jsonl: {p}" for p in verdict.problems]
+    parsed = ev.read_typed_events(run_dir / "events.jsonl")
+    result.problems += [f"events.jsonl: {p}" for p in (*parsed.verdict.problems, *parsed.problems)]
+    events = parsed.events
     report_path = run_dir / "report.json"
     try:
         report_bytes = report_path.read_bytes()
@@ -64,27 +65,28 @@ def verify_run(run_dir: Path, *, decision_path: Path | None = None, admission_pa
         result.problems.append(f"report.json is not a valid report: {str(exc).splitlines()[0]}")
         return result
 
-    written = [e for e in events if e.get("event") == ev.REPORT_WRITTEN]
-    if len(written) != 1 or events[-1].get("event") != ev.REPORT_WRITTEN:
+    written = [e for e in events if isinstance(e, ev.ReportWritten)]
+    if len(written) != 1 or not isinstance(events[-1], ev.ReportWritten):
         result.problems.append("events.jsonl: report_written must appear exactly once, as the last event")
-    last = written[-1] if written else {}
-    if last and last.get("report_sha256") != hashlib.sha256(report_bytes).hexdigest():
+    last = written[-1] if written else None
+    if last is not None and last.report_sha256 != hashlib.sha256(report_bytes).hexdigest():
         result.problems.append("report.json does not match the digest in the report_written event (edited?)")
-    if last and last.get("report_secret_scan_clean") is not True:
+    if last is not None and not last.report_secret_scan_clean:
         result.problems.append("the report text itself held a secret when it was written")
 
-    inputs = collect_inputs(run_dir, decision_sha256_after=last.get("decision_sha256_after"),
-                            admission_sha256_after=last.get("admission_sha256_after"))
+    decision_after = last.decision_sha256_after if last else None
+    admission_after = last.admission_sha256_after if last else None
+    inputs = collect_inputs(run_dir, decision_sha256_after=decision_after, admission_sha256_after=admission_after)
     recomputed = compute_report(inputs)
     stored_json = json.loads(stored.model_dump_json())
     fresh_json = json.loads(recomputed.model_dump_json())
     for where in _diff(stored_json, fresh_json):
         result.problems.append(f"report.json field {where!r} differs from the value recomputed from the evidence")
-    if last and last.get("status") != recomputed.status:
-        result.problems.append(f"report_written says status {last.get('status')!r}, the evidence gives "
+    if last is not None and last.status != recomputed.status:
+        result.problems.append(f"report_written says status {last.status!r}, the evidence gives "
                                f"{recomputed.status!r}")
-    for label, path, recorded in (("decision record", decision_path, last.get("decision_sha256_after")),
-                                  ("admission JSON", admission_path, last.get("admission_sha256_after"))):
+    for label, path, recorded in (("decision record", decision_path, decision_after),
+                                  ("admission JSON", admission_path, admission_after)):
         if path is not None and recorded is not None and file_sha256(path) != recorded:
             result.problems.append(f"the {label} has changed since the run (SHA-256 differs from the run's)")
     result.problems += [f"attestation: {p}" for p in

@@ -123,7 +123,7 @@ class DecodingResult(StrEnum):
 
 # The codes of fallback attempts: refused with Decision.REFUSED, counted in
 # case_proxy_fallback_rejections_total{reason}, and what the report calls fallback
-# (proxy.evidence.FALLBACK_REASONS holds the same values).
+# (proxy.fallback decides with this set, for the metrics and the report alike).
 FALLBACK_CODES: frozenset[ErrorCode] = frozenset({
     ErrorCode.MODEL_NOT_ADMITTED, ErrorCode.ROUTING_OVERRIDE_REFUSED, ErrorCode.EXTERNAL_PROVIDER_ENDPOINT,
     ErrorCode.EXTERNAL_PROVIDER_HEADER, ErrorCode.FORWARD_PROXY_REFUSED, ErrorCode.ENGINE_OVERRIDE_REFUSED,

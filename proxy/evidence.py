@@ -14,13 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+# proxy.fallback holds the one definition of a fallback refusal; FALLBACK_REASONS stays
+# importable from here for older importers.
+from .fallback import FALLBACK_REASONS, is_fallback_refusal  # noqa: F401
 from .hashchain import ChainVerdict, HashChainWriter, read_chain_bytes
 from .redact import Redactor
-
-FALLBACK_REASONS = frozenset({
-    "model_not_admitted", "routing_override_refused", "external_provider_endpoint",
-    "external_provider_header", "forward_proxy_refused", "engine_override_refused",
-})
 
 # Request records on these endpoints are not model calls (model listings, lookups, side
 # doors); they never count as admitted model requests.
@@ -248,7 +246,7 @@ def summarize_evidence(path: Path) -> EvidenceSummary:
     _, records = _records(path)
     reqs = [r for r in records if r.kind == "request"]
     refused = [r for r in reqs if r.decision == "refused"]
-    fallbacks = [r for r in refused if r.reason in FALLBACK_REASONS]
+    fallbacks = [r for r in refused if is_fallback_refusal(r.decision, r.reason)]
     return EvidenceSummary(
         records=len(records),
         requests=len(reqs),

@@ -18,6 +18,7 @@ from typing import Any
 
 from .codes import DECISION_REFUSED, SERVED_MODEL_MISMATCH, Outcome
 from .evidence import utc_now_rfc3339
+from .fallback import is_fallback_refusal
 from .hashchain import ChainError
 from .log_setup import ACCESS_LOG, log_access, text_value
 from .metrics import ProxyMetrics
@@ -109,8 +110,8 @@ def _count_written(m: ProxyMetrics, draft: Draft, elapsed: float, written: bool)
 def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: Outcome) -> None:
     """One request's metrics."""
     m.count_request(draft.endpoint, outcome)
-    if draft.fallback_reason:
-        m.fallback_rejections.labels(draft.fallback_reason, draft.family or Family.OTHER).inc()
+    if is_fallback_refusal(draft.decision, draft.reason):  # the report's definition too (proxy.fallback)
+        m.fallback_rejections.labels(draft.reason, draft.family or Family.OTHER).inc()
     if draft.reason == SERVED_MODEL_MISMATCH:
         m.served_model_mismatches.labels(draft.endpoint).inc()
     if draft.upstream_error:

@@ -31,5 +31,4 @@ def refuse(state: ProxyState, draft: Draft, refusal: Refusal) -> web.Response:
     """A fallback attempt: refused, counted, recorded."""
     draft.decision, draft.outcome = Decision.REFUSED, Outcome.REFUSED
     draft.family = refusal.family.value
-    draft.fallback_reason = refusal.code
     return error_reply(state, draft, refusal.code, refusal.message, param=refusal.param)

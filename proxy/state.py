@@ -61,7 +61,6 @@ class Draft:
     client_disconnected: bool = False
     outcome: Outcome = Outcome.REJECTED
     upstream_error: UpstreamErrorKind | None = None
-    fallback_reason: ErrorCode | None = None
     forwarded: bool = False
     param: str | None = None  # the request field a refusal names (proxy.allowlists)
     content_encoding: str | None = None  # the body's outermost coding (proxy.body_decoding)

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 import harness.sandbox as sbx
+from harness import events as ev
 from harness.events import read_events
 from harness.profile import FIXTURES_DIR, PROJECT_ROOT, ProfileError, SandboxProfile, parse_run_profile
-from harness.report import collect_inputs, compute_report
+from harness.report import ReportInputs, collect_inputs, compute_report
 from harness.run import RunConfigError, run_once
 from harness.verify import verify_run
 
@@ -194,17 +195,25 @@ def test_reference_agent_passes_inside_the_sandbox_and_the_report_says_so(tmp_pa
     inputs = collect_inputs(outcome.run_dir, decision_sha256_after=report.digests.decision_sha256_after,
                             admission_sha256_after=report.digests.admission_sha256_after)
     assert compute_report(inputs).status == "pass"
-    exited = next(e for e in inputs.events if e["event"] == "case_process_exited")
-    case_started = next(e for e in inputs.events if e["event"] == "case_process_started")
+    exited = next(e for e in inputs.events if isinstance(e, ev.CaseProcessExited))
+    case_started = next(e for e in inputs.events if isinstance(e, ev.CaseProcessStarted))
+
+    def replaced(old: ev.Event, new: ev.Event) -> ReportInputs:
+        return inputs.model_copy(update={"events": [new if e is old else e for e in inputs.events]})
+
     for survivors in (1, None):
-        exited["namespace_survivors"] = survivors
-        changed = compute_report(inputs)
+        changed = compute_report(replaced(exited, exited.model_copy(update={"namespace_survivors": survivors})))
         assert changed.status == "fail" and reason_codes(changed) == {"sandbox_not_emptied"}
-    exited["namespace_survivors"] = 0
-    for isolation in ({"kind": "none"}, None, "bubblewrap"):
-        case_started["isolation"] = isolation
-        changed = compute_report(inputs)
-        assert changed.status == "unproven" and reason_codes(changed) == {"not_sandboxed"}
+    changed = compute_report(replaced(case_started, case_started.model_copy(
+        update={"isolation": ev.NoIsolation(kind="none")})))
+    assert changed.status == "unproven" and reason_codes(changed) == {"not_sandboxed"}
+    # No isolation record, or one that is not an object, is a malformed event: a fail.
+    for isolation in (None, "bubblewrap"):
+        problem = ev.parse_event({**case_started.model_dump(), "isolation": isolation}, 7)
+        assert isinstance(problem, str) and "line 7 (case_process_started): field 'isolation'" in problem
+        changed = compute_report(inputs.model_copy(update={
+            "events": [e for e in inputs.events if e is not case_started], "event_problems": [problem]}))
+        assert changed.status == "fail" and "events_malformed" in reason_codes(changed)
 
 
 def test_without_bubblewrap_the_run_blocks_before_case_starts(tmp_path: Path,
