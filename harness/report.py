@@ -410,9 +410,9 @@ def evidence_section(inp: ReportInputs, run: RunEvents) -> list[Reason]:
     reasons = [fail("run_aborted", f"{a.phase}: {a.reason}") for a in run.aborted]
     if not inp.evidence_present:
         reasons.append(fail("evidence_missing", "the proxy's evidence log (proxy/evidence.jsonl) is missing"))
-    elif inp.evidence_verdict is not None and not inp.evidence_verdict.ok:
+    elif inp.evidence_verdict is None or not inp.evidence_verdict.ok:  # present but unread: not verified
         reasons.append(fail("evidence_chain_broken", "proxy/evidence.jsonl does not verify: "
-                               + "; ".join(inp.evidence_verdict.problems[:3])))
+                            + "; ".join((inp.evidence_verdict.problems if inp.evidence_verdict else [])[:3])))
     if inp.unpaired_forwarding:
         # A request forwarded and never completed: the proxy crashed or was killed
         # mid-request, so what that request was answered with is not in the evidence.

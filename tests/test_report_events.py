@@ -125,3 +125,17 @@ def test_a_blocked_run_with_a_garbled_event_is_a_fail(tmp_path: Path) -> None:
                       lambda events: events.insert(2, {"event": "case_started_elsewhere", "time": events[1]["time"]}))
     report = _report(copy)
     assert report.status == "fail" and "events_malformed" in {r.code for r in report.reasons}
+
+
+def test_evidence_that_is_present_but_unread_is_not_verified() -> None:
+    """Inputs that say the evidence exists but carry no verdict of it (hand-made inputs, a
+    reader that failed open) fail like a broken chain."""
+    from harness.report import ReportInputs
+    from proxy.hashchain import ChainVerdict
+
+    inputs = ReportInputs(events_verdict=ChainVerdict(ok=True, records=0, last_sha256="", problems=[]), events=[],
+                          events_sha256=None, evidence_present=True, evidence_verdict=None, evidence=[],
+                          evidence_sha256=None, metrics_text="", scan=None, decision_sha256_after=None,
+                          admission_sha256_after=None)
+    report = compute_report(inputs)
+    assert report.status == "fail" and "evidence_chain_broken" in {r.code for r in report.reasons}
