@@ -39,6 +39,7 @@ from . import events as events_mod
 from .attestation import ENV_SIGNING_KEY_FILE, load_private_key, signing_key_path
 from .fixture_catalog import load_fixture
 from .profile import REFERENCE_PROFILE_PATH, ConfigTemplate, RunProfile, load_run_profile
+from .report import Report, load_report
 from .run import RunConfigError, RunOutcome, run_once
 from .runtime_check import run_problems
 from .scripted_backend import ScriptedBackend
@@ -269,16 +270,17 @@ class Row:
     where: str
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    return events_mod.read_events(run_dir / "events.jsonl")[1]
+def _typed_events(run_dir: Path) -> list[events_mod.Event]:
+    return events_mod.read_typed_events(run_dir / "events.jsonl").events
 
 
 def blocked_codes(run_dir: Path) -> list[str]:
-    codes: list[str] = []
-    for ev in read_events(run_dir):
-        if ev.get("event") == "gate_blocked":
-            codes.extend(str(r.get("code")) for r in ev.get("reasons", []) if isinstance(r, dict))
-    return codes
+    """The codes of every gate that blocked the run, as its events state them."""
+    return [r.code for ev in _typed_events(run_dir) if isinstance(ev, events_mod.GateBlocked) for r in ev.reasons]
+
+
+def case_started(run_dir: Path) -> bool:
+    return any(isinstance(ev, events_mod.CaseProcessStarted) for ev in _typed_events(run_dir))
 
 
 class _Ticker:
@@ -357,7 +359,7 @@ def run_demo(runs_dir: Path, *, source_env: Mapping[str, str] | None = None, out
                 neg = run_once(profile, env, runs_dir, backend=case.backend,  # type: ignore[arg-type]
                                progress=tick.say, sandbox=case.sandbox)
             codes = blocked_codes(neg.run_dir)
-            started = any(ev.get("event") == "case_process_started" for ev in read_events(neg.run_dir))
+            started = case_started(neg.run_dir)
             ok = neg.status == "blocked" and case.expected_code in codes and not started
             got = f"{neg.status}: {', '.join(codes) or '-'}" + (" (CASE STARTED!)" if started else "")
             rows.append(Row(case.name, f"blocked: {case.expected_code}", got, ok, str(neg.run_dir)))
@@ -390,30 +392,35 @@ def run_demo(runs_dir: Path, *, source_env: Mapping[str, str] | None = None, out
     return 0 if all_ok else 1
 
 
-def _evidence_grade(run_dir: Path) -> str:
+def _report(run_dir: Path) -> Report | None:
     try:
-        return str(json.loads((run_dir / "report.json").read_text(encoding="utf-8")).get("evidence_grade"))
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return "?"
+        return load_report(run_dir / "report.json")
+    except (OSError, ValueError):  # missing, or not a report (pydantic's error is a ValueError)
+        return None
+
+
+def _evidence_grade(run_dir: Path) -> str:
+    report = _report(run_dir)
+    return report.evidence_grade if report else "?"
 
 
 def _attestation(run_dir: Path) -> str:
     """Whether the report says the run's attestation is signed."""
-    try:
-        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-        signed = (report.get("attestation") or {}).get("signed")
-    except (OSError, json.JSONDecodeError, AttributeError):
+    report = _report(run_dir)
+    if report is None:
         return "?"
-    return "signed" if signed else "unsigned"
+    return "signed" if report.attestation.signed else "unsigned"
 
 
 def _isolation(run_dir: Path) -> str:
     """What isolated Case in a run, in the table's words."""
-    try:
-        iso = json.loads((run_dir / "report.json").read_text(encoding="utf-8")).get("isolation") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
+    report = _report(run_dir)
+    if report is None:
         return "?"
-    return f"{iso.get('kind')}, {iso.get('network')}, {iso.get('namespace_survivors')} processes left"
+    iso = report.isolation
+    if iso is None:
+        return "None, None, None processes left"
+    return f"{iso.kind}, {iso.network}, {iso.namespace_survivors} processes left"
 
 
 def _print_table(rows: list[Row], out: Any) -> None:
