@@ -1,0 +1,181 @@
+"""The keyed evidence chain (HMAC-SHA256 under the run key) and the head channel: a
+party without the key rewrites a log consistently, the way a plain SHA-256 chain allows,
+and is caught only by a reader holding the key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy.evidence_channel import HeadChannel, parse_report, read_key_fd
+from proxy.evidence_files import link_files, read_evidence_file
+from proxy.hashchain import GENESIS, ChainError, HashChainWriter, TornChain, verify_chain
+
+KEY = secrets.token_bytes(32)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(path: Path, n: int, key: bytes | None = KEY, heads: list[tuple[int, int, str]] | None = None) -> None:
+    w = HashChainWriter(path, key=key, on_head=(lambda *h: heads.append(h)) if heads is not None else None)
+    w.open()
+    for i in range(n):
+        w.append({"kind": "request", "time": "t", "request_id": str(i)})
+    w.close()
+
+
+def rehash_plain_from(path: Path, start: int, edit: dict[str, object]) -> None:
+    """What anyone who can write the file can do to a plain chain: change line
+    ``start`` (0-based) and recompute every later prev_sha256 with plain SHA-256. The
+    stale prev_hmac fields are kept (the rewriter cannot compute new ones)."""
+    lines = path.read_bytes().splitlines()
+    out: list[bytes] = []
+    prev = GENESIS
+    for i, line in enumerate(lines):
+        if i >= start:
+            obj = json.loads(line)
+            if i == start:
+                obj.update(edit)
+            obj["prev_sha256"] = prev
+            line = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        out.append(line)
+        prev = hashlib.sha256(line).hexdigest()
+    path.write_bytes(b"\n".join(out) + b"\n")
+
+
+def test_a_keyed_chain_verifies_with_its_key_and_says_which_mode(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    heads: list[tuple[int, int, str]] = []
+    _write(path, 4, heads=heads)
+    keyed = verify_chain(path, KEY)
+    assert keyed.ok and keyed.mode == "hmac-sha256" and keyed.records == 4
+    assert heads[-1] == (4, 4, keyed.last_hmac)  # the head reported is the file's head
+    plain = verify_chain(path)
+    assert plain.ok and plain.mode == "sha256" and plain.last_hmac is None and plain.hmac_lines == 4
+    wrong = verify_chain(path, secrets.token_bytes(32))
+    assert not wrong.ok and "HMAC-SHA256" in wrong.problems[0]
+
+
+def test_a_consistent_plain_rewrite_passes_sha256_and_fails_the_mac(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    _write(path, 5)
+    rehash_plain_from(path, 2, {"request_id": "99"})
+    assert verify_chain(path).ok, "the rewrite must be consistent for the plain chain (else the test proves nothing)"
+    keyed = verify_chain(path, KEY)
+    assert not keyed.ok
+    assert any(p.startswith("line 4: prev_hmac") and "without the key" in p for p in keyed.problems), keyed.problems
+
+
+def test_records_without_a_mac_fail_a_keyed_check(tmp_path: Path) -> None:
+    """An impersonating proxy without the key appends plain records to the run's file."""
+    path = tmp_path / "e.jsonl"
+    _write(path, 2)
+    w = HashChainWriter(path)  # no key: extends the plain chain, as any other proxy could
+    w.open()
+    w.append({"kind": "request", "time": "t", "request_id": "forged"})
+    w.close()
+    assert verify_chain(path).ok
+    keyed = verify_chain(path, KEY)
+    assert keyed.problems == ["line 3: no prev_hmac: not written by the proxy holding the run key"]
+
+
+def test_a_keyed_writer_refuses_to_extend_a_file_it_cannot_verify(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    _write(path, 2, key=None)
+    with pytest.raises(TornChain):
+        HashChainWriter(path, key=KEY).open()
+    with pytest.raises(ChainError):
+        HashChainWriter(tmp_path / "x.jsonl", key=b"short")
+    own = tmp_path / "own.jsonl"
+    _write(own, 2)
+    _write(own, 1)  # reopened with the key: the chain goes on
+    assert verify_chain(own, KEY).ok and verify_chain(own, KEY).records == 3
+
+
+def test_rotation_keeps_working_keyed(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    w = HashChainWriter(path, key=KEY)
+    w.open()
+    w.append({"kind": "request", "time": "t", "request_id": "0"})
+    path.rename(tmp_path / "e.1.jsonl")
+    assert w.rotate({"kind": "log_sealed", "time": "t"},
+                    lambda sha, n: {"kind": "log_continued", "time": "t", "continues_sha256": sha,
+                                    "continues_records": n})
+    w.append({"kind": "request", "time": "t", "request_id": "1"})
+    w.close()
+    files = [read_evidence_file(tmp_path / "e.1.jsonl", KEY), read_evidence_file(path, KEY)]
+    assert [f.verdict.ok for f in files] == [True, True], [f.verdict.problems for f in files]
+    assert all(f.verdict.mode == "hmac-sha256" for f in files)
+    assert link_files(files).order == [[str(tmp_path / "e.1.jsonl"), str(path)]]
+
+
+def test_the_head_channel_reports_every_write_and_marks_the_stop(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    channel = HeadChannel(w, pid=4242)
+    path = tmp_path / "e.jsonl"
+    writer = HashChainWriter(path, key=KEY, on_head=channel.report)
+    writer.open()
+    writer.append({"kind": "proxy_start"})
+    writer.append({"kind": "proxy_stop"})
+    writer.close()
+    assert channel.stop()
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    reports = [parse_report(line) for line in data.splitlines()]
+    assert [(x.records, x.stop) for x in reports if not isinstance(x, str)] == [(1, False), (2, False), (2, True)]
+    final = reports[-1]
+    assert not isinstance(final, str) and final.head == verify_chain(path, KEY).last_hmac and final.pid == 4242
+    assert isinstance(parse_report(b'{"records": 1}'), str)
+
+
+def test_the_key_descriptor_is_read_once_and_bad_keys_are_named(tmp_path: Path) -> None:
+    def fd_with(text: bytes) -> int:
+        r, w = os.pipe()
+        os.write(w, text)
+        os.close(w)
+        return r
+
+    fd = fd_with(KEY.hex().encode())
+    assert read_key_fd(fd) == KEY
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed after reading
+    for text, words in ((b"zz", "hex key"), (b"00" * 8, "at least 16"), (b"0" * 200, "more than")):
+        with pytest.raises(ValueError, match=words):
+            read_key_fd(fd_with(text))
+
+
+def test_verify_evidence_checks_the_macs_only_with_the_key_and_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    _write(path, 3)
+    rehash_plain_from(path, 1, {"request_id": "7"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASE_PROXY_")}
+
+    def verify(key: bytes | None) -> subprocess.CompletedProcess[str]:
+        fds: tuple[int, ...] = ()
+        e = dict(env)
+        if key is not None:
+            r, w = os.pipe()
+            os.write(w, key.hex().encode())
+            os.close(w)
+            fds, e["CASE_PROXY_CHAIN_KEY_FD"] = (r,), str(r)
+        try:
+            return subprocess.run([sys.executable, "-m", "proxy", "verify-evidence", str(path)], env=e, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60, pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    plain = verify(None)
+    assert plain.returncode == 0 and "were NOT checked" in plain.stdout, plain.stdout
+    keyed = verify(KEY)
+    assert keyed.returncode == 1 and "mode hmac-sha256" in keyed.stdout and "prev_hmac" in keyed.stdout, keyed.stdout
+    assert KEY.hex() not in keyed.stdout + keyed.stderr
