@@ -27,6 +27,7 @@ from proxy.upstream_policy import is_known_provider_host
 from . import events as ev
 from .attestation import PREDICATE_TYPE
 from .dns_sink import read_queries
+from .proxy_proof import ProxyProof, judge_proxy_proof
 from .secret_scan import ScanResult
 
 REPORT_SCHEMA_VERSION: Literal[1] = 1
@@ -196,6 +197,9 @@ class Report(BaseModel):
     attestation: AttestationSummary = Field(
         default_factory=lambda: AttestationSummary(signed=False),
         description="whether attestation.dsse.json is signed; a run that says nothing here was not signed")
+    proxy_proof: ProxyProof | None = Field(
+        default=None, description="that the run's own proxy wrote the evidence (harness.proxy_proof); null: no "
+        "proxy was started")
 
 
 class ReportInputs(BaseModel):
@@ -465,6 +469,11 @@ def compute_report(inp: ReportInputs) -> Report:
     if recorded_dns is not None and recorded_dns != (inp.dns_sha256 or _sha(b"")):
         fail("dns_log_changed", "dns/queries.jsonl differs from the digest recorded when the DNS sink stopped")
     isolation = _isolation(case_started, case_exited)
+    proof, proof_reasons = judge_proxy_proof(_first(events, ev.PROXY_STARTED), _first(events, ev.CASE_PROCESS_EXITED),
+                                             _first(events, ev.PROXY_STOPPED), inp.evidence,
+                                             sandboxed=isolation is not None and isolation.kind == "bubblewrap")
+    if blocked is None:
+        reasons += [Reason(code=r.code, message=r.message) for r in proof_reasons]
     if blocked is None and case_started is not None:
         if isolation is None or isolation.kind == "none":
             fail("not_sandboxed", "Case ran without the sandbox (--no-sandbox): it could have reached the network, "
@@ -535,6 +544,7 @@ def compute_report(inp: ReportInputs) -> Report:
         timings=Timings(started_at=started.get("time"), finished_at=events[-1].get("time") if events else None,
                         case_duration_s=case_exited.get("duration_s")),
         attestation=_attestation(started),
+        proxy_proof=proof,
     )
 
 

@@ -33,20 +33,25 @@ def _write(path: Path, n: int, key: bytes | None = KEY, heads: list[tuple[int, i
 
 def rehash_plain_from(path: Path, start: int, edit: dict[str, object]) -> None:
     """What anyone who can write the file can do to a plain chain: change line
-    ``start`` (0-based) and recompute every later prev_sha256 with plain SHA-256. The
-    stale prev_hmac fields are kept (the rewriter cannot compute new ones)."""
+    ``start`` (0-based) and recompute every later prev_sha256 (and every reference to a
+    rewritten line) with plain SHA-256. The stale prev_hmac fields are kept (the rewriter
+    cannot compute new ones)."""
     lines = path.read_bytes().splitlines()
     out: list[bytes] = []
     prev = GENESIS
+    renamed: dict[str, str] = {}  # old line hash -> new: references (forwarding_sha256) follow
     for i, line in enumerate(lines):
+        old = hashlib.sha256(line).hexdigest()
         if i >= start:
             obj = json.loads(line)
             if i == start:
                 obj.update(edit)
             obj["prev_sha256"] = prev
+            if obj.get("forwarding_sha256") in renamed:
+                obj["forwarding_sha256"] = renamed[obj["forwarding_sha256"]]
             line = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
         out.append(line)
-        prev = hashlib.sha256(line).hexdigest()
+        prev = renamed[old] = hashlib.sha256(line).hexdigest()
     path.write_bytes(b"\n".join(out) + b"\n")
 
 
