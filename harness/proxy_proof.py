@@ -49,6 +49,10 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def judge_proxy_proof(proxy_started: dict[str, Any] | None, case_exited: dict[str, Any] | None,
                       proxy_stopped: dict[str, Any] | None, evidence: list[EvidenceRecord],
                       sandboxed: bool) -> tuple[ProxyProof | None, list[ProofReason]]:
@@ -56,8 +60,8 @@ def judge_proxy_proof(proxy_started: dict[str, Any] | None, case_exited: dict[st
     if proxy_started is None:
         return None, []
     stopped = proxy_stopped or {}
-    chain = stopped.get("chain") if isinstance(stopped.get("chain"), dict) else {}
-    heard = stopped.get("head_report") if isinstance(stopped.get("head_report"), dict) else {}
+    chain = _dict(stopped.get("chain"))
+    heard = _dict(stopped.get("head_report"))
     starts = [r for r in evidence if r.kind == "proxy_start"]
     stops = [r for r in evidence if r.kind == "proxy_stop"]
     final = evidence[-1].kind if evidence else None

@@ -21,7 +21,7 @@ import harness.run as run_mod
 from harness.events import read_events
 from harness.run import RunOutcome
 
-from .harness_support import base_env, reason_codes, reference_profile, report_of, rogue_profile, run, write_artifacts
+from .harness_support import base_env, reference_profile, report_of, rogue_profile, run, write_artifacts
 from .proxy_support import ProxyUnderTest, make_proxy  # noqa: F401 - a fixture
 from .test_keyed_chain import rehash_plain_from
 
