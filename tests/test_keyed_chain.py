@@ -184,3 +184,61 @@ def test_verify_evidence_checks_the_macs_only_with_the_key_and_says_so(tmp_path:
     keyed = verify(KEY)
     assert keyed.returncode == 1 and "mode hmac-sha256" in keyed.stdout and "prev_hmac" in keyed.stdout, keyed.stdout
     assert KEY.hex() not in keyed.stdout + keyed.stderr
+
+
+BASE_ENV = {"CTO_HARNESS_CASE_LOCAL_BASE_URL": "http://127.0.0.1:8000/v1", "CASE_PROXY_TOKEN": "t" * 32,
+            "CTO_HARNESS_CASE_DECISION_FILE": "/d.json", "CTO_HARNESS_CASE_MODEL_ADMISSION_FILE": "/a.json",
+            "CASE_PROXY_EVIDENCE_FILE": "/e.jsonl"}
+
+
+def _key_pipe() -> int:
+    r, w = os.pipe()
+    os.write(w, KEY.hex().encode())
+    os.close(w)
+    return r
+
+
+def test_settings_read_the_key_once_and_never_show_it(tmp_path: Path) -> None:
+    from proxy.settings import load_settings
+
+    head_r, head_w = os.pipe()
+    try:
+        settings = load_settings(env={**BASE_ENV, "CASE_PROXY_CHAIN_KEY_FD": str(_key_pipe()),
+                                      "CASE_PROXY_CHAIN_HEAD_FD": str(head_w)})
+        assert settings.chain_key is not None and settings.chain_key.get_secret_value() == KEY
+        assert settings.head_fd == head_w
+        assert KEY.hex() not in repr(settings) and KEY.hex() in settings.secret_values()  # redacted if ever met
+    finally:
+        os.close(head_r)
+        os.close(head_w)
+
+
+@pytest.mark.parametrize("extra,words", [
+    ({"CASE_PROXY_CHAIN_KEY_FD": "three"}, "CASE_PROXY_CHAIN_KEY_FD: 'three' is not a file descriptor number"),
+    ({"CASE_PROXY_CHAIN_KEY_FD": "987"}, "CASE_PROXY_CHAIN_KEY_FD: cannot read descriptor 987"),
+    ({"CASE_PROXY_CHAIN_HEAD_FD": "5"}, "head reports need a keyed chain"),
+    ({"CASE_PROXY_CHAIN_HEAD_FD": "1", "key": ""}, "is a standard stream"),
+    ({"CASE_PROXY_CHAIN_HEAD_FD": "file", "key": ""}, "is not a pipe or socket"),
+    ({"CASE_PROXY_CHAIN_HEAD_FD": "pipe", "key": "", "CASE_PROXY_WORKERS": "2"}, "one worker only"),
+])
+def test_bad_chain_descriptors_are_named(tmp_path: Path, extra: dict[str, str], words: str) -> None:
+    from proxy.settings import ConfigError, load_settings
+
+    env = {**BASE_ENV, **{k: v for k, v in extra.items() if k != "key"}}
+    opened: list[int] = []
+    if "key" in extra:  # read and closed by load_settings: not ours to close afterwards
+        env["CASE_PROXY_CHAIN_KEY_FD"] = str(_key_pipe())
+    if env.get("CASE_PROXY_CHAIN_HEAD_FD") == "file":
+        opened.append(os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT))
+        env["CASE_PROXY_CHAIN_HEAD_FD"] = str(opened[-1])
+    if env.get("CASE_PROXY_CHAIN_HEAD_FD") == "pipe":
+        opened.extend(os.pipe())
+        env["CASE_PROXY_CHAIN_HEAD_FD"] = str(opened[-1])
+    try:
+        with pytest.raises(ConfigError) as err:
+            load_settings(env=env)
+        assert any(words in p for p in err.value.problems), err.value.problems
+        assert KEY.hex() not in str(err.value)
+    finally:
+        for fd in opened:
+            os.close(fd)
