@@ -126,3 +126,15 @@ def judge_proxy_proof(proxy_started: dict[str, Any] | None, case_exited: dict[st
                       alive_at_case_exit=alive if isinstance(alive, bool) else None,
                       metrics_transport=transport if isinstance(transport, str) else None,
                       metrics_peer_pid=peer), reasons
+
+
+def proof_line(proof: ProxyProof | None) -> str:
+    """The report text's line: which chain mode was checked and what held."""
+    if proof is None:
+        return "evidence proof: - (no proxy was started)"
+    mode = {KEYED: "HMAC-SHA256 under the run key", "sha256": "plain SHA-256 only"}.get(proof.chain_mode or "",
+                                                                                         "not checked")
+    return (f"evidence proof: {mode}, {'verified' if proof.chain_verified else 'NOT verified'}; head "
+            f"{'matches' if proof.channel_head_matches else 'does NOT match'} the proxy's stop report; proxy pid "
+            f"{proof.harness_pid} exit {proof.exit_code}, /metrics over {proof.metrics_transport or '-'} from pid "
+            f"{proof.metrics_peer_pid}")

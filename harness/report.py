@@ -27,7 +27,7 @@ from proxy.upstream_policy import is_known_provider_host
 from . import events as ev
 from .attestation import PREDICATE_TYPE
 from .dns_sink import read_queries
-from .proxy_proof import ProxyProof, judge_proxy_proof
+from .proxy_proof import ProxyProof, judge_proxy_proof, proof_line
 from .secret_scan import ScanResult
 
 REPORT_SCHEMA_VERSION: Literal[1] = 1
@@ -624,6 +624,7 @@ def render_text(report: Report) -> str:
     lines += [
         f"chains: events {'ok' if r.chains.events_ok else 'BROKEN'}, evidence "
         f"{'ok' if r.chains.evidence_ok else 'n/a' if r.chains.evidence_ok is None else 'BROKEN'}",
+        proof_line(r.proxy_proof),
         f"endpoint: {r.endpoint.upstream_class or '-'} {r.endpoint.fingerprint or '-'} (the URL is never recorded)",
         f"decision sha256 before/after: {_short(r.digests.decision_sha256_before)} / "
         f"{_short(r.digests.decision_sha256_after)}; admission: {_short(r.digests.admission_sha256_before)} / "

@@ -131,6 +131,8 @@ def test_an_untouched_run_proves_its_proxy_and_verify_rejects_a_rewrite_after_it
     assert proof.channel_head_matches and proof.exit_code == 0 and proof.final_record == "proxy_stop"
     assert proof.harness_pid == proof.start_pid == proof.stop_pid == proof.metrics_peer_pid
     assert proof.alive_at_case_exit is True and proof.metrics_transport == "unix"
+    assert "evidence proof: HMAC-SHA256 under the run key, verified; head matches" in \
+        (outcome.run_dir / "report.txt").read_text()
 
     def verify() -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "harness", "verify", str(outcome.run_dir)], cwd=ROOT,
