@@ -11,6 +11,7 @@ import secrets
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -242,3 +243,62 @@ def test_bad_chain_descriptors_are_named(tmp_path: Path, extra: dict[str, str], 
     finally:
         for fd in opened:
             os.close(fd)
+
+
+async def test_a_keyed_proxy_rotates_on_sighup_and_reports_its_heads(scripted_backend: Any, tmp_path: Path) -> None:
+    """`case-proxy serve` as the harness starts it (key and head pipe inherited): after a
+    rename and SIGHUP both files verify under the key and link up, and the head reports
+    end with a stop report naming the new file's last line."""
+    import asyncio
+    import signal
+
+    import openai
+
+    from tests.proxy_support import ADMITTED, proxy_env
+
+    env = proxy_env(tmp_path, scripted_backend.base_url)
+    evidence = Path(env["CASE_PROXY_EVIDENCE_FILE"])
+    key_fd = _key_pipe()
+    head_r, head_w = os.pipe()
+    env.update({"CASE_PROXY_CHAIN_KEY_FD": str(key_fd), "CASE_PROXY_CHAIN_HEAD_FD": str(head_w)})
+    log = open(tmp_path / "proxy.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0"], env=env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=log, pass_fds=(key_fd, head_w))
+    os.close(key_fd)
+    os.close(head_w)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        base_url = line.split()[1].decode()
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=env["CASE_PROXY_TOKEN"], max_retries=0)
+        msgs: Any = [{"role": "user", "content": "hi"}]
+        for _ in range(100):  # until ready
+            try:
+                await client.chat.completions.create(model=ADMITTED, messages=msgs)
+                break
+            except openai.APIStatusError:
+                await asyncio.sleep(0.05)
+        evidence.rename(tmp_path / "evidence.jsonl.1")
+        proc.send_signal(signal.SIGHUP)
+        for _ in range(200):
+            if evidence.exists() and evidence.stat().st_size:
+                break
+            await asyncio.sleep(0.02)
+        await client.chat.completions.create(model=ADMITTED, messages=msgs)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        log.close()
+    data = b""
+    while chunk := os.read(head_r, 65536):
+        data += chunk
+    os.close(head_r)
+    assert code == 0
+    files = [read_evidence_file(tmp_path / "evidence.jsonl.1", KEY), read_evidence_file(evidence, KEY)]
+    assert [f.verdict.ok for f in files] == [True, True], [f.verdict.problems for f in files]
+    assert link_files(files).order == [[str(tmp_path / "evidence.jsonl.1"), str(evidence)]]
+    last = parse_report(data.splitlines()[-1])
+    assert not isinstance(last, str) and last.stop and last.pid == proc.pid
+    assert (last.records, last.head) == (files[1].verdict.records, files[1].verdict.last_hmac)
+    assert last.total == files[0].verdict.records + files[1].verdict.records
+    assert KEY.hex() not in (tmp_path / "proxy.log").read_text()
