@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import time
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,17 +96,18 @@ class HeadChannel:
         self._fd: int | None = fd
         self._pid = pid
         self._pending: bytes | None = None
-        self._last: HeadReport | None = None
+        self._last: dict[str, Any] | None = None
         os.set_blocking(fd, False)
 
     @property
     def last(self) -> HeadReport | None:
-        return self._last
+        return HeadReport.model_validate(self._last) if self._last is not None else None
 
     def report(self, records: int, total: int, head: str) -> None:
-        """The chain's head after a write (a HashChainWriter ``on_head`` callback)."""
-        self._last = HeadReport(records=records, total=total, head=head, pid=self._pid)
-        self._pending = orjson.dumps(self._last.model_dump(), option=orjson.OPT_APPEND_NEWLINE)
+        """The chain's head after a write (a HashChainWriter ``on_head`` callback). On
+        the serving path: a plain dict in HeadReport's shape (the reader validates)."""
+        self._last = {"records": records, "total": total, "head": head, "pid": self._pid, "stop": False}
+        self._pending = orjson.dumps(self._last, option=orjson.OPT_APPEND_NEWLINE)
         self._try_write()
 
     def _try_write(self) -> bool:
@@ -128,8 +130,8 @@ class HeadChannel:
         if self._fd is None or self._last is None:
             self._close()
             return False
-        final = self._last.model_copy(update={"stop": True})
-        self._pending = orjson.dumps(final.model_dump(), option=orjson.OPT_APPEND_NEWLINE)
+        self._last = {**self._last, "stop": True}
+        self._pending = orjson.dumps(self._last, option=orjson.OPT_APPEND_NEWLINE)
         deadline = time.monotonic() + STOP_WRITE_TIMEOUT_S
         delivered = self._try_write()
         while not delivered and self._fd is not None and time.monotonic() < deadline:

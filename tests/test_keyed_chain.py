@@ -302,3 +302,12 @@ async def test_a_keyed_proxy_rotates_on_sighup_and_reports_its_heads(scripted_ba
     assert (last.records, last.head) == (files[1].verdict.records, files[1].verdict.last_hmac)
     assert last.total == files[0].verdict.records + files[1].verdict.records
     assert KEY.hex() not in (tmp_path / "proxy.log").read_text()
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 65, 200])
+def test_the_writers_fast_mac_is_hmac_sha256(size: int) -> None:
+    from proxy.hashchain import LineMac, line_hmac
+
+    key = secrets.token_bytes(size)
+    for line in (b"", b"x", os.urandom(1000)):
+        assert LineMac(key).hexdigest(line) == line_hmac(key, line)
