@@ -122,10 +122,22 @@ def test_a_killed_and_impersonated_proxy_fails_the_run_with_the_reasons(tmp_path
     assert str(impostor.pid) in messages["metrics_not_from_run_proxy"]  # type: ignore[union-attr]
 
 
-def test_an_untouched_run_proves_its_proxy_and_verify_rejects_a_rewrite_after_it(tmp_path: Path) -> None:
+def test_an_untouched_run_proves_its_proxy_and_verify_rejects_a_rewrite_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    known = bytes(range(32))  # the run key, known to this test only, to look for it afterwards
+
+    class KnownKey(run_mod.RunKey):
+        def __init__(self) -> None:
+            super().__init__(key=known)
+
+    monkeypatch.setattr(run_mod, "RunKey", KnownKey)
     outcome = run(reference_profile(), base_env(write_artifacts(tmp_path / "a")), tmp_path / "runs")
     report = report_of(outcome.run_dir)
     assert outcome.status == "pass", report.reasons
+    for path in outcome.run_dir.rglob("*"):  # never written: not in any file of the run, in any form
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            assert known not in data and known.hex().encode() not in data, path
     proof = report.proxy_proof
     assert proof is not None and proof.chain_mode == "hmac-sha256" and proof.chain_verified
     assert proof.channel_head_matches and proof.exit_code == 0 and proof.final_record == "proxy_stop"
