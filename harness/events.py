@@ -106,6 +106,9 @@ class ProxyStarted(_Event):
     pid: int
     port: int | None = Field(description="null when the proxy listens on a unix socket")
     listen: Literal["unix", "tcp"]
+    chain_mode: Literal["hmac-sha256"] = Field(description="the evidence chain the proxy was told to write: "
+                                               "keyed with the run's key (harness.head_listener)")
+    head_channel: Literal["pipe"] = Field(description="how the proxy reports its chain head to the harness")
 
 
 class ProxyReady(_Event):
@@ -162,6 +165,7 @@ class CaseProcessExited(_Event):
                                             "killed (0 is the proof); null: not sandboxed")
     dns_queries: int | None = Field(description="lines of dns/queries.jsonl; null: no DNS sink (not sandboxed)")
     dns_queries_sha256: str | None = Field(description="digest of dns/queries.jsonl once the sink stopped")
+    proxy_alive: bool = Field(description="the harness's own proxy process was running when Case exited")
 
 
 class FixtureTestsRun(_Event):
@@ -176,11 +180,43 @@ class FixtureTestsRun(_Event):
     git_controls_reset: list[str]
 
 
+class ChainCheck(BaseModel):
+    """The evidence file as the harness verified it, under the run key, once the proxy exited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    mode: Literal["hmac-sha256", "sha256", "none"] = Field(description="none: the file was missing")
+    ok: bool
+    records: int | None = None
+    head_hmac: str | None = Field(default=None, description="the MAC of the file's last line")
+    last_sha256: str | None = None
+    problems: list[str] = Field(max_length=5)
+
+
+class HeadReport(BaseModel):
+    """What the proxy said of its chain head over its private channel (the last report)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    reports: int
+    records: int | None
+    head: str | None
+    pid: int | None
+    stop: bool = Field(description="the last report was the proxy's stop report")
+    problems: list[str]
+
+
 class ProxyStopped(_Event):
     event: Literal["proxy_stopped"] = PROXY_STOPPED
     exit_code: int | None
     evidence_sha256: str | None
     metrics_sha256: str | None
+    pid: int = Field(description="the pid of the proxy the harness started and stopped")
+    chain: ChainCheck
+    head_report: HeadReport | None = Field(description="null: the run had no head channel")
+    metrics_transport: Literal["unix", "tcp"] | None = Field(
+        default=None, description="how /metrics was read; null: the scrape failed")
+    metrics_peer_pid: int | None = Field(default=None, description="the pid that answered /metrics (SO_PEERCRED)")
 
 
 class SecretScanDone(_Event):

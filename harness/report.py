@@ -29,6 +29,7 @@ from proxy.upstream_policy import is_known_provider_host
 from . import events as ev
 from .attestation import PREDICATE_TYPE
 from .dns_sink import read_queries
+from .proxy_proof import ProxyProof, judge_proxy_proof, proof_line
 from .secret_scan import ScanResult
 
 REPORT_SCHEMA_VERSION: Literal[1] = 1
@@ -198,6 +199,9 @@ class Report(BaseModel):
     attestation: AttestationSummary = Field(
         default_factory=lambda: AttestationSummary(signed=False),
         description="whether attestation.dsse.json is signed; a run that says nothing here was not signed")
+    proxy_proof: ProxyProof | None = Field(
+        default=None, description="that the run's own proxy wrote the evidence (harness.proxy_proof); null: no "
+        "proxy was started")
 
 
 class ReportInputs(BaseModel):
@@ -336,6 +340,7 @@ class RunEvents:
     preflight: ev.PreflightPassed | None
     blocked: ev.GateBlocked | None
     identity: ev.IdentityVerified | None
+    proxy_started: ev.ProxyStarted | None
     case_started: ev.CaseProcessStarted | None
     case_exited: ev.CaseProcessExited | None
     tests: ev.FixtureTestsRun | None
@@ -348,6 +353,7 @@ class RunEvents:
         return cls(names=[e.event for e in events], last_time=events[-1].time if events else None,
                    started=_first(events, ev.RunStarted), preflight=_first(events, ev.PreflightPassed),
                    blocked=_first(events, ev.GateBlocked), identity=_first(events, ev.IdentityVerified),
+                   proxy_started=_first(events, ev.ProxyStarted),
                    case_started=_first(events, ev.CaseProcessStarted), case_exited=_first(events, ev.CaseProcessExited),
                    tests=_first(events, ev.FixtureTestsRun), stopped=_first(events, ev.ProxyStopped),
                    scan=_first(events, ev.SecretScanDone), aborted=[e for e in events if isinstance(e, ev.RunAborted)])
@@ -643,6 +649,8 @@ def compute_report(inp: ReportInputs) -> Report:
     scan, scan_reasons = secret_scan_section(inp, run, blocked)
     digests, artifact_reasons = artifacts_section(inp, run)
     isolation, isolation_reasons = isolation_section(run, blocked)
+    proof, proof_reasons = judge_proxy_proof(run.proxy_started, run.case_exited, run.stopped, inp.evidence,
+                                             sandboxed=isolation is not None and isolation.kind == "bubblewrap")
     # Every section's reasons, in report order; a new section adds its own here.
     reasons = [
         *chain_reasons,
@@ -655,6 +663,7 @@ def compute_report(inp: ReportInputs) -> Report:
         *scan_reasons,
         *artifact_reasons,
         *isolation_reasons,
+        *([] if blocked else [Reason(code=r.code, message=r.message) for r in proof_reasons]),
     ]
     pre, s = run.preflight_identity, run.started
     return Report(
@@ -687,6 +696,7 @@ def compute_report(inp: ReportInputs) -> Report:
                         case_duration_s=process.duration_s),
         attestation=AttestationSummary(signed=bool(s and s.attestation_key_id),
                                        key_id=s.attestation_key_id if s and s.attestation_key_id else None),
+        proxy_proof=proof,
     )
 
 
@@ -755,6 +765,7 @@ def render_text(report: Report) -> str:
     lines += [
         f"chains: events {'ok' if r.chains.events_ok else 'BROKEN'}, evidence "
         f"{'ok' if r.chains.evidence_ok else 'n/a' if r.chains.evidence_ok is None else 'BROKEN'}",
+        proof_line(r.proxy_proof),
         f"endpoint: {r.endpoint.upstream_class or '-'} {r.endpoint.fingerprint or '-'} (the URL is never recorded)",
         f"decision sha256 before/after: {_short(r.digests.decision_sha256_before)} / "
         f"{_short(r.digests.decision_sha256_after)}; admission: {_short(r.digests.admission_sha256_before)} / "

@@ -59,16 +59,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
 from proxy.admission import ArtifactError, file_sha256, load_admission
-from proxy.evidence import NON_MODEL_ENDPOINTS
+from proxy.evidence import NON_MODEL_ENDPOINTS, records_from_bytes
 from proxy.redact import Redactor, head_lines
 from proxy.settings import (
     ENV_ADMISSION_FILE,
     ENV_API_KEY,
     ENV_API_KEY_FILE,
     ENV_BASE_URL,
+    ENV_CHAIN_KEY_FD,
     ENV_CONFIG_FILE,
     ENV_DECISION_FILE,
     ENV_EVIDENCE_FILE,
+    ENV_HEAD_FD,
     ENV_TOKEN,
     env_path,
 )
@@ -84,11 +86,12 @@ from .events import EventLog
 from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
 from .fixture_catalog import AcceptanceResult, Fixture, load_fixture, materialize, run_acceptance
 from .gates import PreflightResult, run_preflight
+from .head_listener import RunKey
 from .profile import CaseProfile, RunProfile, exposure_problems, static_protected
 from .report import Status, collect_inputs, compute_report, render_text, report_json
 from .runtime_check import run_problems
 from .secret_scan import ENV_EXTRA_SECRETS_FILE, SecretSet, TextScanner, collect_secrets, scan_run_dir
-from .unix_http import read_bounded, unix_http_get
+from .unix_http import read_bounded, unix_http_get, unix_http_get_peer
 
 # --------------------------------------------------------------------------- constants
 
@@ -467,11 +470,16 @@ class _Helper:
 
 
 def _start_helper(argv: list[str], env: dict[str, str], log_path: Path, ready_prefix: str,
-                  timeout_s: float) -> _Helper:
+                  timeout_s: float, pass_fds: tuple[int, ...] = (),
+                  spawned: Callable[[], None] | None = None) -> _Helper:
+    """``pass_fds``: descriptors only this helper inherits; ``spawned`` runs right after
+    the spawn (the harness drops its copies of them there)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115 - closed by _Helper.stop
     proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=log, start_new_session=True, pass_fds=pass_fds)
+    if spawned is not None:
+        spawned()
     assert proc.stdout is not None
     watcher = _LineWatcher(proc.stdout)
     url = watcher.wait_for(ready_prefix, timeout_s, proc)
@@ -537,6 +545,10 @@ class _RunState:
     # Case's repository copied as data when Case stopped, before its git controls are
     # taken back: the secret scan reads it (Case's own .git/config included).
     git_snapshot: git_mirror.GitSnapshot | None = None
+    # The per-run chain key and the proxy's head channel (harness.head_listener); how
+    # /metrics was read and who answered (harness.proxy_proof).
+    run_key: RunKey | None = None
+    metrics_read: dict[str, Any] = field(default_factory=dict)
 
 
 def case_argv(command: list[str], task_file: Path, workdir: Path) -> list[str]:
@@ -807,6 +819,12 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     if run_env.get(ENV_EXTRA_SECRETS_FILE):
         # The operator's listed secrets: the proxy redacts them too, not only the scan finds them.
         proxy_env[ENV_PROXY_EXTRA_SECRETS_FILE] = run_env[ENV_EXTRA_SECRETS_FILE]
+    # The run key: to this proxy only, on an inherited descriptor (never argv, env
+    # values, files or logs); its heads come back on another (harness.head_listener).
+    st.run_key = RunKey()
+    st.secrets.add("chain key", st.run_key.key.hex())
+    st.run_key.open()
+    proxy_env[ENV_CHAIN_KEY_FD], proxy_env[ENV_HEAD_FD] = (str(fd) for fd in st.run_key.proxy_fds)
     # One worker whatever the operator's config says: a run's proof is one evidence chain.
     proxy_argv = [sys.executable, "-m", "proxy", "serve", "--workers", "1"]
     if bwrap is not None:
@@ -817,7 +835,7 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     else:
         proxy_argv += ["--host", "127.0.0.1", "--port", "0"]
     st.proxy = _start_helper(proxy_argv, proxy_env, run_dir / "proxy" / "proxy.log", LISTENING_PREFIX,
-                             PROXY_LISTEN_TIMEOUT_S)
+                             PROXY_LISTEN_TIMEOUT_S, pass_fds=st.run_key.proxy_fds, spawned=st.run_key.started)
     st.sampler.roots.add(st.proxy.proc.pid)
     st.sampler.sample()
     if not st.proxy.url:
@@ -827,11 +845,13 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     if st.proxy.url.startswith("unix:"):
         st.proxy_socket = st.proxy.url.removeprefix("unix:")
         proxy_base = f"http://127.0.0.1:{sbx.RELAY_PORT}/v1"  # the relay inside the sandbox
-        st.events.emit(ev.ProxyStarted(pid=st.proxy.proc.pid, port=None, listen="unix"))
+        st.events.emit(ev.ProxyStarted(pid=st.proxy.proc.pid, port=None, listen="unix", chain_mode="hmac-sha256",
+                                       head_channel="pipe"))
     else:
         proxy_base = st.proxy.url
         st.proxy_root = proxy_base.removesuffix("/v1")
-        st.events.emit(ev.ProxyStarted(pid=st.proxy.proc.pid, port=_port_of(proxy_base), listen="tcp"))
+        st.events.emit(ev.ProxyStarted(pid=st.proxy.proc.pid, port=_port_of(proxy_base), listen="tcp",
+                                       chain_mode="hmac-sha256", head_channel="pipe"))
 
     if not _wait_ready(st, st.proxy.proc):
         st.events.emit(ev.RunAborted(phase="proxy_ready",
@@ -869,8 +889,23 @@ def _stop_proxy(st: _RunState, evidence_path: Path) -> None:
     st.say("proxy: stopping")
     code = st.proxy.stop(PROXY_STOP_TIMEOUT_S)
     metrics = st.run_dir / "proxy" / "metrics.prom"
-    st.events.emit(ev.ProxyStopped(exit_code=code, evidence_sha256=_digest(evidence_path),
-                                   metrics_sha256=_digest(metrics) if metrics.is_file() else None))
+    heard = st.run_key.finish(STREAM_JOIN_TIMEOUT_S) if st.run_key is not None else None
+    # Verified under the run key now, from the same bytes the digest is taken of.
+    try:
+        data: bytes | None = evidence_path.read_bytes()
+    except OSError:
+        data = None
+    chain = ev.ChainCheck(mode="none", ok=False, problems=["proxy/evidence.jsonl is missing"])
+    if data is not None:
+        verdict, _ = records_from_bytes(data, st.run_key.key if st.run_key is not None else None)
+        chain = ev.ChainCheck(mode=verdict.mode, ok=verdict.ok, records=verdict.records, head_hmac=verdict.last_hmac,
+                              last_sha256=verdict.last_sha256, problems=verdict.problems[:5])
+    st.events.emit(ev.ProxyStopped(
+        exit_code=code, evidence_sha256=_sha256_bytes(data) if data is not None else None,
+        metrics_sha256=_digest(metrics) if metrics.is_file() else None, pid=st.proxy.proc.pid, chain=chain,
+        head_report=ev.HeadReport(**heard) if heard is not None else None, **st.metrics_read))
+    if not chain.ok or (heard is not None and heard["head"] != chain.head_hmac):
+        st.say(f"proxy: evidence does NOT verify under the run key ({'; '.join(chain.problems[:1]) or 'head'})")
 
 
 def _proxy_get(st: _RunState, path: str, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[int, bytes]:
@@ -988,8 +1023,11 @@ def _run_case(st: _RunState, case: CaseProfile, run_env: Mapping[str, str], repo
             stream.close()
         except OSError:
             pass
+    # The proxy must still be the run's own when Case is done with it (harness.proxy_proof).
+    proxy_alive = st.proxy is not None and st.proxy.proc.poll() is None
     st.events.emit(ev.CaseProcessExited(exit_code=exit_code, duration_s=round(duration, 3), timed_out=timed_out,
-                                        namespace_survivors=survivors, dns_queries=dns[0], dns_queries_sha256=dns[1]))
+                                        namespace_survivors=survivors, dns_queries=dns[0], dns_queries_sha256=dns[1],
+                                        proxy_alive=proxy_alive))
     st.say(f"case: exited with {exit_code} after {duration:.1f}s; model requests: "
            f"{_count_model_requests(evidence_path)}")
 
@@ -1106,10 +1144,19 @@ def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, b
 
 
 def _scrape_metrics(st: _RunState) -> None:
+    """``/metrics`` from the run's proxy: over its private unix socket when sandboxed,
+    with the answering pid taken from the kernel (SO_PEERCRED) for the report."""
+    peer: int | None = None
     try:
-        status, body = _proxy_get(st, "/metrics")
+        if st.proxy_socket is not None:
+            status, body, peer = unix_http_get_peer(st.proxy_socket, "/metrics", timeout_s=PROBE_TIMEOUT_S,
+                                                    max_bytes=PROBE_MAX_BYTES)
+        else:
+            status, body = http_get(st.proxy_root + "/metrics")
     except OSError:
         return
+    st.metrics_read = {"metrics_transport": "unix" if st.proxy_socket is not None else "tcp",
+                       "metrics_peer_pid": peer}
     if status == 200:
         (st.run_dir / "proxy" / "metrics.prom").write_bytes(body)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import struct
 import time
 from collections.abc import Mapping
 
@@ -28,6 +29,17 @@ class UnixHTTPConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
+
+    def peer_pid(self) -> int | None:
+        """The pid of the process that accepted the connection (SO_PEERCRED, set by the
+        kernel at connect): which process answered, not which one says it did."""
+        if self.sock is None:
+            return None
+        try:
+            raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        return struct.unpack("3i", raw)[0] or None
 
 
 def read_bounded(resp: http.client.HTTPResponse, deadline: float, max_bytes: int) -> bytes:
@@ -50,12 +62,21 @@ def read_bounded(resp: http.client.HTTPResponse, deadline: float, max_bytes: int
 def unix_http_get(socket_path: str, path: str, *, headers: Mapping[str, str] | None = None,
                   timeout_s: float = 5.0, max_bytes: int = 4 * 1024 * 1024) -> tuple[int, bytes]:
     """GET ``path`` with a total deadline and a size limit; errors raise ``OSError``."""
+    status, body, _ = unix_http_get_peer(socket_path, path, headers=headers, timeout_s=timeout_s,
+                                         max_bytes=max_bytes)
+    return status, body
+
+
+def unix_http_get_peer(socket_path: str, path: str, *, headers: Mapping[str, str] | None = None,
+                       timeout_s: float = 5.0, max_bytes: int = 4 * 1024 * 1024) -> tuple[int, bytes, int | None]:
+    """``unix_http_get`` plus the answering process's pid (see ``peer_pid``)."""
     deadline = time.monotonic() + timeout_s
     conn = UnixHTTPConnection(socket_path, timeout_s)
     try:
         conn.request("GET", path, headers=dict(headers or {}))
+        peer = conn.peer_pid()
         resp = conn.getresponse()
-        return resp.status, read_bounded(resp, deadline, max_bytes)
+        return resp.status, read_bounded(resp, deadline, max_bytes), peer
     except (OSError, http.client.HTTPException) as exc:
         raise OSError(f"request failed ({type(exc).__name__})") from None
     finally:

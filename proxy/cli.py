@@ -26,10 +26,12 @@ from pathlib import Path
 
 from .build_info import version_line
 from .cli_help import EPILOGS, MAIN_EPILOG
+from .evidence_channel import read_key_fd
 from .evidence_files import link_files, pair_forwarding, read_evidence_file, summary_line
+from .hashchain import ChainVerdict
 from .log_setup import LOG_FORMATS, configure_logging
 from .server import EXIT_CONFIG, check_static, probe_backend, run
-from .settings import ENV_ACCESS_LOG, ENV_LOG_FORMAT, ConfigError, load_settings
+from .settings import ENV_ACCESS_LOG, ENV_CHAIN_KEY_FD, ENV_LOG_FORMAT, ConfigError, load_settings
 
 EXIT_BROKEN = 1
 EXIT_UNPAIRED = 5
@@ -94,20 +96,45 @@ def add_epilogs(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction
         command.epilog, command.formatter_class = EPILOGS.get(name), argparse.RawDescriptionHelpFormatter
 
 
-def _verify(files: list[Path]) -> int:
+def mode_note(verdict: ChainVerdict) -> str:
+    """Which chain was checked, said plainly (a keyed log read without its key proves
+    only that it is consistent, not who wrote it)."""
+    if verdict.mode == "hmac-sha256":
+        return "mode hmac-sha256: MACs checked under the given key"
+    if verdict.hmac_lines:
+        return (f"mode sha256 only: {verdict.hmac_lines} lines carry HMACs that were NOT checked "
+                f"(no key; {ENV_CHAIN_KEY_FD} gives one)")
+    return "mode sha256: a plain chain (consistent, not proof of who wrote it)"
+
+
+def _verify(files: list[Path], env: Mapping[str, str] | None = None) -> int:
     """Each file is its own chain; files a rotation joined are followed across (in any
-    order given). Exit 1 if a chain or a link is broken, 2 if a file is missing, 5 if
-    all is intact but a forwarded request has no completion record."""
+    order given). Exit 1 if a chain or a link is broken, 2 if a file is missing or the
+    key cannot be read, 5 if all is intact but a forwarded request has no completion
+    record. With ``CASE_PROXY_CHAIN_KEY_FD`` the MACs are checked too."""
+    env = os.environ if env is None else env
+    key = None
+    raw_fd = (env.get(ENV_CHAIN_KEY_FD) or "").strip()
+    if raw_fd:
+        try:
+            key = read_key_fd(int(raw_fd)) if raw_fd.isdigit() else None
+        except ValueError as exc:
+            print(f"case-proxy: {ENV_CHAIN_KEY_FD}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if key is None:
+            print(f"case-proxy: {ENV_CHAIN_KEY_FD}: {raw_fd!r} is not a file descriptor number", file=sys.stderr)
+            return EXIT_CONFIG
     missing = [f for f in files if not f.is_file()]
     for f in missing:
         print(f"case-proxy: evidence file {f} does not exist", file=sys.stderr)
     if missing:
         return EXIT_CONFIG
-    read = [read_evidence_file(f) for f in files]
+    read = [read_evidence_file(f, key) for f in files]
     broken = False
     for ef in read:
         verdict = ef.verdict
         prefix = f"{ef.path}: " if len(files) > 1 else ""
+        print(f"{prefix}{mode_note(verdict)}")
         if verdict.ok:
             print(f"{prefix}ok: {verdict.records} records, chain intact, last sha256 {verdict.last_sha256}")
             continue

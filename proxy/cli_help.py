@@ -25,6 +25,8 @@ environment:
   CASE_PROXY_ACCESS_LOG                  1/0: one access line per request (default 1); --no-access-log wins
   CASE_PROXY_LOG_LEVEL                   DEBUG, INFO (default), WARNING or ERROR; --log-level wins
   CASE_PROXY_EXTRA_SECRETS_FILE          more values to redact, one per line ([files].extra_secrets_file)
+  CASE_PROXY_CHAIN_KEY_FD                an inherited descriptor holding a hex key: HMAC-keyed evidence chain
+  CASE_PROXY_CHAIN_HEAD_FD               an inherited pipe the chain head is reported on (the harness's)
 server settings (a flag wins over its variable, a variable over the TOML key):
 {_ENV_SERVER}
 
@@ -50,12 +52,14 @@ example:
   case-proxy check-config --probe
 """,
     "verify-evidence": """\
-environment: none read.
+environment:
+  CASE_PROXY_CHAIN_KEY_FD   an inherited descriptor holding the run's hex key: the HMACs are checked too
+                            (without it only the plain SHA-256 chain is, and the output says so)
 
 exit codes:
-  0  every chain intact (one line per file: records and last sha256)
+  0  every chain intact (per file: the mode checked, records and last sha256)
   1  a chain is broken (each problem printed)
-  2  a file does not exist
+  2  a file does not exist, or the key cannot be read
 
 example:
   case-proxy verify-evidence /var/lib/case-proxy/evidence.worker*.jsonl

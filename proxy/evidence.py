@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 # proxy.fallback holds the one definition of a fallback refusal; FALLBACK_REASONS stays
 # importable from here for older importers.
 from .fallback import FALLBACK_REASONS, is_fallback_refusal  # noqa: F401
-from .hashchain import ChainVerdict, HashChainWriter, read_chain_bytes
+from .hashchain import CHAIN_FIELDS, ChainMode, ChainVerdict, HashChainWriter, HeadCallback, read_chain_bytes
 from .redact import Redactor
 
 # Request records on these endpoints are not model calls (model listings, lookups, side
@@ -82,6 +82,9 @@ class EvidenceRecord(BaseModel):
     provider_class: str | None = None
     pid: int | None = None
     worker: int | None = None
+    # proxy_start: the chain this proxy writes (hmac-sha256: keyed by the run key, see
+    # proxy.hashchain); a reader holding the key checks it, any other the plain chain.
+    chain: ChainMode | None = None
     # authority_changed (see proxy.authority): whether forwarding goes on, and why.
     serving: bool | None = None
     detail: str | None = None
@@ -110,9 +113,14 @@ def utc_now_rfc3339() -> str:
 
 
 class EvidenceLog:
-    def __init__(self, path: Path, redactor: Redactor) -> None:
-        self._chain = HashChainWriter(path, watch=True)
+    def __init__(self, path: Path, redactor: Redactor, key: bytes | None = None,
+                 on_head: HeadCallback | None = None) -> None:
+        self._chain = HashChainWriter(path, watch=True, key=key, on_head=on_head)
         self._redactor = redactor
+
+    @property
+    def mode(self) -> ChainMode:
+        return self._chain.mode
 
     def open(self) -> None:
         self._chain.open()
@@ -205,14 +213,14 @@ def _records(path: Path) -> tuple[ChainVerdict, list[EvidenceRecord]]:
     return records_from_bytes(Path(path).read_bytes())
 
 
-def records_from_bytes(data: bytes) -> tuple[ChainVerdict, list[EvidenceRecord]]:
+def records_from_bytes(data: bytes, key: bytes | None = None) -> tuple[ChainVerdict, list[EvidenceRecord]]:
     """The chain verdict (including records that are not valid EvidenceRecords) and the
-    valid records, from one read of the log."""
-    verdict, raw = read_chain_bytes(data)
+    valid records, from one read of the log. With ``key`` the MACs are checked too."""
+    verdict, raw = read_chain_bytes(data, key)
     records: list[EvidenceRecord] = []
     problems = list(verdict.problems)
     for n, obj in enumerate(raw, start=1):
-        body = {k: v for k, v in obj.items() if k not in ("seq", "prev_sha256")}
+        body = {k: v for k, v in obj.items() if k not in CHAIN_FIELDS}
         try:
             records.append(EvidenceRecord.model_validate(body))
         except ValidationError as exc:

@@ -21,7 +21,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from .evidence import EvidenceRecord, records_from_bytes
-from .hashchain import GENESIS, ChainVerdict, line_sha256
+from .hashchain import CHAIN_FIELDS, GENESIS, ChainVerdict, line_sha256
 
 
 class EvidenceLine(BaseModel):
@@ -48,9 +48,10 @@ class EvidenceFile:
         return self.lines[-1].record if self.lines else None
 
 
-def lines_from_bytes(data: bytes) -> tuple[ChainVerdict, list[EvidenceLine]]:
-    """The chain verdict and every whole line with its hash and record."""
-    verdict, _ = records_from_bytes(data)
+def lines_from_bytes(data: bytes, key: bytes | None = None) -> tuple[ChainVerdict, list[EvidenceLine]]:
+    """The chain verdict (MACs checked with ``key``) and every whole line with its hash
+    and record."""
+    verdict, _ = records_from_bytes(data, key)
     whole = data[: data.rfind(b"\n") + 1] if data else b""
     out: list[EvidenceLine] = []
     for n, raw in enumerate(whole.splitlines(), start=1):
@@ -58,20 +59,21 @@ def lines_from_bytes(data: bytes) -> tuple[ChainVerdict, list[EvidenceLine]]:
         try:
             obj = orjson.loads(raw)
             if isinstance(obj, dict):
-                record = EvidenceRecord.model_validate({k: v for k, v in obj.items() if k not in ("seq", "prev_sha256")})
+                record = EvidenceRecord.model_validate({k: v for k, v in obj.items() if k not in CHAIN_FIELDS})
         except (orjson.JSONDecodeError, ValidationError):
             pass
         out.append(EvidenceLine(sha256=line_sha256(raw), line=n, record=record))
     return verdict, out
 
 
-def read_evidence_file(path: Path) -> EvidenceFile:
+def read_evidence_file(path: Path, key: bytes | None = None) -> EvidenceFile:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         return EvidenceFile(path, ChainVerdict(ok=False, records=0, last_sha256=GENESIS,
-                                               problems=[f"cannot read {path}: {exc.strerror}"]))
-    verdict, lines = lines_from_bytes(data)
+                                               problems=[f"cannot read {path}: {exc.strerror}"],
+                                               mode="hmac-sha256" if key is not None else "sha256"))
+    verdict, lines = lines_from_bytes(data, key)
     return EvidenceFile(path, verdict, lines)
 
 

@@ -1,7 +1,12 @@
 """Append-only, hash-chained JSONL: the proxy's evidence and the harness's events.
 
 Each line carries ``seq`` and ``prev_sha256`` (the SHA-256 of the previous line's bytes),
-so an edited, reordered, truncated or deleted line breaks the chain. Each record is one
+so an edited, reordered, truncated or deleted line breaks the chain. Plain SHA-256 only
+proves consistency: whoever can write the file can re-hash it from any line on. Given a
+key (``key=``: the harness's per-run key, held only by it and its proxy), every line also
+carries ``prev_hmac``, the HMAC-SHA256 of the previous line under that key: a rewrite by
+anyone without the key breaks it, and only a reader holding the key can check it (a
+reader without it still checks the plain chain, and says which mode it checked). Each record is one
 ``os.write`` on an O_APPEND descriptor: flushed to the OS as written, never half-buffered
 in the process. After any failed write the writer refuses every later append (fail
 closed): a gap in the evidence must never be papered over.
@@ -11,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel
@@ -22,6 +28,11 @@ from pydantic import BaseModel
 from .path_watch import PathWatch
 
 GENESIS = "0" * 64
+# The chain fields a writer adds to each record; readers strip them before validating.
+CHAIN_FIELDS = ("seq", "prev_sha256", "prev_hmac")
+ChainMode = Literal["sha256", "hmac-sha256"]
+# A key shorter than this is refused: HMAC-SHA256's security rests on it.
+MIN_KEY_BYTES = 16
 
 
 class ChainError(Exception):
@@ -43,17 +54,49 @@ def line_sha256(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+def line_hmac(key: bytes, line: bytes) -> str:
+    """The keyed link: HMAC-SHA256 of one line's bytes (without its newline)."""
+    return hmac.new(key, line, hashlib.sha256).hexdigest()
+
+
+class LineMac:
+    """HMAC-SHA256 (RFC 2104) under one key with the padded key's two hash states made
+    once and copied per line: 2.6 us a line against 5.9 us for ``hmac.new`` (measured
+    on this machine, 400-byte lines). Readers use ``line_hmac``; the tests hold the two
+    equal."""
+
+    def __init__(self, key: bytes) -> None:
+        block = hashlib.sha256().block_size
+        padded = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+
+    def hexdigest(self, line: bytes | memoryview) -> str:
+        inner = self._inner.copy()
+        inner.update(line)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
 class ChainVerdict(BaseModel):
     ok: bool
     records: int
     last_sha256: str
     problems: list[str]
+    mode: ChainMode = "sha256"  # what was checked: the plain chain, or the plain chain and the MACs under a key
+    last_hmac: str | None = None  # keyed: the MAC of the last line (the head a keyed writer reports)
+    hmac_lines: int = 0  # lines that carry a prev_hmac (a keyed writer's), checked or not
 
 
-def _walk(data: bytes) -> tuple[ChainVerdict, list[dict[str, Any]]]:
+def _walk(data: bytes, key: bytes | None = None) -> tuple[ChainVerdict, list[dict[str, Any]]]:
+    """Walk the chain. With ``key``, every line must also carry the right ``prev_hmac``
+    (the first line of a file: GENESIS); without it MACs are counted, not checked."""
     problems: list[str] = []
     records: list[dict[str, Any]] = []
     prev = GENESIS
+    prev_mac = GENESIS
+    hmac_lines = 0
     if data and not data.endswith(b"\n"):
         lines_before = data.count(b"\n")
         problems.append(f"line {lines_before + 1}: partial last line (no newline): truncated or still being written")
@@ -64,6 +107,7 @@ def _walk(data: bytes) -> tuple[ChainVerdict, list[dict[str, Any]]]:
         except orjson.JSONDecodeError:
             problems.append(f"line {n}: not valid JSON")
             prev = line_sha256(line)
+            prev_mac = line_hmac(key, line) if key is not None else prev_mac
             continue
         if not isinstance(obj, dict):
             problems.append(f"line {n}: not a JSON object")
@@ -72,17 +116,30 @@ def _walk(data: bytes) -> tuple[ChainVerdict, list[dict[str, Any]]]:
                 problems.append(f"line {n}: seq is {obj.get('seq')!r}, expected {n - 1} (a line was deleted, added or moved)")
             if obj.get("prev_sha256") != prev:
                 problems.append(f"line {n}: prev_sha256 does not match the previous line (edited, deleted or reordered)")
+            mac = obj.get("prev_hmac")
+            hmac_lines += mac is not None
+            if key is not None:
+                if mac is None:
+                    problems.append(f"line {n}: no prev_hmac: not written by the proxy holding the run key")
+                elif not isinstance(mac, str) or not hmac.compare_digest(mac, prev_mac):
+                    problems.append(f"line {n}: prev_hmac is not the HMAC-SHA256 of the previous line under the "
+                                    "run key (written or rewritten by someone without the key)")
             records.append(obj)
         prev = line_sha256(line)
-    return ChainVerdict(ok=not problems, records=len(records), last_sha256=prev, problems=problems), records
+        if key is not None:
+            prev_mac = line_hmac(key, line)
+    return ChainVerdict(ok=not problems, records=len(records), last_sha256=prev, problems=problems,
+                        mode="hmac-sha256" if key is not None else "sha256",
+                        last_hmac=prev_mac if key is not None else None, hmac_lines=hmac_lines), records
 
 
-def verify_chain(path: Path) -> ChainVerdict:
+def verify_chain(path: Path, key: bytes | None = None) -> ChainVerdict:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        return ChainVerdict(ok=False, records=0, last_sha256=GENESIS, problems=[f"cannot read {path}: {exc.strerror}"])
-    return _walk(data)[0]
+        return ChainVerdict(ok=False, records=0, last_sha256=GENESIS, problems=[f"cannot read {path}: {exc.strerror}"],
+                            mode="hmac-sha256" if key is not None else "sha256")
+    return _walk(data, key)[0]
 
 
 def read_chain(path: Path) -> tuple[ChainVerdict, list[dict[str, Any]]]:
@@ -90,16 +147,36 @@ def read_chain(path: Path) -> tuple[ChainVerdict, list[dict[str, Any]]]:
     return _walk(Path(path).read_bytes())
 
 
-def read_chain_bytes(data: bytes) -> tuple[ChainVerdict, list[dict[str, Any]]]:
+def read_chain_bytes(data: bytes, key: bytes | None = None) -> tuple[ChainVerdict, list[dict[str, Any]]]:
     """The same for bytes already read (e.g. a log without its trailing summary line)."""
-    return _walk(data)
+    return _walk(data, key)
+
+
+def check_key(key: bytes) -> bytes:
+    """The key, or ChainError if it is too short to key a MAC chain."""
+    if len(key) < MIN_KEY_BYTES:
+        raise ChainError(f"the chain key must be at least {MIN_KEY_BYTES} bytes, not {len(key)}")
+    return key
+
+
+# Called after each successful write with (records whole in the current file, records
+# over every file, the MAC of the file's last line): a keyed writer's head, for its owner.
+HeadCallback = Callable[[int, int, str], None]
 
 
 class HashChainWriter:
-    def __init__(self, path: Path, *, watch: bool = False) -> None:
+    def __init__(self, path: Path, *, watch: bool = False, key: bytes | None = None,
+                 on_head: HeadCallback | None = None) -> None:
         """``watch``: keep an inotify watch on the path so that ``check`` stats only
-        after something may have changed (see proxy.path_watch)."""
+        after something may have changed (see proxy.path_watch). ``key``: the keyed
+        mode (each record also carries ``prev_hmac``); ``on_head`` then hears the head
+        after every write that landed whole."""
         self.path = Path(path)
+        self._key = check_key(key) if key is not None else None
+        self._mac = LineMac(self._key) if self._key is not None else None
+        self._on_head = on_head if key is not None else None
+        self._prev_mac = GENESIS
+        self._head_mac = GENESIS  # the MAC of the last line whole in the file (keyed)
         self._want_watch = watch
         self._watch: PathWatch | None = None
         self._path_str = str(self.path)  # for the per-request stat: no __fspath__ call
@@ -122,12 +199,13 @@ class HashChainWriter:
                 data = self.path.read_bytes()
             except OSError as exc:
                 raise ChainError(f"cannot read {self.path}: {exc.strerror}") from None
-            verdict = _walk(data)[0]
+            verdict = _walk(data, self._key)[0]
             if not verdict.ok:
                 raise TornChain(f"{self.path} is not an intact chain; refusing to extend it: {verdict.problems[0]}. "
                                  "Keep it as evidence (verify-evidence lists every problem) and start a new "
                                  "log under another name")
             self._prev, self._seq = verdict.last_sha256, verdict.records
+            self._prev_mac = self._head_mac = verdict.last_hmac or GENESIS
             self._written = verdict.records
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -152,6 +230,16 @@ class HashChainWriter:
     @property
     def last_sha256(self) -> str:
         return self._prev
+
+    @property
+    def mode(self) -> ChainMode:
+        return "hmac-sha256" if self._key is not None else "sha256"
+
+    @property
+    def head(self) -> tuple[int, str] | None:
+        """Keyed: (records whole in the current file, MAC of its last whole line), as
+        last reported to ``on_head``; None for a plain chain."""
+        return (self._written, self._head_mac) if self._key is not None else None
 
     @property
     def count(self) -> int:
@@ -251,6 +339,7 @@ class HashChainWriter:
                              "refusing to extend it")
         self._fd, self._ident, self._size = fd, (st.st_dev, st.st_ino), 0
         self._prev, self._seq, self._written, self._moved = GENESIS, 0, 0, False
+        self._prev_mac = self._head_mac = GENESIS
         if self._want_watch:
             self._watch = PathWatch.open(self.path)
             if self._watch is not None and self._loop is not None:
@@ -263,6 +352,8 @@ class HashChainWriter:
         body = dict(record)
         body["seq"] = self._seq
         body["prev_sha256"] = self._prev
+        if self._key is not None:
+            body["prev_hmac"] = self._prev_mac
         sha = self._stage(orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE))
         self.flush()
         return sha
@@ -271,10 +362,12 @@ class HashChainWriter:
         """Chain one record into the next ``flush``: it takes its place (seq, previous
         hash) now, reaches the file with the flush. The chain fields are set in
         ``fields`` itself, so it must not carry its own ``seq`` or ``prev_sha256``."""
-        if "seq" in fields or "prev_sha256" in fields:
-            raise ChainError("a record must not carry its own seq or prev_sha256")
+        if "seq" in fields or "prev_sha256" in fields or "prev_hmac" in fields:
+            raise ChainError("a record must not carry its own seq, prev_sha256 or prev_hmac")
         fields["seq"] = self._seq
         fields["prev_sha256"] = self._prev
+        if self._key is not None:
+            fields["prev_hmac"] = self._prev_mac
         return self._stage(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
 
     def _stage(self, data: bytes) -> str:
@@ -283,8 +376,11 @@ class HashChainWriter:
         if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
         self._staged.append(data)
-        sha = hashlib.sha256(memoryview(data)[:-1]).hexdigest()
+        line = memoryview(data)[:-1]
+        sha = hashlib.sha256(line).hexdigest()
         self._prev, self._seq = sha, self._seq + 1
+        if self._mac is not None:
+            self._prev_mac = self._mac.hexdigest(line)
         return sha
 
     def flush(self) -> None:
@@ -308,6 +404,10 @@ class HashChainWriter:
         self._size += max(written, 0)
         if written == len(data):
             self._written = self._seq
+            if self._key is not None:
+                self._head_mac = self._prev_mac
+                if self._on_head is not None:
+                    self._on_head(self._written, self._base + self._written, self._head_mac)
             return
         self._failed = True
         for line in staged:  # the staged records are the last len(staged) of the chain

@@ -25,6 +25,7 @@ from .admission import ArtifactError, evaluate_admission_gates, load_admission, 
 from .app import ProxyState, create_app
 from .authority import Authority, AuthorityVerdict, info_labels
 from .evidence import EvidenceLog, EvidenceRecord, utc_now_rfc3339
+from .evidence_channel import HeadChannel
 from .hashchain import ChainError, TornChain
 from .metrics import ProxyMetrics
 from .readiness import Readiness, ReadinessState
@@ -160,8 +161,12 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
     # pre-check can skip them.
     redactor.vet_clean([admission.model, *admission.aliases, *FORWARDED, "POST", "ok"])
     evidence: EvidenceLog | None = None
+    # Keyed evidence: the run key and the harness's head channel (proxy.evidence_channel).
+    key = settings.chain_key.get_secret_value() if settings.chain_key is not None else None
+    channel = HeadChannel(settings.head_fd, os.getpid()) if settings.head_fd is not None else None
     if settings.evidence_enabled:
-        evidence = EvidenceLog(settings.evidence_file, redactor)
+        evidence = EvidenceLog(settings.evidence_file, redactor, key=key,
+                               on_head=channel.report if channel is not None else None)
         try:
             evidence.open()
             evidence.write(EvidenceRecord(
@@ -169,8 +174,10 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
                 admission_model=admission.model, admission_status=admission.admission_status.value,
                 provider_class=admission.provider_class, upstream_class=target.upstream_class.value,
                 upstream_fingerprint=target.fingerprint, pid=os.getpid(),
-                worker=worker.index if worker is not None else None))
+                worker=worker.index if worker is not None else None, chain=evidence.mode))
         except (ChainError, OSError) as exc:
+            if channel is not None:
+                channel.stop()
             raise StartupError([f"CASE_PROXY_EVIDENCE_FILE: cannot record evidence: {redactor.redact(str(exc))}"],
                                EXIT_TORN_LOG if isinstance(exc, TornChain) else EXIT_CONFIG) from None
     else:
@@ -202,6 +209,8 @@ async def start_proxy(settings: ProxySettings, worker: WorkerRole | None = None)
                 log.error("could not write the proxy_stop evidence record")
         if evidence is not None:
             evidence.close()
+        if channel is not None and not channel.stop():
+            log.error("could not report the final evidence head to the harness")
 
     app.on_cleanup.append(on_cleanup)
     # auto_decompress=False: request bodies are decoded by the proxy (proxy.body_decoding),

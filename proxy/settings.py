@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, ValidationError
 
 from .allowlists import parse_extra_fields
+from .evidence_channel import head_fd_problem, read_key_fd
 from .log_setup import LOG_FORMATS, LogFormat, parse_bool
 from .redact import clip
 from .request_policy import Endpoint
@@ -37,6 +38,10 @@ ENV_ACCESS_LOG = "CASE_PROXY_ACCESS_LOG"
 # More values the proxy must redact (one per line), e.g. other credentials the operator
 # knows could pass through a client's bytes. The harness passes its own list on.
 ENV_EXTRA_SECRETS_FILE = "CASE_PROXY_EXTRA_SECRETS_FILE"
+# The harness's per-run chain key, as hex text on an inherited descriptor (read once,
+# then closed), and the pipe the proxy reports its chain head on (proxy.evidence_channel).
+ENV_CHAIN_KEY_FD = "CASE_PROXY_CHAIN_KEY_FD"
+ENV_HEAD_FD = "CASE_PROXY_CHAIN_HEAD_FD"
 
 MiB = 1024 * 1024
 
@@ -75,6 +80,9 @@ class ProxySettings(BaseModel):
     evidence_file: Path
     allow_hosts: tuple[str, ...] = ()
     extra_secrets: tuple[SecretStr, ...] = ()
+    # Keyed evidence (proxy.hashchain): the run key, and where heads are reported.
+    chain_key: SecretBytes | None = None
+    head_fd: int | None = None
     metrics_enabled: bool = True
     evidence_enabled: bool = True
     # Log lines as text or JSON; one access line per request unless turned off.
@@ -90,6 +98,8 @@ class ProxySettings(BaseModel):
         if self.backend_api_key is not None:
             vals.append(self.backend_api_key.get_secret_value())
         vals.extend(s.get_secret_value() for s in self.extra_secrets)
+        if self.chain_key is not None:
+            vals.append(self.chain_key.get_secret_value().hex())
         return [v for v in vals if v]
 
 
@@ -324,6 +334,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
     if extra_file:
         label = ENV_EXTRA_SECRETS_FILE if env.get(ENV_EXTRA_SECRETS_FILE) else "TOML files.extra_secrets_file"
         values["extra_secrets"] = read_extra_secrets(str(extra_file), label, problems)
+    values.update(_chain_values(env, values.get("workers", 1), problems))
     if unix_socket is not None:
         workers_set = values.get("workers", 1)
         problems.extend(unix_socket_problems(unix_socket, host, port,
@@ -334,6 +345,39 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
         return ProxySettings.model_validate(values)
     except ValidationError as exc:
         raise ConfigError([_validation_problem(e["loc"], e["msg"], sources) for e in exc.errors()]) from None
+
+
+def _fd_number(env: Mapping[str, str], var: str, problems: list[str]) -> int | None:
+    raw = (env.get(var) or "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        problems.append(f"{var}: {raw!r} is not a file descriptor number")
+        return None
+    return int(raw)
+
+
+def _chain_values(env: Mapping[str, str], workers: Any, problems: list[str]) -> dict[str, Any]:
+    """The run key (read from its descriptor now, which closes it) and the head
+    channel's descriptor, checked; each problem names its variable."""
+    out: dict[str, Any] = {}
+    key_fd = _fd_number(env, ENV_CHAIN_KEY_FD, problems)
+    if key_fd is not None:
+        try:
+            out["chain_key"] = read_key_fd(key_fd)
+        except ValueError as exc:
+            problems.append(f"{ENV_CHAIN_KEY_FD}: {exc}")
+    head_fd = _fd_number(env, ENV_HEAD_FD, problems)
+    if head_fd is not None:
+        if key_fd is None:
+            problems.append(f"{ENV_HEAD_FD}: head reports need a keyed chain; set {ENV_CHAIN_KEY_FD} too")
+        elif str(workers).strip() != "1":
+            problems.append(f"{ENV_HEAD_FD}: one worker only (each worker writes its own chain)")
+        elif (problem := head_fd_problem(head_fd)) is not None:
+            problems.append(f"{ENV_HEAD_FD}: {problem}")
+        else:
+            out["head_fd"] = head_fd
+    return out
 
 
 def _validation_problem(loc: tuple[int | str, ...], message: str, sources: Mapping[str, str]) -> str:

@@ -18,7 +18,7 @@ from aiohttp import web
 from .admission import Admission
 from .auth import RecordBucket
 from .authority import Authority
-from .codes import Decision, ErrorCode, Outcome, Reason, UpstreamErrorKind
+from .codes import Decision, Outcome, Reason, UpstreamErrorKind
 from .evidence import EvidenceLog
 from .forwarding import ForwardingRecorder
 from .group_commit import GroupCommit

@@ -23,12 +23,12 @@ from harness.demo import DEMO_ADMISSION
 from harness.report import ReportInputs, RunEvents, fallback_section, metric_sum
 from proxy.admission import Admission
 from proxy.app import Draft, request_record_fields
-from proxy.records import _count
 from proxy.errors import ERRORS
 from proxy.evidence import EvidenceRecord
 from proxy.fallback import FALLBACK_REASONS, is_fallback_attempt, is_fallback_refusal
 from proxy.hashchain import ChainVerdict
 from proxy.metrics import ProxyMetrics
+from proxy.records import _count
 
 DECISIONS = ("admitted", "refused", "rejected", "error")
 REASONS = tuple(sorted({*ERRORS, "ok", "unhandled", "client_disconnected"}))

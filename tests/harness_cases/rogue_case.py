@@ -317,7 +317,42 @@ def _git_controls(workdir: Path, args: list[str]) -> None:
     _commit(workdir, "notes")
 
 
+def _find_proxy(workdir: Path, args: list[str]) -> None:
+    """The run's proxy, to read its chain key (environment, descriptors, memory) or to
+    signal it: any process whose command line is ``proxy serve``."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"proxy\0serve" not in cmdline:
+            continue
+        print(f"SAW PROXY {name}")
+        try:
+            Path(f"/proc/{name}/environ").read_bytes()
+            print(f"READ PROXY ENVIRON {name}")
+        except OSError as exc:
+            print(f"proxy environ: {type(exc).__name__}")
+
+
+def _pause(workdir: Path, args: list[str]) -> None:
+    """One admitted request, then wait (bounded) for the test to act on the run (kill the
+    proxy, start another in its place) and ask again."""
+    print("admitted before:", _ask(os.environ["CASE_MODEL"]), flush=True)
+    (workdir / ".paused").touch()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (workdir / ".go").exists():
+        time.sleep(0.1)
+    try:
+        print("after:", _ask(os.environ["CASE_MODEL"]))
+    except openai.APIError as exc:
+        print(f"after: {type(exc).__name__}")
+
+
 ESCAPES = {
+    "find-proxy": _find_proxy, "pause": _pause,
     "git-controls": _git_controls, "poison-commit": _poison_commit, "home": _home, "hang": _hang,
     "resolve": _resolve, "direct-connect": _direct_connect, "read-environ": _read_environ,
     "find-acceptance": _find_acceptance, "drop-pth": _drop_pth, "outlive": _outlive,
