@@ -31,7 +31,7 @@ TESTS_RUN = {"event": "fixture_tests_run", "time": "2026-11-28T10:00:00.000Z", "
 
 def test_each_line_comes_back_as_its_model(tmp_path: Path) -> None:
     log = ev.EventLog(tmp_path / "events.jsonl")
-    log.emit(ev.ProxyStarted(pid=42, port=None, listen="unix"))
+    log.emit(ev.ProxyStarted(pid=42, port=None, listen="unix", chain_mode="hmac-sha256", head_channel="pipe"))
     log.emit(ev.FixtureTestsRun(commit=None, committed=False, passed=False, total=3, failed=1, errors=2,
                                 sandboxed=True, git_controls_reset=[".git/config"]))
     log.close()
@@ -41,14 +41,15 @@ def test_each_line_comes_back_as_its_model(tmp_path: Path) -> None:
     assert isinstance(started, ev.ProxyStarted) and started.pid == 42 and started.listen == "unix"
     assert isinstance(tests, ev.FixtureTestsRun) and (tests.total, tests.failed, tests.errors) == (3, 1, 2)
     assert tests.git_controls_reset == [".git/config"]
-    # On disk the name leads the line, the chain fields follow the event's own.
+    # On disk each line is the event's fields (keys sorted by the chain writer) plus the chain's.
     first = json.loads((tmp_path / "events.jsonl").read_text().splitlines()[0])
-    assert next(iter(first)) == "event" and {"seq", "prev_sha256"} <= set(first)
+    assert first["event"] == "proxy_started" and {"seq", "prev_sha256"} <= set(first)
 
 
 def test_a_misspelt_or_missing_field_is_refused_when_the_event_is_made() -> None:
     with pytest.raises(ValidationError, match="listn"):
-        ev.ProxyStarted(pid=1, port=None, listen="unix", listn="unix")  # type: ignore[call-arg]
+        ev.ProxyStarted(pid=1, port=None, listen="unix", chain_mode="hmac-sha256", head_channel="pipe",
+                        listn="unix")  # type: ignore[call-arg]
     with pytest.raises(ValidationError, match="listen"):
         ev.ProxyStarted(pid=1, port=None)  # type: ignore[call-arg]
 
