@@ -10,8 +10,9 @@ would run a generation twice).
 
 Connections are made only to addresses ``check_resolved_address`` allows for the target
 (no DNS rebinding onto another host). Responses are parsed by llhttp
-(``proxy.response_parser``); malformed or broken ones raise ``BackendProtocolError``; failures to connect raise ``BackendUnreachable`` or
-``AddressRefused``; a connect that takes too long raises ``TimeoutError``.
+(``proxy.response_parser``); malformed or broken ones raise ``BackendProtocolError``;
+failures to connect raise ``BackendUnreachable`` or ``AddressRefused``; a connect that
+takes too long raises ``TimeoutError``.
 """
 
 from __future__ import annotations

