@@ -21,7 +21,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,3 +182,18 @@ def _drain(chan: _Channel) -> bool:
         return bool(os.read(chan.rout, 1))
     except OSError:
         return False
+
+
+def sandbox_wrap(bwrap: str, masked: Sequence[Path]) -> Callable[[list[str], Path, Path, Path], list[str]]:
+    """The acceptance sandbox (``harness.sandbox.isolated_command``): no network, none of
+    the machine but the interpreter (with ``masked`` covered: the fixtures, the runs),
+    the worker's scratch directory (writable) and the import root. The cases are not in
+    it: they stay in the harness."""
+    from . import sandbox as sbx
+
+    def wrap(argv: list[str], cwd: Path, scratch: Path, import_root: Path) -> list[str]:
+        ro = [*sbx.interpreter_paths(), *([] if import_root.is_relative_to(scratch) else [import_root])]
+        return sbx.isolated_command(bwrap, argv, cwd=cwd, writable=[scratch], read_only=ro, system=sbx.host_system(),
+                                    masked=masked)
+
+    return wrap

@@ -462,9 +462,10 @@ def acceptance_result(cases: list[Case], run: WorkerRun, worker_err: str, durati
     total, failed, errors = len(cases), run.failed, run.not_run
     clean = run.lost is None and run.worker_exit == 0
     passed = total > 0 and failed == 0 and errors == 0 and clean and not run.timed_out
-    # The worker's stderr first, short: the tail keeps the harness's own lines.
-    lines = ["[harness] worker stderr (tail):", tail_lines(worker_err, 1000)] if worker_err.strip() else []
-    lines += [f"FAILED {v.name}: {'; '.join(v.reasons)}" for v in run.verdicts if v is not None and not v.passed]
+    lines = [f"FAILED {v.name}: {'; '.join(v.reasons)}" for v in run.verdicts if v is not None and not v.passed]
+    # The worker's last words, short, and the harness's own lines last: the tail keeps them.
+    if worker_err.strip():
+        lines += ["[harness] worker stderr (tail):", tail_lines(worker_err, 1000).rstrip("\n")]
     if run.lost:
         lines.append(f"[harness] worker lost at {run.lost}; {errors} case(s) not run, counted as errors")
     elif run.worker_exit != 0:
