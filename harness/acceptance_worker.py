@@ -90,7 +90,8 @@ def decode(enc: Any) -> Any:
     """A literal from a request (the same tags as :func:`encode`)."""
     if not isinstance(enc, dict) or "t" not in enc:
         raise ValueError(f"not a tagged value: {enc!r:.80}")
-    tag, v = enc["t"], enc.get("v")
+    tag: Any = enc["t"]
+    v: Any = enc.get("v")  # a malformed v raises, and the probe reports it
     if tag == "none":
         return None
     if tag in ("bool", "int", "str"):
@@ -180,7 +181,7 @@ def _facts(obj: Any, probe: dict[str, Any]) -> dict[str, Any]:
             attrs[name] = encode(getattr(obj, name))
         except Exception:  # noqa: BLE001 - a missing attribute is a fact to report
             attrs[name] = MISSING
-    kinds = {}
+    kinds: dict[str, bool | None] = {}
     for ref in probe.get("types", []):
         try:
             kinds[ref] = isinstance(obj, resolve(ref))

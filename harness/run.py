@@ -80,9 +80,9 @@ from . import attestation as att
 from . import events as ev
 from . import git_mirror, repo_guard
 from . import sandbox as sbx
+from .acceptance_run import sandbox_wrap
 from .events import EventLog
 from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
-from .acceptance_run import sandbox_wrap
 from .fixture_catalog import AcceptanceResult, Fixture, load_fixture, materialize, run_acceptance
 from .gates import PreflightResult, run_preflight
 from .profile import CaseProfile, RunProfile, exposure_problems, static_protected
