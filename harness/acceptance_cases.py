@@ -240,6 +240,8 @@ def load_cases(path: Path) -> list[Case]:
         spec.loader.exec_module(module)
     except (ValueError, ValidationError) as exc:
         raise ValueError(f"{path}: invalid case: {exc}") from exc
+    except (OSError, SyntaxError, ImportError, NameError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: cannot load the cases: {type(exc).__name__}: {exc}") from exc
     cases = getattr(module, "CASES", None)
     if not isinstance(cases, list) or not cases or not all(isinstance(c, Case) for c in cases):
         raise ValueError(f"{path}: CASES must be a non-empty list of harness.acceptance_cases.Case")

@@ -99,6 +99,9 @@ def test_cases_file_errors_name_the_problem(tmp_path: Path) -> None:
     path.write_text("from harness.acceptance_cases import call\nCASES = [call('not a name!')]\n")
     with pytest.raises(ValueError, match="not a dotted name"):
         load_cases(path)
+    path.write_text("CASES = [\n")
+    with pytest.raises(ValueError, match="cannot load the cases: SyntaxError"):
+        load_cases(path)
 
 
 # A stand-in worker: answers every request with the value 1, then does what it is told.
