@@ -2,18 +2,21 @@
 
 A fixture lives in ``harness/fixtures/<id>/``:
 
-- ``fixture.toml``: the :class:`FixtureSpec` (id, title, shape, test commands, timeout).
+- ``fixture.toml``: the :class:`FixtureSpec` (id, title, shape, packages under test,
+  visible test command, timeouts).
 - ``repo/``: the initial repository content Case starts from (package + visible tests).
 - ``task.md``: the task file Case reads.
-- ``acceptance/``: hidden acceptance tests, run only by :func:`run_acceptance`.
+- ``acceptance/cases.py``: the hidden acceptance cases (``harness.acceptance_cases``),
+  imported only by the harness; only their probes reach the worker that runs Case's code.
 - ``session.json``: a recorded tool-calling session for the scripted backend that solves
   the task with the reference agent's tools (see ``harness/fixtures/README.md``).
 
 :func:`materialize` turns a fixture into a fresh git repository plus a task file that
 lives *outside* that repository, so Case's commits contain code only. The acceptance
-tests never enter the repository; :func:`run_acceptance` runs them from a temporary copy
-against the fixture's packages copied out of a clean checkout of Case's commit
-(:func:`export_commit`), with a scrubbed environment.
+cases never enter the repository; :func:`run_acceptance` sends their inputs to a worker
+(``harness.acceptance_worker``) that imports the fixture's packages copied out of a clean
+checkout of Case's commit (:func:`export_commit`), with a scrubbed environment, and
+judges the replies in this process (``harness.acceptance_run``).
 """
 
 from __future__ import annotations
@@ -35,13 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proxy.redact import tail_lines
 
+from .acceptance_cases import CASES_FILE, Case, load_cases
+from .acceptance_run import WorkerRun, run_cases
+
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
-ACCEPTANCE_PLACEHOLDER = "{acceptance_dir}"
+WORKER_MODULE = "harness.acceptance_worker"
+WORKER_SOURCE = Path(__file__).resolve().parent / "acceptance_worker.py"
 OUTPUT_TAIL_CHARS = 4000
 
 # Identity of the commits the harness makes (the initial fixture state).
@@ -70,12 +77,12 @@ class FixtureSpec(BaseModel):
     title: str = Field(min_length=1)
     shape: Literal["new-function", "bug-fix", "multi-file"]
     visible_test_command: list[str] = Field(min_length=1)
-    acceptance_test_command: list[str] = Field(min_length=1)
+    # All acceptance cases together (one worker), and each case's reply.
     timeout_s: float = Field(gt=0, le=3600)
-    # Top-level packages/modules of the checkout that the acceptance tests import. Only
+    case_timeout_s: float = Field(default=10, gt=0, le=600)
+    # Top-level packages/modules of the checkout that the acceptance cases import. Only
     # these are copied out of Case's checkout for the acceptance run (so a stray
-    # conftest.py, sitecustomize.py or pytest.ini in Case's commit has no effect).
-    # Empty: the whole checkout goes on PYTHONPATH.
+    # sitecustomize.py in Case's commit has no effect). Empty: the whole checkout.
     packages: list[str] = Field(default_factory=list)
 
     @field_validator("id")
@@ -93,11 +100,11 @@ class FixtureSpec(BaseModel):
                 raise ValueError(f"package {name!r} must be a top-level module or package name")
         return value
 
-    @model_validator(mode="after")
-    def _check_placeholder(self) -> FixtureSpec:
-        if not any(ACCEPTANCE_PLACEHOLDER in arg for arg in self.acceptance_test_command):
-            raise ValueError(f"acceptance_test_command must contain {ACCEPTANCE_PLACEHOLDER}")
-        return self
+    @property
+    def acceptance_test_command(self) -> list[str]:
+        """What runs the acceptance cases: the worker, a module of this package (what
+        ``harness.runtime_check`` checks is installed). It runs from a copy, by path."""
+        return ["python", "-m", WORKER_MODULE]
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,10 @@ class Fixture:
     @property
     def repo_template(self) -> Path:
         return self.root / "repo"
+
+    def load_cases(self) -> list[Case]:
+        """The hidden acceptance cases (``acceptance/cases.py``); ValueError if invalid."""
+        return load_cases(self.acceptance_dir / CASES_FILE)
 
     def load_session(self) -> dict[str, Any]:
         """The recorded session (``session.json``) as parsed JSON."""
@@ -136,7 +147,10 @@ class Fixture:
 
 
 class AcceptanceResult(BaseModel):
-    """Outcome of one pytest run (acceptance or visible tests)."""
+    """Outcome of one test run: the acceptance cases (one per case: ``total``; wrong
+    answers: ``failed``; cases the worker never answered: ``errors``; ``exit_code`` 0 all
+    passed, 1 some failed, 2 the worker was lost, -1 timed out) or a pytest run of the
+    visible tests (pytest's counts and exit code)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -174,7 +188,7 @@ def load_fixture(fixture_id: str) -> Fixture:
     for required in ("repo", "acceptance"):
         if not (root / required).is_dir():
             raise ValueError(f"fixture {fixture_id!r}: missing {required}/ directory")
-    for required in ("task.md", "session.json"):
+    for required in ("task.md", "session.json", f"acceptance/{CASES_FILE}"):
         if not (root / required).is_file():
             raise ValueError(f"fixture {fixture_id!r}: missing {required}")
     return Fixture(
@@ -280,13 +294,11 @@ def export_commit(repo_dir: Path, commit: str, dest: Path) -> Path:
 # --------------------------------------------------------------------------- test runs
 
 
-def resolve_command(argv: list[str], *, acceptance_dir: Path | None = None) -> list[str]:
-    """``argv`` with a leading ``python`` replaced by this interpreter and placeholders filled."""
+def resolve_command(argv: list[str]) -> list[str]:
+    """``argv`` with a leading ``python`` replaced by this interpreter."""
     out = list(argv)
     if out and out[0] in ("python", "python3"):
         out[0] = sys.executable
-    if acceptance_dir is not None:
-        out = [arg.replace(ACCEPTANCE_PLACEHOLDER, str(acceptance_dir)) for arg in out]
     return out
 
 
@@ -392,45 +404,78 @@ def _stage_packages(fixture: Fixture, checkout_dir: Path, staging: Path) -> Path
     return staging
 
 
-# Wraps the acceptance test argv (argv, cwd, writable temp root, import root) into an
-# isolating command: Case's committed code runs inside the tests (harness.sandbox).
+# Wraps the worker's argv (argv, cwd, writable temp root, import root) into an isolating
+# command: Case's committed code runs inside the worker (harness.sandbox).
 AcceptanceWrap = Callable[[list[str], Path, Path, Path], list[str]]
 
 
 def run_acceptance(fixture: Fixture, checkout_dir: Path, timeout_s: float | None = None,
                    wrap: AcceptanceWrap | None = None) -> AcceptanceResult:
-    """Run the fixture's hidden acceptance tests against ``checkout_dir``.
+    """Judge ``checkout_dir`` by the fixture's hidden acceptance cases.
 
     ``checkout_dir`` should be a clean checkout of Case's final commit
-    (:func:`export_commit`). The tests run from a fresh temporary copy of the fixture's
-    ``acceptance/`` (with a pytest.ini the harness writes, so nothing in the checkout
-    can configure pytest), with only the fixture's ``packages`` from the checkout on
-    PYTHONPATH, a scrubbed environment (no credentials) and plugin autoload disabled.
-    ``wrap`` (the harness's sandbox) isolates the test process, which imports Case's code.
-    ``passed`` requires exit code 0, at least one test, and no failure, error or skip.
+    (:func:`export_commit`). Only the fixture's ``packages`` are copied out of it, next to
+    a copy of the worker, into a temporary directory; the worker runs there with a
+    scrubbed environment (no credentials), inside ``wrap`` (the harness's sandbox), and
+    receives each case's inputs only. Replies are judged here (``harness.acceptance_run``).
+    ``passed`` requires at least one case, every case answered and right, and the
+    worker's clean exit when its input ends.
     """
     checkout_dir = Path(checkout_dir).resolve()
     if not checkout_dir.is_dir():
         raise ValueError(f"checkout directory {checkout_dir} does not exist")
+    cases = fixture.load_cases()
     timeout = fixture.spec.timeout_s if timeout_s is None else timeout_s
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"acceptance-{fixture.id}-") as tmp:
         tmp_path = Path(tmp)
-        tests_dir = tmp_path / "acceptance"
-        shutil.copytree(fixture.acceptance_dir, tests_dir, ignore=_TEMPLATE_IGNORE)
-        (tests_dir / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+        work = tmp_path / "worker"
+        work.mkdir()
+        worker = work / WORKER_SOURCE.name
+        shutil.copyfile(WORKER_SOURCE, worker)
         import_root = _stage_packages(fixture, checkout_dir, tmp_path / "packages")
         home = tmp_path / "home"
         home.mkdir()
-        argv = resolve_command(fixture.spec.acceptance_test_command, acceptance_dir=tests_dir)
+        # -I: no PYTHON* variables, no user site, no script directory on sys.path.
+        argv = [sys.executable, "-I", "-X", "utf8", str(worker), str(import_root)]
         if wrap is not None:
-            argv = wrap(argv, tests_dir, tmp_path, import_root)
-        return _run_pytest(
-            argv,
-            cwd=tests_dir,
-            env=_test_env(home, import_root),
-            junit=tmp_path / "junit.xml",
-            timeout_s=timeout,
-        )
+            argv = wrap(argv, work, tmp_path, import_root)
+        stderr = tmp_path / "worker.stderr"
+        run = run_cases(cases, argv, cwd=work, env=_test_env(home, None), stderr=stderr,
+                        case_timeout_s=min(fixture.spec.case_timeout_s, timeout), total_timeout_s=timeout)
+        worker_err = _read_tail(stderr, OUTPUT_TAIL_CHARS)
+    return acceptance_result(cases, run, worker_err, round(time.monotonic() - started, 3))
+
+
+def _read_tail(path: Path, limit: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - limit))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def acceptance_result(cases: list[Case], run: WorkerRun, worker_err: str, duration_s: float) -> AcceptanceResult:
+    """The counts and the verdict from the judged cases. Pure."""
+    total, failed, errors = len(cases), run.failed, run.not_run
+    clean = run.lost is None and run.worker_exit == 0
+    passed = total > 0 and failed == 0 and errors == 0 and clean and not run.timed_out
+    lines = [f"FAILED {v.name}: {'; '.join(v.reasons)}" for v in run.verdicts if v is not None and not v.passed]
+    # The worker's last words, short, and the harness's own lines last: the tail keeps them.
+    if worker_err.strip():
+        lines += ["[harness] worker stderr (tail):", tail_lines(worker_err, 1000).rstrip("\n")]
+    if run.lost:
+        lines.append(f"[harness] worker lost at {run.lost}; {errors} case(s) not run, counted as errors")
+    elif run.worker_exit != 0:
+        lines.append(f"[harness] the worker exited with code {run.worker_exit} after the last case")
+    lines += [f"[harness] {note}" for note in run.notes]
+    lines.append(f"[harness] {total - failed - errors} passed, {failed} failed, {errors} not run, of {total} cases")
+    exit_code = -1 if run.timed_out else 2 if not clean else 0 if passed else 1
+    return AcceptanceResult(passed=passed, total=total, failed=failed, errors=errors, exit_code=exit_code,
+                            timed_out=run.timed_out, duration_s=duration_s,
+                            output_tail=tail_lines("\n".join(lines) + "\n", OUTPUT_TAIL_CHARS))
 
 
 def run_visible_tests(fixture: Fixture, repo_dir: Path, timeout_s: float | None = None) -> AcceptanceResult:

@@ -82,6 +82,7 @@ from . import attestation as att
 from . import events as ev
 from . import git_mirror, repo_guard
 from . import sandbox as sbx
+from .acceptance_run import sandbox_wrap
 from .events import EventLog
 from .exit_codes import EXIT_BLOCKED, EXIT_CONFIG, EXIT_FAIL, EXIT_PASS, STATUS_EXIT
 from .fixture_catalog import AcceptanceResult, Fixture, load_fixture, materialize, run_acceptance
@@ -1097,21 +1098,17 @@ def _isolation(bwrap: sbx.BwrapInfo, spec: sbx.SandboxSpec) -> ev.BubblewrapIsol
 
 
 def _acceptance(st: _RunState, fixture: Fixture, repo_dir: Path, initial: str, bwrap: sbx.BwrapInfo | None) -> None:
-    """Acceptance tests on a clean export of Case's final commit (never the work tree).
-    They import Case's code, so with the sandbox they run in one too (no network, none
-    of the machine but the interpreter, the tests' temporary copy and the checkout)."""
+    """Acceptance cases on a clean export of Case's final commit (never the work tree).
+    Case's code runs only in the acceptance worker, which a sandboxed run isolates too
+    (no network, none of the machine but the interpreter and the worker's temporary
+    directory); the verdict is computed here (``harness.acceptance_run``)."""
     # Copied first, as data (no git runs in it), so the scan sees what Case wrote.
     st.git_snapshot = git_mirror.take(repo_dir)
     # Case could write .git/config and friends; git would obey them outside the sandbox.
     reset = repo_guard.reclaim(repo_dir, st.git_config)
     if reset:
         st.say(f"acceptance: took back Case's repository git controls: {', '.join(reset)}")
-    wrap = None
-    if bwrap is not None:
-        def wrap(argv: list[str], cwd: Path, scratch: Path, import_root: Path) -> list[str]:
-            ro = [*sbx.interpreter_paths(), *([] if import_root.is_relative_to(scratch) else [import_root])]
-            return sbx.isolated_command(bwrap.path, argv, cwd=cwd, writable=[scratch], read_only=ro,
-                                        system=sbx.host_system(), masked=_masked(st.run_dir.parent))
+    wrap = sandbox_wrap(bwrap.path, _masked(st.run_dir.parent)) if bwrap is not None else None
     # Case's commit is read from the harness's copy, with plumbing, ignoring every
     # .gitattributes (no smudge filter, no export-subst or export-ignore).
     head = git_mirror.resolve_commit(st.git_snapshot)

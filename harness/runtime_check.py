@@ -1,6 +1,7 @@
 """Before a run: the programs it will start must be installed in this interpreter.
 
-A run needs the fixture's acceptance runner (pytest) and, for the reference agent, the
+A run needs the fixture's acceptance runner (the harness's acceptance worker) and, for the
+reference agent, the
 ``openai`` SDK. Without them a run used to end ``fail`` with "0 failed, 0 errors of 0",
 which reads like a broken Case rather than a missing package. ``run_problems`` names
 what is missing and how to install it, so the run stops with a usage error before a run
@@ -46,10 +47,12 @@ def run_problems(acceptance_argv: Sequence[str], case_argv: Sequence[str],
     problems: list[str] = []
     runner = python_module(acceptance_argv)
     if runner is not None and not _installed(runner, find_spec):
+        fix = ("it is part of case-local-route: reinstall the package" if runner.startswith("harness.") else
+               f"pip install {runner}; it is a dependency of case-local-route, so reinstalling the package "
+               "brings it back")
         problems.append(
             f"the acceptance test runner '{runner}' is not installed for {sys.executable}: without it no "
-            f"acceptance test can run and the run could only fail; install it (pip install {runner}; "
-            "it is a dependency of case-local-route, so reinstalling the package brings it back)")
+            f"acceptance test can run and the run could only fail; install it ({fix})")
     agent = python_module(case_argv)
     if agent is not None and agent in _NEEDS:
         needed, fix = _NEEDS[agent]

@@ -73,7 +73,9 @@ def test_fixture_loads(fixture_id):
     assert fixture.spec.id == fixture_id == fixture.id
     assert fixture.task_text.strip()
     assert fixture.root.is_dir() and fixture.acceptance_dir.is_dir()
-    assert any(fixture.acceptance_dir.glob("test_*.py"))
+    assert not any(fixture.acceptance_dir.glob("test_*.py")), "acceptance is data now, not a pytest suite"
+    cases = fixture.load_cases()
+    assert len(cases) >= 10 and len({c.name for c in cases}) == len(cases)
     assert (fixture.repo_template / "tests").is_dir()
     assert fixture.spec.packages, "each shipped fixture names the packages its acceptance tests import"
     for name in fixture.spec.packages:
@@ -97,13 +99,13 @@ def test_spec_rejects_bad_values():
         "title": "t",
         "shape": "new-function",
         "visible_test_command": ["python", "-m", "pytest"],
-        "acceptance_test_command": ["python", "-m", "pytest", "{acceptance_dir}"],
         "timeout_s": 10,
     }
     FixtureSpec.model_validate(base)
     for patch in (
         {"shape": "refactor"},
-        {"acceptance_test_command": ["python", "-m", "pytest"]},
+        {"acceptance_test_command": ["python", "-m", "pytest"]},  # gone: the cases are data
+        {"case_timeout_s": 0},
         {"timeout_s": 0},
         {"unexpected": 1},
         {"packages": ["../evil"]},

@@ -159,28 +159,34 @@ def test_run_problems_name_the_missing_package_and_the_fix() -> None:
     fixture = load_fixture("r1-string-slugify")
     acceptance, case = fixture.spec.acceptance_test_command, demo_profile().case.command
     assert run_problems(acceptance, case) == []
-    [runner] = run_problems(acceptance, case, _missing("pytest"))
+    # The acceptance cases run in the harness's own worker: pytest is not needed for them.
+    assert run_problems(acceptance, case, _missing("pytest")) == []
+    [runner] = run_problems(acceptance, case, _missing("harness.acceptance_worker"))
+    assert "acceptance test runner 'harness.acceptance_worker' is not installed" in runner
+    assert "reinstall the package" in runner
+    [runner] = run_problems(["python", "-m", "pytest", "t"], case, _missing("pytest"))
     assert "acceptance test runner 'pytest' is not installed" in runner and "pip install pytest" in runner
     [agent] = run_problems(acceptance, case, _missing("openai"))
     assert "harness.reference_agent" in agent and "case-local-route[agent]" in agent
-    assert len(run_problems(acceptance, case, _missing("pytest", "openai"))) == 2
+    assert len(run_problems(acceptance, case, _missing("harness.acceptance_worker", "openai"))) == 2
     # A Case that is an external program is not this interpreter's business.
     assert run_problems(acceptance, ["/opt/case/bin/case", "--task", "{task_file}"], _missing("openai")) == []
 
 
 def test_a_run_without_its_acceptance_runner_stops_before_it_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hostile environment: pytest is not importable. The run must not start (no run
+    """Hostile environment: the acceptance worker is not importable. The run must not start (no run
     directory, so no Case process) and must say why, instead of ending 'fail' with
     '0 failed, 0 errors of 0'."""
-    monkeypatch.setattr(importlib.util, "find_spec", _missing("pytest"))
+    monkeypatch.setattr(importlib.util, "find_spec", _missing("harness.acceptance_worker"))
     runs = tmp_path / "runs"
-    with pytest.raises(RunConfigError, match="acceptance test runner 'pytest' is not installed"):
+    with pytest.raises(RunConfigError, match="acceptance test runner 'harness.acceptance_worker' is not installed"):
         run_once(reference_profile(), {"PATH": "/usr/bin:/bin"}, runs, backend="scripted")
     assert not runs.exists() or not any(runs.iterdir())
 
 
-@pytest.mark.parametrize("argv,missing", [(["run", "--backend", "scripted"], "pytest"), (["demo"], "openai")])
+@pytest.mark.parametrize("argv,missing", [(["run", "--backend", "scripted"], "harness.acceptance_worker"),
+                                          (["demo"], "openai")])
 def test_cli_exits_2_naming_the_missing_package(argv: list[str], missing: str, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,7 +201,7 @@ def test_cli_exits_2_naming_the_missing_package(argv: list[str], missing: str, t
 def test_preflight_exits_2_naming_a_missing_runner(monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """A preflight must not say 'ok' for a run that would stop on a missing package."""
-    monkeypatch.setattr(importlib.util, "find_spec", _missing("pytest"))
+    monkeypatch.setattr(importlib.util, "find_spec", _missing("harness.acceptance_worker"))
     code = harness_cli.main(["preflight"], env={"PATH": "/usr/bin:/bin"})
     out = capsys.readouterr()
-    assert code == 2 and "'pytest' is not installed" in out.err, out
+    assert code == 2 and "'harness.acceptance_worker' is not installed" in out.err, out
