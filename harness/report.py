@@ -750,7 +750,7 @@ def render_text(report: Report) -> str:
         f"names resolved in the sandbox: {sum(r.egress.dns_names.values())}"
         + (f" ({', '.join(f'{h}={n}' for h, n in sorted(r.egress.dns_names.items()))})" if r.egress.dns_names
            else ""),
-        f"tests passed: {str(r.tests_passed).lower()} ({r.tests.total} acceptance tests, {r.tests.failed} failed, "
+        f"tests passed: {str(r.tests_passed).lower()} ({r.tests.total} acceptance cases, {r.tests.failed} failed, "
         f"{r.tests.errors} errors; committed: {str(r.tests.committed).lower()})",
         (f"case process: exit {r.case_process.exit_code}, {r.case_process.duration_s}s"
          + (" (timed out)" if r.case_process.timed_out else "")) if r.case_process.started
