@@ -36,7 +36,7 @@ ATTESTATION_FILE = "attestation.dsse.json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 # The project owns no domain: a URN names its predicate type (schema: docs/attestation.md).
-PREDICATE_TYPE = "urn:case-local-route:predicate:run-proof:v1"
+PREDICATE_TYPE = "urn:case-local-route:predicate:run-proof:v2"
 ENV_SIGNING_KEY_FILE = "CASE_HARNESS_SIGNING_KEY_FILE"
 PRIVATE_KEY_FILE = "signing-key.pem"
 PUBLIC_KEY_FILE = "signing-key.pub.pem"
@@ -116,6 +116,7 @@ def proof_fields(report: Mapping[str, Any]) -> dict[str, Any]:
     scan = report.get("secret_scan") or {}
     chains = report.get("chains") or {}
     digests = report.get("digests") or {}
+    proof = report.get("proxy_proof") or {}
     return {
         "report_schema_version": report.get("schema_version"),
         "status": report.get("status"),
@@ -142,6 +143,8 @@ def proof_fields(report: Mapping[str, Any]) -> dict[str, Any]:
         "namespace_survivors": isolation.get("namespace_survivors"),
         "secret_scan_clean": scan.get("clean"),
         "chains_ok": bool(chains.get("events_ok")) and chains.get("evidence_ok") is not False,
+        "evidence_chain_mode": proof.get("chain_mode"),
+        "evidence_mac_verified": proof.get("chain_verified"),
         "decision_sha256_before": digests.get("decision_sha256_before"),
         "admission_sha256_before": digests.get("admission_sha256_before"),
         "upstream_class": (report.get("endpoint") or {}).get("upstream_class"),

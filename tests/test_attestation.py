@@ -234,6 +234,9 @@ def test_signed_run_verifies_with_securesystemslib(copy_of_run: Path, keys: tupl
     assert subjects[att.COMMIT_SUBJECT] == {"gitCommit": report["tests"]["commit"]}
     assert len(report["tests"]["commit"]) == 40
     assert stmt["predicate"]["status"] == "pass" and stmt["predicate"]["case_model"] == report["case_model"]
+    # The proof that the run's own proxy wrote the evidence is part of what is signed.
+    assert (stmt["predicate"]["evidence_chain_mode"], stmt["predicate"]["evidence_mac_verified"]) == (
+        "hmac-sha256", True)
     # A flipped bit in the payload: securesystemslib refuses it as well.
     tampered = _envelope(copy_of_run)
     tampered["payload"] = base64.b64encode(envelope.payload.replace(b'"pass"', b'"fail"')).decode()
