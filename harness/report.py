@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from proxy.codes import Decision, ErrorCode
 from proxy.evidence import NON_MODEL_ENDPOINTS, EvidenceRecord, records_from_bytes
 from proxy.evidence_files import EvidenceFile, lines_from_bytes, pair_forwarding
 from proxy.fallback import is_fallback_attempt, is_fallback_refusal
@@ -449,8 +450,8 @@ def model_section(inp: ReportInputs, run: RunEvents, blocked: bool) -> tuple[Mod
     """The admitted model requests, the identity the proxy enforced, the upstream it used
     and the model the backend said it served."""
     reqs = [r for r in inp.evidence if r.kind == "request"]
-    admitted = [r for r in reqs if r.decision == "admitted" and r.endpoint not in NON_MODEL_ENDPOINTS]
-    mismatches = sum(1 for r in reqs if r.reason == "served_model_mismatch")
+    admitted = [r for r in reqs if r.decision == Decision.ADMITTED and r.endpoint not in NON_MODEL_ENDPOINTS]
+    mismatches = sum(1 for r in reqs if r.reason == ErrorCode.SERVED_MODEL_MISMATCH)
     served = Counter(r.served_model for r in admitted if r.served_model)
     # The proxy states what it enforced in its start record; one identity per run.
     starts = [r for r in inp.evidence if r.kind == "proxy_start"]
@@ -493,7 +494,7 @@ def fallback_section(inp: ReportInputs, run: RunEvents, blocked: bool) -> tuple[
     /metrics, and the DNS log's integrity."""
     reqs = [r for r in inp.evidence if r.kind == "request"]
     fallbacks = [r for r in reqs if _is_fallback(r)]
-    egress = [r for r in reqs if r.reason == "forward_proxy_refused"]
+    egress = [r for r in reqs if r.reason == ErrorCode.FORWARD_PROXY_REFUSED]
     metrics_fallbacks = metric_sum(inp.metrics_text, "case_proxy_fallback_rejections_total")
     all_fallback_refusals = sum(1 for r in reqs if is_fallback_refusal(r.decision, r.reason))
     dns_names = Counter(q["name"] for q in inp.dns_queries if q.get("name"))

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 # proxy.fallback holds the one definition of a fallback refusal; FALLBACK_REASONS stays
 # importable from here for older importers.
+from .codes import Decision, ErrorCode
 from .fallback import FALLBACK_REASONS, is_fallback_refusal  # noqa: F401
 from .hashchain import CHAIN_FIELDS, ChainMode, ChainVerdict, HashChainWriter, HeadCallback, read_chain_bytes
 from .redact import Redactor
@@ -253,16 +254,16 @@ class EvidenceSummary(BaseModel):
 def summarize_evidence(path: Path) -> EvidenceSummary:
     _, records = _records(path)
     reqs = [r for r in records if r.kind == "request"]
-    refused = [r for r in reqs if r.decision == "refused"]
+    refused = [r for r in reqs if r.decision == Decision.REFUSED]
     fallbacks = [r for r in refused if is_fallback_refusal(r.decision, r.reason)]
     return EvidenceSummary(
         records=len(records),
         requests=len(reqs),
-        admitted=sum(1 for r in reqs if r.decision == "admitted" and r.endpoint not in NON_MODEL_ENDPOINTS),
+        admitted=sum(1 for r in reqs if r.decision == Decision.ADMITTED and r.endpoint not in NON_MODEL_ENDPOINTS),
         refused_by_reason=dict(Counter(r.reason or "" for r in refused)),
         fallback_attempts=len(fallbacks),
         fallback_by_family=dict(Counter(r.family or "other" for r in fallbacks)),
-        served_model_mismatches=sum(1 for r in reqs if r.reason == "served_model_mismatch"),
+        served_model_mismatches=sum(1 for r in reqs if r.reason == ErrorCode.SERVED_MODEL_MISMATCH),
         served_models=dict(Counter(r.served_model for r in reqs if r.served_model)),
         target_hosts=dict(Counter(r.target_host for r in reqs if r.target_host)),
         prompt_tokens=sum(r.usage.prompt_tokens or 0 for r in reqs if r.usage),
