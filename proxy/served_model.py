@@ -4,9 +4,6 @@ Streams are checked event by event in ``proxy.stream_check`` (SSE read as the
 specification reads it, each event's data parsed as JSON); non-streaming bodies here.
 Both refuse a JSON object that repeats a key: JSON clients differ on which duplicate
 wins (and ``"mod\\u0065l"`` is the key ``model``), so such a body proves nothing.
-
-``scan_model`` and ``ModelScanner`` (a byte scan for ``"model"``) are no longer used to
-check anything: the proxy state still builds a ``ModelScanner``, to be removed with it.
 """
 
 from __future__ import annotations
