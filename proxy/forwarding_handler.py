@@ -11,8 +11,6 @@ The engine gets the parsed and checked object re-serialised, never the client's 
 
 from __future__ import annotations
 
-from functools import partial
-
 import orjson
 from aiohttp import web
 
@@ -190,10 +188,13 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
     headers["Content-Type"] = "application/json"
     headers["X-Request-Id"] = draft.request_id
     # A durable forwarding record before the backend sees a byte (fail closed).
-    if state.forwarding is not None and await state.forwarding.record(
-            draft, state.in_flight <= 1, partial(setattr, draft, "forwarding_sha256")) is None:
-        draft.decision, draft.outcome = Decision.REJECTED, Outcome.UNAVAILABLE  # counted once, by its completion record
-        return error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, NO_EVIDENCE)
+    if state.forwarding is not None:
+        written = state.forwarding.record(draft, state.in_flight <= 1)
+        if not isinstance(written, bool):
+            written = await written  # the shared write (proxy.group_commit)
+        if not written:
+            draft.decision, draft.outcome = Decision.REJECTED, Outcome.UNAVAILABLE  # counted once, by its completion
+            return error_reply(state, draft, ErrorCode.EVIDENCE_UNAVAILABLE, NO_EVIDENCE)
     draft.forwarded = True
     try:
         resp = await state.upstream.post(path, body, headers, limits.first_byte_timeout_s)
