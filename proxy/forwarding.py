@@ -17,7 +17,7 @@ request alone writes at once, so one connection pays one ``os.write`` and no wai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
 from typing import Any, Protocol
 
 from .evidence import EvidenceLog, utc_now_rfc3339
@@ -39,6 +39,7 @@ class Forwarded(Protocol):
     alias_rewritten: bool
     stream: bool
     own_id: bool
+    forwarding_sha256: str | None
 
 
 def forwarding_fields(draft: Forwarded, target: UpstreamTarget) -> dict[str, Any]:
@@ -76,23 +77,20 @@ class ForwardingRecorder:
         self._batch = batch
         self._template = _template(target)  # built once: a few microseconds per request saved
 
-    async def record(self, draft: Forwarded, alone: bool,
-                     on_staged: Callable[[str], None] | None = None) -> str | None:
-        """The SHA-256 of the record's line once it is in the file, or None if it could
-        not be written (the caller refuses the request). ``alone``: no other request
-        is in flight to share the write with. ``on_staged(sha)`` is called as soon as
-        the record has its place in the chain, before the wait for the write: a request
-        cancelled during that wait still names its forwarding record in its completion."""
+    def record(self, draft: Forwarded, alone: bool) -> bool | asyncio.Future[bool]:
+        """Whether the record is in the file (False: it could not be written, the caller
+        refuses the request), or a future that says so once the shared write is done.
+        ``alone``: no other request is in flight to share the write with. Not a
+        coroutine: the usual request, written at once, awaits nothing. The record's line
+        (``draft.forwarding_sha256``) is set as soon as it has its place in the chain,
+        before any wait for the write: a request cancelled during that wait still names
+        its forwarding record in its completion."""
         fields = _fields(self._template, draft)
         try:
             if alone and not self._batch.pending:
-                sha = self._evidence.write_fields(fields, draft.own_id)
-                if on_staged is not None:
-                    on_staged(sha)
-                return sha
-            sha, done = self._batch.stage_with_sha(fields, None, draft.own_id)
+                draft.forwarding_sha256 = self._evidence.write_fields(fields, draft.own_id)
+                return True
+            draft.forwarding_sha256, done = self._batch.stage_with_sha(fields, None, draft.own_id)
         except (ChainError, OSError, ValueError):
-            return None
-        if on_staged is not None:
-            on_staged(sha)
-        return sha if await done else None
+            return False
+        return done
