@@ -236,6 +236,7 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         if parser is not None and not parser.complete:
             self._parser = None
+            parser.release()
             err = BackendProtocolError("the backend closed the connection before the response ended")
             if self._head_waiter is not None and not self._head_waiter.done():
                 self._head_waiter.set_exception(err)
@@ -286,13 +287,17 @@ class _Connection(asyncio.Protocol):
     def finished(self, reuse: bool) -> None:
         parser = self._parser
         self._parser = self._response = self._head_waiter = None
+        if parser is not None:
+            parser.release()
         if reuse and parser is not None and parser.complete and not self.closed and not self._paused:
             self._pool.put_back(self)
         else:
             self.close()
 
     def close(self) -> None:
-        self._parser = None
+        if self._parser is not None:
+            self._parser.release()
+            self._parser = None
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()

@@ -73,7 +73,9 @@ class ResponseParser:
 
     def __init__(self, sink: ResponseSink) -> None:
         self._sink = sink
-        self._llhttp = httptools.HttpResponseParser(self)
+        # llhttp holds this parser's bound callbacks, so the two form a reference cycle:
+        # release() breaks it, or every response would wait for the cycle collector.
+        self._llhttp: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._headers: list[tuple[str, str]] = []
         self._head: ResponseHead | None = None
         self._head_size = 0  # parsed bytes of every head so far (interim ones included)
@@ -91,12 +93,22 @@ class ResponseParser:
 
     # -- fed by the connection
 
+    def release(self) -> None:
+        """Done with this response: drop llhttp (and with it the cycle through its
+        callbacks) so the parser is freed at once. Bytes fed afterwards are refused."""
+        self._llhttp = None
+        if not self.complete:
+            self.failed = True
+
     def feed(self, data: bytes) -> None:
         if self.failed:
             raise self._error or BackendProtocolError("the backend's response was already refused")
+        llhttp = self._llhttp
+        if llhttp is None:
+            raise BackendProtocolError("the backend sent data after its response was released")
         self._progress = False
         try:
-            self._llhttp.feed_data(data)
+            llhttp.feed_data(data)
         except Exception as exc:  # llhttp's refusal, or a check of ours raised in a callback
             self._fail(exc)
         if self._head is None:
@@ -166,6 +178,7 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         llhttp = self._llhttp
+        assert llhttp is not None  # called by llhttp itself, from feed()
         if llhttp.get_http_version() not in _VERSIONS:
             self._refuse("the backend's status line is not HTTP/1.1 or HTTP/1.0")
         status = llhttp.get_status_code()
