@@ -17,10 +17,15 @@ from importlib.machinery import ModuleSpec
 
 FindSpec = Callable[[str], "ModuleSpec | None"]
 _PYTHONS = ("python", "python3")
-# Modules a Case command can run that import an optional dependency late:
-# module -> (what it needs, what installs it).
-_NEEDS: dict[str, tuple[str, str]] = {
-    "harness.reference_agent": ("openai", "pip install 'case-local-route[agent]'"),
+# Modules a Case command can run that need a package at run time:
+# module -> ((what it needs, what installs it), ...). The reference agent's client is the
+# openai SDK, and its run_tests tool runs the fixture's visible tests with pytest.
+_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "harness.reference_agent": (
+        ("openai", "pip install 'case-local-route[agent]'"),
+        ("pytest", "pip install pytest; it is a dependency of case-local-route, so reinstalling the package "
+                   "brings it back"),
+    ),
 }
 
 
@@ -54,8 +59,7 @@ def run_problems(acceptance_argv: Sequence[str], case_argv: Sequence[str],
             f"the acceptance test runner '{runner}' is not installed for {sys.executable}: without it no "
             f"acceptance test can run and the run could only fail; install it ({fix})")
     agent = python_module(case_argv)
-    if agent is not None and agent in _NEEDS:
-        needed, fix = _NEEDS[agent]
+    for needed, fix in _NEEDS.get(agent or "", ()):
         if not _installed(needed, find_spec):
             problems.append(f"the Case command runs {agent}, which needs the '{needed}' package, not installed "
                             f"for {sys.executable}: {fix}")

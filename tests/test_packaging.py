@@ -159,12 +159,15 @@ def test_run_problems_name_the_missing_package_and_the_fix() -> None:
     fixture = load_fixture("r1-string-slugify")
     acceptance, case = fixture.spec.acceptance_test_command, demo_profile().case.command
     assert run_problems(acceptance, case) == []
-    # The acceptance cases run in the harness's own worker: pytest is not needed for them.
-    assert run_problems(acceptance, case, _missing("pytest")) == []
+    # The acceptance cases run in the harness's own worker: pytest is not needed for them,
+    # only for the reference agent's run_tests tool (the fixture's visible tests).
+    [agent] = run_problems(acceptance, case, _missing("pytest"))
+    assert "harness.reference_agent" in agent and "'pytest'" in agent and "pip install pytest" in agent
+    assert run_problems(acceptance, ["/opt/case/bin/case"], _missing("pytest")) == []
     [runner] = run_problems(acceptance, case, _missing("harness.acceptance_worker"))
     assert "acceptance test runner 'harness.acceptance_worker' is not installed" in runner
     assert "reinstall the package" in runner
-    [runner] = run_problems(["python", "-m", "pytest", "t"], case, _missing("pytest"))
+    [runner] = run_problems(["python", "-m", "pytest", "t"], ["/opt/case/bin/case"], _missing("pytest"))
     assert "acceptance test runner 'pytest' is not installed" in runner and "pip install pytest" in runner
     [agent] = run_problems(acceptance, case, _missing("openai"))
     assert "harness.reference_agent" in agent and "case-local-route[agent]" in agent

@@ -91,9 +91,9 @@ def test_demo_passes_from_the_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> Non
     reports = [json.loads(p.read_text()) for p in (work / "runs").glob("*/report.json")]
     assert [r["status"] for r in reports].count("pass") == 1, [r["status"] for r in reports]
 
-    # The acceptance runner gone: a clear error, not a run that fails with 0 of 0.
+    # pytest gone (the reference agent runs the visible tests with it): a clear error before
+    # any run starts, not a run whose agent cannot test its work.
     _ok(_run([str(py), "-m", "pip", "uninstall", "-q", "-y", "pytest"], work))
     no_runner = _run([str(bin_dir / "case-harness"), "demo", "--runs-dir", str(work / "runs2")], work)
-    assert no_runner.returncode == 2 and "acceptance test runner 'pytest' is not installed" in no_runner.stderr, \
-        no_runner.stderr
+    assert no_runner.returncode == 2 and "needs the 'pytest' package" in no_runner.stderr, no_runner.stderr
     assert not (work / "runs2").exists()
