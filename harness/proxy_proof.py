@@ -11,19 +11,14 @@ each saying what is wrong. See docs/threat-model.md for what this proves and wha
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from proxy.evidence import EvidenceRecord
 
 from . import events as ev
+from .reasons import Reason
 
 KEYED = "hmac-sha256"
-
-
-class ProofReason(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    code: str
-    message: str
 
 
 class ProxyProof(BaseModel):
@@ -47,7 +42,7 @@ class ProxyProof(BaseModel):
 
 def judge_proxy_proof(proxy_started: ev.ProxyStarted | None, case_exited: ev.CaseProcessExited | None,
                       proxy_stopped: ev.ProxyStopped | None, evidence: list[EvidenceRecord],
-                      sandboxed: bool) -> tuple[ProxyProof | None, list[ProofReason]]:
+                      sandboxed: bool) -> tuple[ProxyProof | None, list[Reason]]:
     """The section and its failed requirements; (None, []) when no proxy was started."""
     if proxy_started is None:
         return None, []
@@ -60,10 +55,10 @@ def judge_proxy_proof(proxy_started: ev.ProxyStarted | None, case_exited: ev.Cas
     start_pid = starts[0].pid if starts else None
     stop_pid = stops[-1].pid if stops else None
     alive = case_exited.proxy_alive if case_exited else None
-    reasons: list[ProofReason] = []
+    reasons: list[Reason] = []
 
     def fail(code: str, message: str) -> None:
-        reasons.append(ProofReason(code=code, message=message))
+        reasons.append(Reason(code=code, message=message))
 
     mode = chain.mode if chain else None
     verified = chain is not None and chain.mode == KEYED and chain.ok

@@ -31,6 +31,7 @@ from . import events as ev
 from .attestation import PREDICATE_TYPE
 from .dns_sink import read_queries
 from .proxy_proof import ProxyProof, judge_proxy_proof, proof_line
+from .reasons import Reason, fail
 from .secret_scan import ScanResult
 
 REPORT_SCHEMA_VERSION: Literal[1] = 1
@@ -43,12 +44,6 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "report.schema.js
 # unproven: every check held, but Case did not run in the sandbox (--no-sandbox), so
 # nothing shows it could not have gone around the proxy: never a pass.
 Status = ev.RunStatus
-
-
-class Reason(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    code: str
-    message: str
 
 
 class ExternalFallback(BaseModel):
@@ -375,11 +370,6 @@ _BLOCK_BREAKERS = frozenset({"artifact_changed", "secret_found", "secret_scan_ch
                              "events_malformed", "case_started_after_block"})
 
 
-def fail(code: str, message: str) -> Reason:
-    """A failure reason (tests/test_docs.py reads the codes passed here: each is documented)."""
-    return Reason(code=code, message=message)
-
-
 # --------------------------------------------------------------------------- sections
 # Each takes the inputs (and the typed events) and returns its part of the report and
 # the failure reasons it found; compute_report adds them up in a fixed order.
@@ -664,7 +654,7 @@ def compute_report(inp: ReportInputs) -> Report:
         *scan_reasons,
         *artifact_reasons,
         *isolation_reasons,
-        *([] if blocked else [Reason(code=r.code, message=r.message) for r in proof_reasons]),
+        *([] if blocked else proof_reasons),
     ]
     pre, s = run.preflight_identity, run.started
     return Report(

@@ -50,7 +50,8 @@ def upstream_codes() -> set[str]:
 
 
 def report_codes() -> set[str]:
-    return string_args(ROOT / "harness" / "report.py", "fail")
+    """Every section's reasons: the report's own and the proxy proof's."""
+    return string_args(ROOT / "harness" / "report.py", "fail") | string_args(ROOT / "harness" / "proxy_proof.py", "fail")
 
 
 def undocumented(codes: set[str], text: str) -> list[str]:
@@ -67,7 +68,8 @@ def test_the_code_lists_are_read_from_the_source() -> None:
             "decision_record_missing", "decision_record_invalid", "admission_invalid",
             "admission_status_blocks"} <= gate_codes()
     assert {"base_url_has_credentials", "external_provider_host", "external_upstream"} <= upstream_codes()
-    assert {"acceptance_tests_failed", "secret_found", "artifact_changed", "run_aborted"} <= report_codes()
+    assert {"acceptance_tests_failed", "secret_found", "artifact_changed", "run_aborted",
+            "evidence_mac_invalid", "proxy_pid_mismatch"} <= report_codes()
     assert len(gate_codes()) >= 18 and len(report_codes()) >= 20
 
 
