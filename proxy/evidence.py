@@ -14,10 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-# proxy.fallback holds the one definition of a fallback refusal; FALLBACK_REASONS stays
-# importable from here for older importers.
 from .codes import Decision, ErrorCode
-from .fallback import FALLBACK_REASONS, is_fallback_refusal  # noqa: F401
+from .fallback import is_fallback_refusal
 from .hashchain import CHAIN_FIELDS, ChainMode, ChainVerdict, HashChainWriter, HeadCallback, read_chain_bytes
 from .redact import Redactor
 

@@ -16,16 +16,14 @@ listed on its own (telemetry and update checks must not fail a run).
 
 from __future__ import annotations
 
-from .codes import FALLBACK_CODES, ErrorCode
+from .codes import DECISION_REFUSED, FALLBACK_CODES, ErrorCode
 from .upstream_policy import is_known_provider_host
-
-FALLBACK_REASONS: frozenset[str] = frozenset(FALLBACK_CODES)
 
 
 def is_fallback_refusal(decision: str | None, reason: str | None) -> bool:
     """Refused because it tried to reach another model, provider or upstream: one count
     of ``case_proxy_fallback_rejections_total`` (label ``reason``)."""
-    return decision == "refused" and reason in FALLBACK_REASONS
+    return decision == DECISION_REFUSED and reason in FALLBACK_CODES
 
 
 def is_fallback_attempt(decision: str | None, reason: str | None, target_host: str | None) -> bool:

@@ -23,9 +23,10 @@ from harness.demo import DEMO_ADMISSION
 from harness.report import ReportInputs, RunEvents, fallback_section, metric_sum
 from proxy.admission import Admission
 from proxy.app import Draft, request_record_fields
+from proxy.codes import FALLBACK_CODES
 from proxy.errors import ERRORS
 from proxy.evidence import EvidenceRecord
-from proxy.fallback import FALLBACK_REASONS, is_fallback_attempt, is_fallback_refusal
+from proxy.fallback import is_fallback_attempt, is_fallback_refusal
 from proxy.hashchain import ChainVerdict
 from proxy.metrics import ProxyMetrics
 from proxy.records import _count
@@ -72,7 +73,7 @@ def test_metric_and_report_agree_on_every_combination() -> None:
         counted += int(expected)
     assert disagreements == []
     # Control: the product did reach the fallback refusals (each reason, every outcome and target).
-    assert counted == len(FALLBACK_REASONS) * len(OUTCOMES) * len(TARGETS)
+    assert counted == len(FALLBACK_CODES) * len(OUTCOMES) * len(TARGETS)
 
 
 @pytest.mark.parametrize("code", ["missing_token", "invalid_token", "proxy_auth_required"])
