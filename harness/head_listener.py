@@ -13,9 +13,10 @@ import os
 import secrets
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 from proxy.evidence_channel import HeadReport, parse_report
+
+from . import events as ev
 
 KEY_BYTES = 32
 MAX_REPORTS = 1_000_000  # bounded: a flood from a broken proxy stops being read
@@ -64,12 +65,12 @@ class HeadListener(threading.Thread):
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(text)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> ev.HeadReport:
         """What ``proxy_stopped`` records of the channel (no secret: MACs and counts)."""
         last = self.last
-        return {"reports": self.reports, "records": last.records if last else None,
-                "head": last.head if last else None, "pid": last.pid if last else None,
-                "stop": bool(last and last.stop), "problems": list(self.problems)}
+        return ev.HeadReport(reports=self.reports, records=last.records if last else None,
+                             head=last.head if last else None, pid=last.pid if last else None,
+                             stop=bool(last and last.stop), problems=list(self.problems))
 
 
 @dataclass
@@ -107,14 +108,15 @@ class RunKey:
         if self.listener is not None:
             self.listener.start()
 
-    def finish(self, timeout_s: float) -> dict[str, Any]:
+    def finish(self, timeout_s: float) -> ev.HeadReport:
         """After the proxy exited: the channel's summary."""
         if self.listener is None:
-            return {"reports": 0, "records": None, "head": None, "pid": None, "stop": False,
-                    "problems": ["the head channel was never opened"]}
+            return ev.HeadReport(reports=0, records=None, head=None, pid=None, stop=False,
+                                 problems=["the head channel was never opened"])
         if self.listener.is_alive():
             self.listener.join(timeout_s)
         out = self.listener.summary()
         if self.listener.is_alive():
-            out["problems"] = [*out["problems"], "the head channel was still open after the proxy stopped"]
+            out = out.model_copy(update={"problems": [*out.problems,
+                                                      "the head channel was still open after the proxy stopped"]})
         return out

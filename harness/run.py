@@ -904,8 +904,8 @@ def _stop_proxy(st: _RunState, evidence_path: Path) -> None:
     st.events.emit(ev.ProxyStopped(
         exit_code=code, evidence_sha256=_sha256_bytes(data) if data is not None else None,
         metrics_sha256=_digest(metrics) if metrics.is_file() else None, pid=st.proxy.proc.pid, chain=chain,
-        head_report=ev.HeadReport(**heard) if heard is not None else None, **st.metrics_read))
-    if not chain.ok or (heard is not None and heard["head"] != chain.head_hmac):
+        head_report=heard, **st.metrics_read))
+    if not chain.ok or (heard is not None and heard.head != chain.head_hmac):
         st.say(f"proxy: evidence does NOT verify under the run key ({'; '.join(chain.problems[:1]) or 'head'})")
 
 
