@@ -97,6 +97,8 @@ class EvidenceRecord(BaseModel):
 
 
 _second: tuple[int, str] = (-1, "")
+# ".000Z" to ".999Z": the millisecond suffix looked up, not formatted (two per request).
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def utc_now_rfc3339() -> str:
@@ -108,7 +110,8 @@ def utc_now_rfc3339() -> str:
     cached = _second
     if cached[0] != sec:
         cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-    return f"{cached[1]}.{int((now - sec) * 1000):03d}Z"
+    # min(): a float a hair under the next second must not index past the table.
+    return cached[1] + _MILLIS[min(int((now - sec) * 1000), 999)]
 
 
 class EvidenceLog:

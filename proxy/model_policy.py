@@ -14,6 +14,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 
 from .admission import Admission
 from .codes import ErrorCode, Reason
@@ -89,6 +90,13 @@ def classify_family(name: str) -> Family:
 _OK = Reason.OK  # bound once: read per request (see proxy.codes)
 
 
+@lru_cache(maxsize=8)
+def _admitted(model: str) -> ModelDecision:
+    """The decision for a request naming the admitted model exactly: the usual request,
+    made once per model, not per request (the decision is frozen)."""
+    return ModelDecision(True, _OK, model, effective_model=model)
+
+
 def decide_model(requested: object, admission: Admission) -> ModelDecision:
     """Apply the pin to the ``model`` field of a request body."""
     if requested is None or (isinstance(requested, str) and requested == ""):
@@ -98,7 +106,7 @@ def decide_model(requested: object, admission: Admission) -> ModelDecision:
         return ModelDecision(False, ErrorCode.MODEL_MISSING, None,
                              message="'model' must be a string naming the admitted model")
     if requested == admission.model:
-        return ModelDecision(True, _OK, requested, effective_model=admission.model)
+        return _admitted(admission.model)
     if requested in admission.aliases:
         return ModelDecision(True, _OK, requested, effective_model=admission.model, alias_rewritten=True)
     family = classify_family(requested)

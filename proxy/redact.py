@@ -253,7 +253,10 @@ class Redactor:
     def clip(self, text: str, limit: int) -> str:
         """``text`` redacted, then cut to ``limit`` characters. Never the other way round:
         a cut made first can split a secret so that no form of it matches any more, and
-        31 of its 32 characters would then pass through unredacted."""
+        31 of its 32 characters would then pass through unredacted. A vetted value (the
+        proxy clips the path and both models on every request) is answered at once."""
+        if len(text) <= self._clean_max and len(text) <= limit and text in self._clean:
+            return text
         return clip(text, limit, self)
 
     def redact_bytes(self, data: bytes) -> bytes:

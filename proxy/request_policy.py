@@ -107,7 +107,22 @@ _PROVIDER_HEADER_FAMILY: dict[str, Family] = {
 }
 
 
+# Every name above, and every ``anthropic-*`` name, holds one of these (lower case).
+_PROVIDER_HEADER_MARKS = ("anthropic-", "x-goog-")
+
+
 def provider_header(headers: Iterable[str]) -> Refusal | None:
+    """The refusal for the first header that only another provider's API reads, or
+    None. Most requests name none: the names are joined and searched once (in C) for
+    the marks every such name holds, and only a hit walks them one by one."""
+    names = list(headers)
+    joined = "\n".join(names).lower()
+    if _PROVIDER_HEADER_MARKS[0] not in joined and _PROVIDER_HEADER_MARKS[1] not in joined:
+        return None
+    return _provider_header_walk(names)
+
+
+def _provider_header_walk(headers: Iterable[str]) -> Refusal | None:
     for name in headers:
         low = name.lower()
         family = _PROVIDER_HEADER_FAMILY.get(low)

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.admission import Admission
 from proxy.allowlists import forwardable_request_headers
@@ -21,6 +23,7 @@ from proxy.redact import REDACTED, Redactor
 from proxy.request_policy import (
     FORWARDED,
     Endpoint,
+    _provider_header_walk,
     external_endpoint,
     provider_header,
     routing_override,
@@ -73,6 +76,19 @@ def test_routing_fields_are_refused_with_their_family(body: dict[str, object], f
     refusal = routing_override(body)
     assert refusal is not None and (refusal.param, refusal.family) == (field, family)
     assert routing_override({"model": "m", "messages": [], "chat_template_kwargs": {"x": 1}, "top_k": 5}) is None
+
+
+_NAME_PIECES = st.sampled_from(["anthropic-", "ANTHROPIC-", "Anthropic-Version", "x-goog-", "X-Goog-Api-Key", "x-goog",
+                                 "anthropic", "content-type", "x-stainless-lang", "-", "a", "K", "\u212a", "\u0130"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(_NAME_PIECES | st.text(max_size=6), max_size=4).map("".join), max_size=6))
+def test_the_provider_header_pre_check_never_hides_one_the_full_walk_refuses(names: list[str]) -> None:
+    # The joined-name search answers most requests; it must agree with the walk over
+    # every name (which it replaced on the usual path), refusal for refusal.
+    fast, walked = provider_header(names), _provider_header_walk(names)
+    assert (fast and (fast.code, fast.family, fast.message)) == (walked and (walked.code, walked.family, walked.message))
 
 
 def test_provider_headers_are_refused_and_credentials_never_forwarded() -> None:
@@ -269,6 +285,15 @@ def test_evidence_time_is_rfc3339_utc_with_milliseconds() -> None:
     after = datetime.now(UTC)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
     assert before <= datetime.fromisoformat(stamp.replace("Z", "+00:00")) <= after
+
+
+def test_evidence_time_never_rounds_into_the_next_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The millisecond suffix is looked up in a table: the last instant of a second is
+    # .999, never an index past it; the first is .000.
+    monkeypatch.setattr("proxy.evidence.time.time", lambda: 1_764_000_000.99995)
+    assert utc_now_rfc3339() == "2025-11-24T16:00:00.999Z"
+    monkeypatch.setattr("proxy.evidence.time.time", lambda: 1_764_000_001.0)
+    assert utc_now_rfc3339() == "2025-11-24T16:00:01.000Z"
 
 
 @pytest.mark.parametrize(("kind", "sample"), [

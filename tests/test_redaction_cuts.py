@@ -37,6 +37,19 @@ def test_clip_redacts_before_it_cuts() -> None:
     assert red.clip("short", 200) == "short"
 
 
+def test_a_vetted_value_skips_the_scan_but_not_the_cut() -> None:
+    # clip answers a vetted value (the admitted model, a route) without the pre-check;
+    # it must still cut one longer than the limit, and must not let a secret added
+    # after the vetting through.
+    secret = "cpt-" + "0123456789abcdef" * 2
+    red = Redactor([secret])
+    red.vet_clean(["qwen3.6-35b-a3b", "y" * 50])
+    assert red.clip("qwen3.6-35b-a3b", 200) == "qwen3.6-35b-a3b"
+    assert red.clip("y" * 50, 10) == "y" * 10
+    red.add_secret("qwen3.6-35b")
+    assert "qwen3.6-35b" not in red.clip("qwen3.6-35b-a3b", 200)
+
+
 def test_clip_without_a_redactor_drops_a_long_value_whole() -> None:
     assert clip("abc", 3) == "abc"
     assert clip("x" * 190 + "secretsecretsecret", 200) == "[208 characters, too long to record]"
