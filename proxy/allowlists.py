@@ -206,9 +206,11 @@ def _check_nested(body: Mapping[str, object]) -> FieldProblem | None:
                     f"chat_template_kwargs key '{_shown(key)}' is not accepted: allowed are "
                     f"{', '.join(sorted(CHAT_TEMPLATE_KWARGS))}, each true or false", fallback=False)
     for name in ("metadata", "client_metadata"):
-        problem = _check_string_map(name, body.get(name))
-        if problem is not None:
-            return problem
+        value = body.get(name)
+        if value is not None:  # most bodies carry neither: no call
+            problem = _check_string_map(name, value)
+            if problem is not None:
+                return problem
     return None
 
 

@@ -130,7 +130,8 @@ def _count_written(m: ProxyMetrics, draft: Draft, elapsed: float, written: bool)
 def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: Outcome) -> None:
     """One request's metrics."""
     m.count_request(draft.endpoint, outcome)
-    if is_fallback_refusal(draft.decision, draft.reason):  # the report's definition too (proxy.fallback)
+    # The report's definition too (proxy.fallback); only a refusal can be one.
+    if draft.decision == DECISION_REFUSED and is_fallback_refusal(draft.decision, draft.reason):
         m.fallback_rejections.labels(draft.reason, draft.family or Family.OTHER).inc()
     if draft.reason == SERVED_MODEL_MISMATCH:
         m.served_model_mismatches.labels(draft.endpoint).inc()

@@ -119,12 +119,12 @@ def check_json_body(body: bytes, admitted: str, totals: UsageTotals) -> ServedCh
         return ServedCheck(False, None, "the backend returned a JSON body that repeats a key; response withheld")
     totals.take(find_usage(obj))
     response = obj.get("response")
-    named = [m for m in (obj.get("model", _ABSENT),
-                         response.get("model", _ABSENT) if isinstance(response, dict) else _ABSENT)
-             if m is not _ABSENT]
-    if not named:
+    named = (obj.get("model", _ABSENT), response.get("model", _ABSENT) if isinstance(response, dict) else _ABSENT)
+    if named[0] is _ABSENT and named[1] is _ABSENT:
         return check_served(None, admitted)
     for model in named:
+        if model is _ABSENT:
+            continue
         if not isinstance(model, str):
             return ServedCheck(False, clip(orjson.dumps(model).decode(), 200),
                                "the backend names its model with a value that is not a string; response withheld")
