@@ -70,8 +70,18 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
     try:
         async for data in resp.chunks(idle_s):
             send = checker.feed(data)
-            if send:
+            if not send:
+                continue
+            if not out.prepared:
                 await write(send)
+                continue
+            # The usual event: written without the helper's coroutine (one frame less
+            # per event, with 1,000 streams the relay's own cost); the same handling.
+            try:
+                await out.write(send)
+            except ConnectionResetError as exc:
+                draft.client_disconnected = True
+                raise ClientGone(out) from exc
         tail = checker.finish()
     except StreamRefused as refused:
         kind = UpstreamErrorKind.PROTOCOL if refused.fault is StreamFault.PROTOCOL else None

@@ -429,6 +429,8 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream_request(proxy: 
         await asyncio.sleep(0.05)
     assert recs[-1]["client_disconnected"] is True
     assert recs[-1]["reason"] == "client_disconnected"
+    # The client left: not a backend failure (a failed write must not be read as one).
+    assert recs[-1]["decision"] == "admitted"
     for _ in range(100):
         if proxy.backend.cancelled_streams:
             break
