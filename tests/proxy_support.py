@@ -159,6 +159,18 @@ async def raw_request(proxy: ProxyUnderTest, request: bytes) -> bytes:
     return data
 
 
+async def read_http_request(reader: asyncio.StreamReader, timeout_s: float | None = None) -> tuple[bytes, bytes]:
+    """One request as the raw test backends read it: the head up to its blank line
+    (within ``timeout_s``, if given), then a body of its Content-Length. Raises
+    IncompleteReadError when the client hangs up first."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
 # --- the proxy as a subprocess, as operators run it ---
 
 ROOT = Path(__file__).resolve().parent.parent

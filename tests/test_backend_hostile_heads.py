@@ -24,7 +24,7 @@ import openai
 import orjson
 import pytest
 
-from tests.proxy_support import ADMITTED, MakeProxy, make_proxy  # noqa: F401
+from tests.proxy_support import ADMITTED, MakeProxy, make_proxy, read_http_request  # noqa: F401
 
 MSG = [{"role": "user", "content": "hi"}]
 BODY = orjson.dumps({"id": "c1", "object": "chat.completion", "created": 0, "model": ADMITTED,
@@ -85,12 +85,7 @@ class RawBackend:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
+                head, _ = await read_http_request(reader, 10)
                 if head.startswith(b"GET ") and b"/models " in head.split(b"\r\n", 1)[0]:
                     writer.write(b"HTTP/1.1 200 OK\r\n" + JSON + b"Content-Length: %d\r\n\r\n" % len(LISTING) + LISTING)
                     await writer.drain()

@@ -21,6 +21,7 @@ from proxy.backend_http import (
     BackendUnreachable,
 )
 from proxy.upstream_policy import UpstreamTarget, classify_upstream
+from tests.proxy_support import read_http_request
 
 
 @dataclass
@@ -52,12 +53,8 @@ class RawBackend:
         self.connections += 1
         try:
             while self.answers:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                self.requests.append(head + await reader.readexactly(length))
+                head, body = await read_http_request(reader)
+                self.requests.append(head + body)
                 pieces, close = self.answers.pop(0)
                 if pieces is None:  # silent: answer nothing until the client hangs up (bounded)
                     await asyncio.wait_for(reader.read(), 5)
