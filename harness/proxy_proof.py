@@ -14,11 +14,10 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from proxy.evidence import EvidenceRecord
+from proxy.hashchain import KEYED_MODE
 
 from . import events as ev
 from .reasons import Reason
-
-KEYED = "hmac-sha256"
 
 
 class ProxyProof(BaseModel):
@@ -61,18 +60,18 @@ def judge_proxy_proof(proxy_started: ev.ProxyStarted | None, case_exited: ev.Cas
         reasons.append(Reason(code=code, message=message))
 
     mode = chain.mode if chain else None
-    verified = chain is not None and chain.mode == KEYED and chain.ok
+    verified = chain is not None and chain.mode == KEYED_MODE and chain.ok
     if proxy_stopped is None or chain is None:
         fail("proxy_not_stopped", "the harness never recorded the proxy's stop, so nothing proves who wrote the "
              "evidence")
-    elif chain.mode != KEYED:
+    elif chain.mode != KEYED_MODE:
         fail("evidence_not_keyed", "the evidence was not checked as an HMAC-SHA256 chain under the run key "
              f"(mode {chain.mode}): anyone who can write the file could have re-hashed it")
     elif not chain.ok:
         fail("evidence_mac_invalid", "proxy/evidence.jsonl does not verify under the run key (HMAC-SHA256 chain): "
              + ("; ".join(chain.problems[:3]) or "no verdict") + ". Its records were written or rewritten by "
              "someone without the key")
-    if starts and any(r.chain != KEYED for r in starts):
+    if starts and any(r.chain != KEYED_MODE for r in starts):
         fail("evidence_not_keyed", "the proxy_start record does not say the chain is keyed (hmac-sha256)")
     head_matches = (heard is not None and chain is not None and heard.stop and heard.head is not None
                     and heard.head == chain.head_hmac and heard.records == chain.records)
@@ -119,7 +118,7 @@ def proof_line(proof: ProxyProof | None) -> str:
     """The report text's line: which chain mode was checked and what held."""
     if proof is None:
         return "evidence proof: - (no proxy was started)"
-    mode = {KEYED: "HMAC-SHA256 under the run key", "sha256": "plain SHA-256 only"}.get(proof.chain_mode or "",
+    mode = {KEYED_MODE: "HMAC-SHA256 under the run key", "sha256": "plain SHA-256 only"}.get(proof.chain_mode or "",
                                                                                          "not checked")
     return (f"evidence proof: {mode}, {'verified' if proof.chain_verified else 'NOT verified'}; head "
             f"{'matches' if proof.channel_head_matches else 'does NOT match'} the proxy's stop report; proxy pid "

@@ -60,6 +60,7 @@ from pydantic import BaseModel, ConfigDict
 
 from proxy.admission import ArtifactError, file_sha256, load_admission
 from proxy.evidence import NON_MODEL_ENDPOINTS, records_from_bytes
+from proxy.hashchain import KEYED_MODE
 from proxy.redact import Redactor, head_lines
 from proxy.settings import (
     ENV_ADMISSION_FILE,
@@ -846,13 +847,13 @@ def _run_body(st: _RunState, profile: RunProfile, fixture: Fixture, env: dict[st
     if st.proxy.url.startswith("unix:"):
         st.proxy_socket = st.proxy.url.removeprefix("unix:")
         proxy_base = f"http://127.0.0.1:{sbx.RELAY_PORT}/v1"  # the relay inside the sandbox
-        st.events.emit(ev.ProxyStarted(pid=st.proxy.proc.pid, port=None, listen="unix", chain_mode="hmac-sha256",
+        st.events.emit(ev.ProxyStarted(pid=st.proxy.proc.pid, port=None, listen="unix", chain_mode=KEYED_MODE,
                                        head_channel="pipe"))
     else:
         proxy_base = st.proxy.url
         st.proxy_root = proxy_base.removesuffix("/v1")
         st.events.emit(ev.ProxyStarted(pid=st.proxy.proc.pid, port=_port_of(proxy_base), listen="tcp",
-                                       chain_mode="hmac-sha256", head_channel="pipe"))
+                                       chain_mode=KEYED_MODE, head_channel="pipe"))
 
     if not _wait_ready(st, st.proxy.proc):
         st.events.emit(ev.RunAborted(phase="proxy_ready",

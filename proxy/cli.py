@@ -28,7 +28,7 @@ from .build_info import version_line
 from .cli_help import EPILOGS, MAIN_EPILOG
 from .evidence_channel import read_key_fd
 from .evidence_files import link_files, pair_forwarding, read_evidence_file, summary_line
-from .hashchain import ChainVerdict
+from .hashchain import KEYED_MODE, ChainVerdict
 from .log_setup import LOG_FORMATS, configure_logging
 from .server import EXIT_CONFIG, check_static, probe_backend, run
 from .settings import ENV_ACCESS_LOG, ENV_CHAIN_KEY_FD, ENV_LOG_FORMAT, ConfigError, load_settings
@@ -99,7 +99,7 @@ def add_epilogs(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction
 def mode_note(verdict: ChainVerdict) -> str:
     """Which chain was checked, said plainly (a keyed log read without its key proves
     only that it is consistent, not who wrote it)."""
-    if verdict.mode == "hmac-sha256":
+    if verdict.mode == KEYED_MODE:
         return "mode hmac-sha256: MACs checked under the given key"
     if verdict.hmac_lines:
         return (f"mode sha256 only: {verdict.hmac_lines} lines carry HMACs that were NOT checked "

@@ -21,7 +21,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from .evidence import EvidenceRecord, records_from_bytes
-from .hashchain import CHAIN_FIELDS, GENESIS, ChainVerdict, line_sha256
+from .hashchain import CHAIN_FIELDS, GENESIS, ChainVerdict, chain_mode, line_sha256
 
 
 class EvidenceLine(BaseModel):
@@ -72,7 +72,7 @@ def read_evidence_file(path: Path, key: bytes | None = None) -> EvidenceFile:
     except OSError as exc:
         return EvidenceFile(path, ChainVerdict(ok=False, records=0, last_sha256=GENESIS,
                                                problems=[f"cannot read {path}: {exc.strerror}"],
-                                               mode="hmac-sha256" if key is not None else "sha256"))
+                                               mode=chain_mode(key)))
     verdict, lines = lines_from_bytes(data, key)
     return EvidenceFile(path, verdict, lines)
 

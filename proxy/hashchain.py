@@ -20,7 +20,7 @@ import hmac
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 from pydantic import BaseModel
@@ -31,6 +31,13 @@ GENESIS = "0" * 64
 # The chain fields a writer adds to each record; readers strip them before validating.
 CHAIN_FIELDS = ("seq", "prev_sha256", "prev_hmac")
 ChainMode = Literal["sha256", "hmac-sha256"]
+KEYED_MODE: Final = "hmac-sha256"
+
+
+def chain_mode(key: bytes | None) -> ChainMode:
+    """The chain a key makes: HMAC-SHA256 with one, plain SHA-256 without."""
+    return KEYED_MODE if key is not None else "sha256"
+
 # A key shorter than this is refused: HMAC-SHA256's security rests on it.
 MIN_KEY_BYTES = 16
 
@@ -129,7 +136,7 @@ def _walk(data: bytes, key: bytes | None = None) -> tuple[ChainVerdict, list[dic
         if key is not None:
             prev_mac = line_hmac(key, line)
     return ChainVerdict(ok=not problems, records=len(records), last_sha256=prev, problems=problems,
-                        mode="hmac-sha256" if key is not None else "sha256",
+                        mode=chain_mode(key),
                         last_hmac=prev_mac if key is not None else None, hmac_lines=hmac_lines), records
 
 
@@ -138,7 +145,7 @@ def verify_chain(path: Path, key: bytes | None = None) -> ChainVerdict:
         data = Path(path).read_bytes()
     except OSError as exc:
         return ChainVerdict(ok=False, records=0, last_sha256=GENESIS, problems=[f"cannot read {path}: {exc.strerror}"],
-                            mode="hmac-sha256" if key is not None else "sha256")
+                            mode=chain_mode(key))
     return _walk(data, key)[0]
 
 
@@ -233,7 +240,7 @@ class HashChainWriter:
 
     @property
     def mode(self) -> ChainMode:
-        return "hmac-sha256" if self._key is not None else "sha256"
+        return chain_mode(self._key)
 
     @property
     def head(self) -> tuple[int, str] | None:
