@@ -338,10 +338,13 @@ def read_typed_events(path: Path) -> ParsedEvents:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        return ParsedEvents(verdict=ChainVerdict(ok=False, records=0, last_sha256="",
-                                                 problems=[f"cannot read {path}: {exc.strerror}"]),
-                            events=[], problems=[])
+        return ParsedEvents(verdict=_unreadable(path, exc), events=[], problems=[])
     return parse_events(data)
+
+
+def _unreadable(path: Path, exc: OSError) -> ChainVerdict:
+    """The failed verdict of an events log that could not be read."""
+    return ChainVerdict(ok=False, records=0, last_sha256="", problems=[f"cannot read {path}: {exc.strerror}"])
 
 
 def read_events(path: Path) -> tuple[ChainVerdict, list[dict[str, Any]]]:
@@ -351,7 +354,7 @@ def read_events(path: Path) -> tuple[ChainVerdict, list[dict[str, Any]]]:
     try:
         verdict, raw = read_chain(path)
     except OSError as exc:
-        return ChainVerdict(ok=False, records=0, last_sha256="", problems=[f"cannot read {path}: {exc.strerror}"]), []
+        return _unreadable(path, exc), []
     return verdict, [{k: v for k, v in r.items() if k not in CHAIN_FIELDS} for r in raw]
 
 

@@ -21,7 +21,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from .evidence import EvidenceRecord, records_from_bytes
-from .hashchain import CHAIN_FIELDS, GENESIS, ChainVerdict, chain_mode, line_sha256
+from .hashchain import CHAIN_FIELDS, ChainVerdict, line_sha256, unreadable_verdict
 
 
 class EvidenceLine(BaseModel):
@@ -70,9 +70,7 @@ def read_evidence_file(path: Path, key: bytes | None = None) -> EvidenceFile:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        return EvidenceFile(path, ChainVerdict(ok=False, records=0, last_sha256=GENESIS,
-                                               problems=[f"cannot read {path}: {exc.strerror}"],
-                                               mode=chain_mode(key)))
+        return EvidenceFile(path, unreadable_verdict(path, exc, key))
     verdict, lines = lines_from_bytes(data, key)
     return EvidenceFile(path, verdict, lines)
 

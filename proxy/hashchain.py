@@ -140,12 +140,17 @@ def _walk(data: bytes, key: bytes | None = None) -> tuple[ChainVerdict, list[dic
                         last_hmac=prev_mac if key is not None else None, hmac_lines=hmac_lines), records
 
 
+def unreadable_verdict(path: Path, exc: OSError, key: bytes | None = None) -> ChainVerdict:
+    """The failed verdict of a log that could not be read (in the mode ``key`` asks for)."""
+    return ChainVerdict(ok=False, records=0, last_sha256=GENESIS, problems=[f"cannot read {path}: {exc.strerror}"],
+                        mode=chain_mode(key))
+
+
 def verify_chain(path: Path, key: bytes | None = None) -> ChainVerdict:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        return ChainVerdict(ok=False, records=0, last_sha256=GENESIS, problems=[f"cannot read {path}: {exc.strerror}"],
-                            mode=chain_mode(key))
+        return unreadable_verdict(path, exc, key)
     return _walk(data, key)[0]
 
 
