@@ -23,7 +23,7 @@ import socket
 import ssl
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import cast
 
 from .backend_failures import AddressRefused, BackendError, BackendProtocolError, BackendUnreachable
@@ -44,14 +44,17 @@ class BodyTooLarge(ValueError):
 class BackendResponse:
     """Status and headers as soon as the head has arrived; the body as it arrives."""
 
-    __slots__ = ("status", "headers", "content_type", "_conn", "_pieces", "_buffered", "_done", "_error",
-                 "_waiter", "_reusable", "_finished", "_waiting_since", "_idle_s", "_idle_timer")
+    __slots__ = ("status", "headers", "content_type", "sink", "_conn", "_pieces", "_buffered", "_done", "_error",
+                 "_waiter", "_reusable", "_finished", "_waiting_since", "_idle_s", "_idle_timer", "_interrupted")
 
     def __init__(self, conn: _Connection, status: int, headers: list[tuple[str, str]], content_type: str,
                  reusable: bool) -> None:
         self.status = status
         self.headers = headers
         self.content_type = content_type
+        # Takes body bytes as they arrive, while the reader waits in ``chunks`` with
+        # nothing buffered (so order is kept); returns False to leave them to the reader.
+        self.sink: Callable[[bytes], bool] | None = None
         self._conn = conn
         self._pieces: deque[bytes] = deque()
         self._buffered = 0
@@ -63,10 +66,15 @@ class BackendResponse:
         self._waiting_since = 0.0
         self._idle_s = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._interrupted = False
 
     # -- fed by the connection
 
     def _feed(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None and self._waiter is not None and not self._pieces and sink(data):
+            self._waiting_since = self._conn.loop.time()  # the backend is not quiet
+            return
         self._pieces.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:
@@ -88,6 +96,11 @@ class BackendResponse:
             waiter.set_result(None)
 
     # -- read by the proxy
+
+    def interrupt(self) -> None:
+        """End ``chunks`` early (after what is buffered): the sink has stopped the body."""
+        self._interrupted = True
+        self._wake()
 
     def complete(self) -> bool:
         """The whole body is here (no waiting needed to read it)."""
@@ -136,6 +149,8 @@ class BackendResponse:
             while True:
                 if self._pieces:
                     yield self.take()
+                elif self._interrupted:
+                    return
                 elif self._done:
                     return
                 elif self._error is not None:

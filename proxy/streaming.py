@@ -2,16 +2,20 @@
 (proxy.stream_check, sans-IO), and only what it releases is written to the client.
 
 This module does the I/O around the check and acts on its verdicts: it never looks
-inside the stream itself. A refused stream ends with one last error event (the shape
+inside the stream itself. After the first event, reads are checked and written as they
+arrive, inside the backend connection's callback (``DirectRelay``); the relay task takes
+them back while the client is slow, and ends the stream. A refused stream ends with one last error event (the shape
 both the Chat Completions and the Responses clients read) and its reason in the record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 
 from .codes import OUTCOME_OK, REASON_OK, Decision, ErrorCode, Outcome, UpstreamErrorKind
 from .request_policy import forwardable_response_headers
@@ -33,6 +37,56 @@ class ClientGone(Exception):
     def __init__(self, out: web.StreamResponse) -> None:
         super().__init__("client disconnected")
         self.out = out
+
+
+# The client's unsent bytes past which reads go back to the relay task, whose writes
+# wait for the client (aiohttp's drain); the direct path never waits.
+_DIRECT_WRITE_LIMIT = 64 * 1024
+
+
+class DirectRelay:
+    """The backend's reads checked and written to the client inside the backend
+    connection's ``data_received`` (``BackendResponse.sink``), once the response has
+    started: with 1,000 streams the task wake-up, the generator step and aiohttp's two
+    write coroutines per event were the relay's own cost. It takes a read only while the
+    relay task waits with nothing buffered, so bytes keep their order, and declines
+    while the client is slow, so the task's writes wait for it as before. A refusal or a
+    client gone ends the task's wait (``interrupt``); the task acts on it."""
+
+    __slots__ = ("checker", "transport", "chunked", "resp", "refused", "gone")
+
+    def __init__(self, checker: StreamChecker, transport: asyncio.Transport, chunked: bool,
+                 resp: BackendResponse) -> None:
+        self.checker = checker
+        self.transport = transport
+        self.chunked = chunked
+        self.resp = resp
+        self.refused: StreamRefused | None = None
+        self.gone = False
+
+    def __call__(self, data: bytes) -> bool:
+        transport = self.transport
+        if transport.get_write_buffer_size() > _DIRECT_WRITE_LIMIT:
+            return False
+        try:
+            send = self.checker.feed(data)
+        except StreamRefused as refused:
+            send, refused.cleared = refused.cleared, b""
+            self.refused = refused
+            self._stop()
+        if send:
+            if transport.is_closing():
+                self.gone = True
+                self._stop()
+            elif self.chunked:  # the framing aiohttp's writer uses for this response
+                transport.write(b"%x\r\n%b\r\n" % (len(send), send))
+            else:
+                transport.write(send)
+        return True
+
+    def _stop(self) -> None:
+        self.resp.sink = None
+        self.resp.interrupt()
 
 
 async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
@@ -59,6 +113,7 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
 
     async def fail(code: ErrorCode, message: str, kind: UpstreamErrorKind | None = None,
                    cleared: bytes = b"") -> web.StreamResponse:
+        resp.sink = None
         draft.outcome, draft.decision, draft.reason = Outcome.UPSTREAM_ERROR, Decision.ERROR, code
         draft.upstream_error = kind
         draft.status = draft.status or resp.status
@@ -67,6 +122,7 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
         await out.write_eof()
         return out
 
+    direct: DirectRelay | None = None
     try:
         async for data in resp.chunks(idle_s):
             send = checker.feed(data)
@@ -74,14 +130,24 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
                 continue
             if not out.prepared:
                 await write(send)
+                transport = request.transport  # None only for a client already gone
+                if transport is not None:  # from here on, reads go to the direct path when they can
+                    direct = resp.sink = DirectRelay(checker, transport, request.version >= HttpVersion11, resp)
                 continue
-            # The usual event: written without the helper's coroutine (one frame less
-            # per event, with 1,000 streams the relay's own cost); the same handling.
+            # A read the direct path left to the task (a slow client, or one buffered
+            # before the response started): written without the helper's coroutine.
             try:
                 await out.write(send)
             except ConnectionResetError as exc:
                 draft.client_disconnected = True
                 raise ClientGone(out) from exc
+        if direct is not None:
+            resp.sink = None
+            if direct.refused is not None:
+                raise direct.refused
+            if direct.gone:
+                draft.client_disconnected = True
+                raise ClientGone(out)
         tail = checker.finish()
     except StreamRefused as refused:
         kind = UpstreamErrorKind.PROTOCOL if refused.fault is StreamFault.PROTOCOL else None

@@ -1,8 +1,8 @@
 """Issue 18's stream bypasses (and the non-streaming twin), end to end: a hostile backend sends chosen bytes, the
 official ``openai`` SDK reads the stream through the proxy.
 
-The backend here is a test fixture (an aiohttp app that writes the bytes each test
-chooses, no model behind it). Each variant was a bypass of the byte scan the proxy used
+The backend here is a test fixture (tests.hostile_backend: an aiohttp app that writes the
+bytes each test chooses, no model behind it). Each variant was a bypass of the byte scan the proxy used
 before proxy.stream_check: the SDK received chunks naming ``claude-sonnet-4-6`` while the
 evidence said the admitted model served. Now the client never receives such a chunk, the
 stream ends with the error event, and the evidence records a served-model mismatch.
@@ -10,14 +10,13 @@ stream ends with the error event, and the evidence records a served-model mismat
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 import orjson
 import pytest
-from aiohttp import web
 
+from tests.hostile_backend import HostileBackend, hostile  # noqa: F401
 from tests.proxy_support import ADMITTED, MakeProxy, ProxyUnderTest, make_proxy  # noqa: F401
 
 OTHER = "claude-sonnet-4-6"
@@ -55,53 +54,6 @@ CHAT_VARIANTS: dict[str, bytes] = {
 }
 
 
-class HostileBackend:
-    """Serves the admitted model on /v1/models (so the proxy is ready) and answers every
-    generation with ``body`` as an event stream, byte for byte."""
-
-    def __init__(self) -> None:
-        self.body = b""
-        self.content_type = "text/event-stream"
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        async def models(request: web.Request) -> web.Response:
-            models = [{"id": ADMITTED, "object": "model", "owned_by": "t"}]
-            return web.json_response({"object": "list", "data": models})
-
-        async def generate(request: web.Request) -> web.StreamResponse:
-            await request.read()
-            resp = web.StreamResponse(headers={"Content-Type": self.content_type})
-            await resp.prepare(request)
-            await resp.write(self.body)
-            await resp.write_eof()
-            return resp
-
-        app = web.Application()
-        app.router.add_get("/v1/models", models)
-        app.router.add_post("/v1/chat/completions", generate)
-        app.router.add_post("/v1/responses", generate)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
-@pytest.fixture
-async def hostile() -> AsyncIterator[HostileBackend]:
-    backend = HostileBackend()
-    await backend.start()
-    yield backend
-    await backend.stop()
-
-
 async def _read_all(stream: Any) -> tuple[list[Any], BaseException | None]:
     got: list[Any] = []
     try:
@@ -132,6 +84,32 @@ async def test_a_stream_bypass_never_shows_the_sdk_another_model(make_proxy: Mak
     # A repeated key or an unreadable event names no model for certain: none is recorded.
     unproven = variant.startswith("escaped duplicate") or variant.endswith("not JSON")
     _the_evidence_says_mismatch(proxy, "chat_completions", None if unproven else OTHER)
+
+
+LATER_VARIANTS: dict[str, bytes] = {
+    "another model": ev(chunk(OTHER)),
+    "an escaped model key": ev(escaped_only()),
+    "a repeated model key": ev(chunk()[:-1] + b',"mod\\u0065l":"' + OTHER.encode() + b'"}'),
+    "an event that is not JSON": ev(b"{not json"),
+}
+
+
+@pytest.mark.parametrize("variant", list(LATER_VARIANTS))
+async def test_a_bad_event_in_a_later_read_is_refused_after_what_was_checked(
+        make_proxy: MakeProxy, hostile: HostileBackend, variant: str) -> None:  # noqa: F811
+    """Reads after the first released event are checked and written without the relay
+    task (proxy.streaming.DirectRelay). There the bad event comes in a later read behind a
+    good one: the SDK gets every checked chunk before it, in order, then the error."""
+    hostile.body = ev(chunk(content="a"))
+    hostile.parts = [ev(chunk(content="b")), ev(chunk(content="c")) + LATER_VARIANTS[variant] + ev(chunk(content="d")),
+                     DONE]
+    proxy = await make_proxy(base_url=hostile.url)
+    stream = await proxy.client().chat.completions.create(model=ADMITTED, messages=MSG, stream=True)
+    got, error = await _read_all(stream)
+    assert [(c.model, c.choices[0].delta.content) for c in got] == [(ADMITTED, "a"), (ADMITTED, "b"), (ADMITTED, "c")]
+    assert isinstance(error, openai.APIError) and error.code == "served_model_mismatch"
+    _the_evidence_says_mismatch(proxy, "chat_completions", OTHER if variant == "another model" or
+                                variant == "an escaped model key" else None)
 
 
 async def test_an_honest_stream_with_mixed_line_endings_still_reaches_the_sdk_whole(
