@@ -52,9 +52,9 @@ class BackendResponse:
         self.status = status
         self.headers = headers
         self.content_type = content_type
-        # Takes body bytes as they arrive, while the reader waits in ``chunks`` with
-        # nothing buffered (so order is kept); returns False to leave them to the reader.
-        self.sink: Callable[[bytes], bool] | None = None
+        # Takes body bytes as they arrive while the reader waits in ``chunks`` with
+        # nothing buffered (so order is kept); what it cannot pass on it ``put_back``s.
+        self.sink: Callable[[bytes], None] | None = None
         self._conn = conn
         self._pieces: deque[bytes] = deque()
         self._buffered = 0
@@ -72,9 +72,15 @@ class BackendResponse:
 
     def _feed(self, data: bytes) -> None:
         sink = self.sink
-        if sink is not None and self._waiter is not None and not self._pieces and sink(data):
+        if sink is not None and self._waiter is not None and not self._pieces:
             self._waiting_since = self._conn.loop.time()  # the backend is not quiet
+            sink(data)
             return
+        self.put_back(data)
+
+    def put_back(self, data: bytes) -> None:
+        """Buffer ``data`` for the reader (and wake it). The sink's way to hand back bytes
+        it took: nothing is buffered after them, since it took them only when nothing was."""
         self._pieces.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:

@@ -45,15 +45,20 @@ _DIRECT_WRITE_LIMIT = 64 * 1024
 
 
 class DirectRelay:
-    """The backend's reads checked and written to the client inside the backend
-    connection's ``data_received`` (``BackendResponse.sink``), once the response has
-    started: with 1,000 streams the task wake-up, the generator step and aiohttp's two
-    write coroutines per event were the relay's own cost. It takes a read only while the
-    relay task waits with nothing buffered, so bytes keep their order, and declines
-    while the client is slow, so the task's writes wait for it as before. A refusal or a
-    client gone ends the task's wait (``interrupt``); the task acts on it."""
+    """Once the response has started, the backend's reads are checked and written to
+    the client by a plain callback (``BackendResponse.sink``), not by the relay task:
+    with 1,000 streams the task wake-up, the generator step and aiohttp's two write
+    coroutines per event were the relay's own cost.
 
-    __slots__ = ("checker", "transport", "chunked", "resp", "refused", "gone")
+    The sink takes a read only while the relay task waits with nothing buffered, so bytes
+    keep their order. It does the work in a callback scheduled for the loop's next turn
+    (``_flush``), not inside ``data_received``: writing there, the 1,000-stream gap p99
+    grew by half (docs/performance.md), while reads that arrive before the callback runs
+    are checked and written together. While the client is slow the reads go back to the
+    task, whose writes wait for it. A refusal or a client gone ends the task's wait
+    (``interrupt``); the task acts on it."""
+
+    __slots__ = ("checker", "transport", "chunked", "resp", "refused", "gone", "_pending", "_loop")
 
     def __init__(self, checker: StreamChecker, transport: asyncio.Transport, chunked: bool,
                  resp: BackendResponse) -> None:
@@ -63,11 +68,26 @@ class DirectRelay:
         self.resp = resp
         self.refused: StreamRefused | None = None
         self.gone = False
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
 
-    def __call__(self, data: bytes) -> bool:
+    def __call__(self, data: bytes) -> None:
+        pending = self._pending
+        pending.append(data)
+        if len(pending) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        resp = self.resp
+        if resp.sink is not self:  # the relay has ended (cancelled, or stopped below)
+            return
         transport = self.transport
         if transport.get_write_buffer_size() > _DIRECT_WRITE_LIMIT:
-            return False
+            resp.put_back(data)  # a slow client: the task writes it, and waits
+            return
         try:
             send = self.checker.feed(data)
         except StreamRefused as refused:
@@ -82,7 +102,6 @@ class DirectRelay:
                 transport.write(b"%x\r\n%b\r\n" % (len(send), send))
             else:
                 transport.write(send)
-        return True
 
     def _stop(self) -> None:
         self.resp.sink = None
@@ -131,7 +150,7 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
             if not out.prepared:
                 await write(send)
                 transport = request.transport  # None only for a client already gone
-                if transport is not None:  # from here on, reads go to the direct path when they can
+                if transport is not None:  # from here on, reads go to the direct path while it can take them
                     direct = resp.sink = DirectRelay(checker, transport, request.version >= HttpVersion11, resp)
                 continue
             # A read the direct path left to the task (a slow client, or one buffered
@@ -142,7 +161,6 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
                 draft.client_disconnected = True
                 raise ClientGone(out) from exc
         if direct is not None:
-            resp.sink = None
             if direct.refused is not None:
                 raise direct.refused
             if direct.gone:
@@ -160,6 +178,8 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
     except (BackendError, OSError):
         return await fail(ErrorCode.BACKEND_PROTOCOL_ERROR, "the backend connection broke in the middle of the stream",
                           UpstreamErrorKind.PROTOCOL)
+    finally:
+        resp.sink = None  # also when cancelled (a client gone): a callback still due does nothing
     draft.served_model = checker.served_model
     await write(tail)  # what the end of the body releases (also prepares a response nothing reached yet)
     await out.write_eof()

@@ -1,7 +1,8 @@
 """The stream relay's direct path (proxy.streaming.DirectRelay fed through
 ``BackendResponse.sink``), without sockets: which reads it may take (only while the
-relay task waits with nothing buffered, so bytes keep their order; none while the client
-is slow), the framing it writes, and how a refusal or a closing client hands the stream
+relay task waits with nothing buffered, so bytes keep their order), that it writes in a
+callback of its own and not in the read callback, what it hands back while the client
+is slow, the framing it writes, and how a refusal or a closing client hands the stream
 back to the task. End to end it is exercised by the stream tests through the SDK
 (tests/test_proxy_stream_bypass.py, tests/test_streaming.py)."""
 
@@ -62,18 +63,27 @@ class FakeTransport:
 
 
 class Sink:
-    def __init__(self, take: bool = True) -> None:
-        self.got: list[bytes] = []
-        self.take = take
+    """A sink that keeps what it takes, or hands it back (as DirectRelay does for a slow client)."""
 
-    def __call__(self, data: bytes) -> bool:
+    def __init__(self, resp: BackendResponse) -> None:
+        self.got: list[bytes] = []
+        self.resp = resp
+        self.hand_back = False
+
+    def __call__(self, data: bytes) -> None:
         self.got.append(data)
-        return self.take
+        if self.hand_back:
+            self.resp.put_back(data)
 
 
 def _response() -> BackendResponse:
     return BackendResponse(FakeConn(asyncio.get_running_loop()), 200, [], "text/event-stream",  # type: ignore[arg-type]
                            True)
+
+
+async def _turns(n: int = 10) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 async def _waiting_reader(resp: BackendResponse) -> tuple[asyncio.Task[list[bytes]], list[bytes]]:
@@ -86,21 +96,21 @@ async def _waiting_reader(resp: BackendResponse) -> tuple[asyncio.Task[list[byte
         return got
 
     task = asyncio.create_task(read())
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await _turns()
     return task, got
 
 
 async def test_the_sink_takes_a_read_only_while_the_reader_waits_with_nothing_buffered() -> None:
     resp = _response()
-    sink = resp.sink = Sink()
+    sink = resp.sink = Sink(resp)
     resp._feed(b"a")  # no reader waiting (the relay task is busy): buffered, not given to the sink
     assert sink.got == [] and resp.take() == b"a"
     task, got = await _waiting_reader(resp)
     resp._feed(b"b")  # the reader waits, nothing buffered: the sink takes it, the reader is not woken
-    assert sink.got == [b"b"]
-    sink.take = False
-    resp._feed(b"c")  # declined: buffered, and the reader woken for it
+    await _turns()
+    assert sink.got == [b"b"] and got == []
+    sink.hand_back = True
+    resp._feed(b"c")  # handed back: buffered, and the reader woken for it
     resp._feed(b"d")  # something is buffered already: after it, never around it
     assert sink.got == [b"b", b"c"]
     resp._end()
@@ -118,7 +128,7 @@ async def test_interrupt_ends_the_readers_wait_after_what_is_buffered() -> None:
 async def test_reads_the_sink_takes_keep_the_idle_watchdog_quiet() -> None:
     """The reader waits the whole time the sink takes reads; the backend is not quiet."""
     resp = _response()
-    resp.sink = Sink()
+    resp.sink = Sink(resp)
     got: list[bytes] = []
 
     async def read() -> None:
@@ -134,7 +144,7 @@ async def test_reads_the_sink_takes_keep_the_idle_watchdog_quiet() -> None:
     assert got == []
 
 
-def _relay(chunked: bool = True) -> tuple[DirectRelay, FakeTransport, BackendResponse]:
+async def _relay(chunked: bool = True) -> tuple[DirectRelay, FakeTransport, BackendResponse]:
     resp = _response()
     transport = FakeTransport()
     checker = StreamChecker(ADMITTED, UsageTotals())
@@ -145,31 +155,55 @@ def _relay(chunked: bool = True) -> tuple[DirectRelay, FakeTransport, BackendRes
 
 @pytest.mark.parametrize("chunked", [True, False])
 async def test_the_direct_path_writes_what_the_checker_releases_in_the_responses_framing(chunked: bool) -> None:
-    relay, transport, _ = _relay(chunked)
+    relay, transport, _ = await _relay(chunked)
     one, two = ev(content="a"), ev(content="b")
-    assert relay(one + two[:9]) and relay(two[9:])
+    relay(one + two[:9])
+    await _turns()
+    relay(two[9:])
+    await _turns()
     if chunked:  # HTTP/1.1: aiohttp's chunked framing, which its write_eof ends
         assert transport.written == [b"%x\r\n" % len(one) + one + b"\r\n", b"%x\r\n" % len(two) + two + b"\r\n"]
     else:  # HTTP/1.0: the body ends with the connection
         assert transport.written == [one, two]
 
 
-async def test_the_direct_path_declines_while_the_client_is_slow() -> None:
-    """Past the limit of unsent bytes the read goes to the task, whose writes wait for the
-    client: the direct path never grows the client's buffer past it."""
-    relay, transport, _ = _relay()
+async def test_reads_taken_before_the_callback_runs_are_checked_and_written_together() -> None:
+    """Nothing is written inside the read callback itself (writing there made the gap
+    p99 grow): the work waits for the loop's next turn, and takes every read since."""
+    relay, transport, _ = await _relay()
+    one, two = ev(content="a"), ev(content="b")
+    relay(one)
+    relay(two)
+    assert transport.written == []
+    await _turns()
+    assert transport.written == [b"%x\r\n" % len(one + two) + one + two + b"\r\n"]
+
+
+async def test_the_direct_path_hands_reads_back_while_the_client_is_slow() -> None:
+    """Past the limit of unsent bytes the reads go back to the task, whose writes wait for
+    the client: the direct path never grows the client's buffer past it."""
+    relay, transport, resp = await _relay()
+    task, got = await _waiting_reader(resp)
     transport.unsent = _DIRECT_WRITE_LIMIT + 1
-    assert relay(ev(OTHER)) is False  # not even checked: the task will feed it to the checker
-    assert transport.written == [] and relay.refused is None
+    bad = ev(OTHER)
+    relay(bad)
+    await _turns()
+    assert transport.written == [] and relay.refused is None  # not even checked: the task will do it
+    assert got == [bad]  # handed to the task, which is woken for it
     transport.unsent = _DIRECT_WRITE_LIMIT
-    assert relay(ev()) is True and len(transport.written) == 1
+    relay(ev())
+    await _turns()
+    assert len(transport.written) == 1
+    resp._end()
+    await asyncio.wait_for(task, 5)
 
 
 async def test_a_refusal_writes_what_was_cleared_and_hands_the_stream_back() -> None:
-    relay, transport, resp = _relay()
+    relay, transport, resp = await _relay()
     task, _ = await _waiting_reader(resp)
     good = ev(content="ok")
-    assert relay(good + ev(OTHER)) is True
+    relay(good + ev(OTHER))
+    await _turns()
     assert transport.written == [b"%x\r\n" % len(good) + good + b"\r\n"]  # the cleared event, never the other
     refused = relay.refused
     assert refused is not None and refused.fault is StreamFault.MODEL_MISMATCH and refused.cleared == b""
@@ -178,9 +212,20 @@ async def test_a_refusal_writes_what_was_cleared_and_hands_the_stream_back() -> 
 
 
 async def test_a_closing_client_gets_nothing_more_and_the_task_is_told() -> None:
-    relay, transport, resp = _relay()
+    relay, transport, resp = await _relay()
     task, _ = await _waiting_reader(resp)
     transport.closing = True
-    assert relay(ev()) is True
+    relay(ev())
+    await _turns()
     assert transport.written == [] and relay.gone and resp.sink is None
     assert await asyncio.wait_for(task, 5) == []
+
+
+async def test_a_callback_due_after_the_relay_ended_writes_nothing() -> None:
+    """The relay task clears the sink however it ends (cancelled by a client gone too):
+    a read it took just before is then dropped, never written after the response."""
+    relay, transport, resp = await _relay()
+    relay(ev())
+    resp.sink = None
+    await _turns()
+    assert transport.written == []

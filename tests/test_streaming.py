@@ -73,14 +73,14 @@ async def test_a_slow_client_gets_every_event_in_order(make_proxy: MakeProxy, ho
     the client) and back to the direct path when it catches up: the client still gets
     every byte, in order, and both paths were taken."""
     taken, declined = [0], [0]
-    call = streaming.DirectRelay.__call__
+    flush = streaming.DirectRelay._flush
 
-    def counting(self: streaming.DirectRelay, data: bytes) -> bool:
-        took = call(self, data)
-        (taken if took else declined)[0] += 1
-        return took
+    def counting(self: streaming.DirectRelay) -> None:
+        slow = self.transport.get_write_buffer_size() > streaming._DIRECT_WRITE_LIMIT
+        (declined if slow else taken)[0] += 1
+        flush(self)
 
-    monkeypatch.setattr(streaming.DirectRelay, "__call__", counting)
+    monkeypatch.setattr(streaming.DirectRelay, "_flush", counting)
     hostile.body = _chunk("first")
     hostile.parts = [_chunk(f"{i:04d}" + "x" * 30_000) for i in range(300)] + [b"data: [DONE]\n\n"]
     hostile.gap_s = 0.001
@@ -101,3 +101,4 @@ async def test_a_slow_client_gets_every_event_in_order(make_proxy: MakeProxy, ho
     assert bytes(got) == hostile.body + b"".join(hostile.parts)
     assert taken[0] > 0 and declined[0] > 0
     assert proxy.requests_evidence()[-1]["reason"] == "ok"
+
