@@ -222,8 +222,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
                                     headers={"X-Request-Id": draft.request_id})
             draft.status = resp.status
             return web.Response(status=resp.status, body=state.redactor.redact_bytes(data),
-                                headers={**forwardable_response_headers(resp.headers),
-                                         "X-Request-Id": draft.request_id})
+                                headers=forwardable_response_headers(resp.headers, draft.request_id))
         if ctype.startswith("text/event-stream"):
             out = await relay_stream(request, state, draft, resp)
             completed = draft.outcome == OUTCOME_OK
@@ -237,8 +236,7 @@ async def _proxy(request: web.Request, state: ProxyState, draft: Draft, body: by
             return error_reply(state, draft, ErrorCode.SERVED_MODEL_MISMATCH, check.message)
         draft.outcome, draft.reason, draft.status = OUTCOME_OK, REASON_OK, resp.status
         return web.Response(status=resp.status, body=data,
-                            headers={**forwardable_response_headers(resp.headers),
-                                     "X-Request-Id": draft.request_id})
+                            headers=forwardable_response_headers(resp.headers, draft.request_id))
     except ClientGone as gone:
         draft.reason = Reason.CLIENT_DISCONNECTED
         return gone.out

@@ -138,13 +138,17 @@ def _provider_header_walk(headers: Iterable[str]) -> Refusal | None:
 
 _RESPONSE_DROP: frozenset[str] = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade",
-    "content-length", "content-encoding", "set-cookie", "server", "date", "location",
+    "content-length", "content-encoding", "set-cookie", "server", "date", "location", "x-request-id",
 })
 
 
-def forwardable_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Backend headers that may travel back to the client."""
-    return {n: v for n, v in headers if n.lower() not in _RESPONSE_DROP}
+def forwardable_response_headers(headers: Iterable[tuple[str, str]], request_id: str) -> dict[str, str]:
+    """Backend headers that may travel back to the client, and the proxy's request id
+    (the record's). A backend's own ``X-Request-Id``, in any case, is dropped: the client
+    would otherwise see two, one of them naming no record."""
+    out = {n: v for n, v in headers if n.lower() not in _RESPONSE_DROP}
+    out["X-Request-Id"] = request_id
+    return out
 
 
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")

@@ -115,8 +115,8 @@ async def relay_stream(request: web.Request, state: ProxyState, draft: Draft,
     refused stream ends with an error event and its reason in the record. Raises
     ClientGone if the client disconnects."""
     idle_s = state.settings.limits.idle_timeout_s
-    out = web.StreamResponse(status=resp.status, headers={
-        **forwardable_response_headers(resp.headers), "X-Request-Id": draft.request_id})
+    out = web.StreamResponse(status=resp.status,
+                             headers=forwardable_response_headers(resp.headers, draft.request_id))
     checker = StreamChecker(state.admission.model, draft.usage)
     draft.stream = True
 

@@ -23,6 +23,7 @@ class HostileBackend:
         self.parts: list[bytes] = []
         self.gap_s = 0.05
         self.content_type = "text/event-stream"
+        self.headers: dict[str, str] = {}  # more response headers
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -33,7 +34,7 @@ class HostileBackend:
 
         async def generate(request: web.Request) -> web.StreamResponse:
             await request.read()
-            resp = web.StreamResponse(headers={"Content-Type": self.content_type})
+            resp = web.StreamResponse(headers={"Content-Type": self.content_type, **self.headers})
             await resp.prepare(request)
             await resp.write(self.body)
             for part in self.parts:

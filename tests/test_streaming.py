@@ -102,3 +102,26 @@ async def test_a_slow_client_gets_every_event_in_order(make_proxy: MakeProxy, ho
     assert taken[0] > 0 and declined[0] > 0
     assert proxy.requests_evidence()[-1]["reason"] == "ok"
 
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_backends_request_id_never_reaches_the_client(make_proxy: MakeProxy,  # noqa: F811
+                                                              hostile: HostileBackend, stream: bool) -> None:
+    """The client's X-Request-Id names the proxy's record; one the backend sends (here in
+    lower case, which a plain dict merge kept beside the proxy's) is dropped."""
+    hostile.headers = {"x-request-id": "forged-by-backend", "X-Backend-Note": "kept"}
+    if stream:
+        hostile.body = _chunk("a") + b"data: [DONE]\n\n"
+    else:
+        hostile.content_type = "application/json"
+        hostile.body = orjson.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": ADMITTED,
+                                     "choices": [{"index": 0, "finish_reason": "stop",
+                                                  "message": {"role": "assistant", "content": "a"}}]})
+    proxy = await make_proxy(base_url=hostile.url)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.base_url + "/chat/completions", headers={"Authorization": f"Bearer {proxy.token}"},
+                          json={"model": ADMITTED, "messages": [{"role": "user", "content": "hi"}],
+                                "stream": stream}) as r:
+            assert r.status == 200
+            await r.read()
+            ids, note = r.headers.getall("X-Request-Id"), r.headers.get("X-Backend-Note")
+    assert ids == [proxy.requests_evidence()[-1]["request_id"]] and note == "kept"
