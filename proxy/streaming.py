@@ -2,10 +2,11 @@
 (proxy.stream_check, sans-IO), and only what it releases is written to the client.
 
 This module does the I/O around the check and acts on its verdicts: it never looks
-inside the stream itself. After the first event, reads are checked and written as they
-arrive, inside the backend connection's callback (``DirectRelay``); the relay task takes
-them back while the client is slow, and ends the stream. A refused stream ends with one last error event (the shape
-both the Chat Completions and the Responses clients read) and its reason in the record.
+inside the stream itself. After the first event, reads are checked and written by a
+plain callback (``DirectRelay``) rather than the relay task; the task takes them back
+while the client is slow, and ends the stream. A refused stream ends with one last
+error event (the shape both the Chat Completions and the Responses clients read) and its
+reason in the record.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class DirectRelay:
     The sink takes a read only while the relay task waits with nothing buffered, so bytes
     keep their order. It does the work in a callback scheduled for the loop's next turn
     (``_flush``), not inside ``data_received``: writing there, the 1,000-stream gap p99
-    grew by half (docs/performance.md), while reads that arrive before the callback runs
+    grew from about 12 to 21 ms (docs/performance.md), while reads that arrive before the callback runs
     are checked and written together. While the client is slow the reads go back to the
     task, whose writes wait for it. A refusal or a client gone ends the task's wait
     (``interrupt``); the task acts on it."""
