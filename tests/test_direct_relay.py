@@ -229,3 +229,23 @@ async def test_a_callback_due_after_the_relay_ended_writes_nothing() -> None:
     resp.sink = None
     await _turns()
     assert transport.written == []
+
+
+class _Breaks(StreamChecker):
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> bytes:
+        raise RuntimeError("a bug in the check")
+
+
+async def test_a_check_that_fails_ends_the_stream_and_forwards_nothing() -> None:
+    """A callback that raised would leave the stream to go on unchecked; it refuses it."""
+    resp = _response()
+    transport = FakeTransport()
+    relay = resp.sink = DirectRelay(_Breaks(ADMITTED, UsageTotals()), transport, True, resp)  # type: ignore[arg-type]
+    task, _ = await _waiting_reader(resp)
+    relay(ev())
+    await _turns()
+    assert transport.written == [] and resp.sink is None
+    assert relay.refused is not None and relay.refused.fault is StreamFault.PROTOCOL
+    assert await asyncio.wait_for(task, 5) == []
