@@ -164,7 +164,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                        f"{_cell(e.get('litellm_added_p50_us'))} |")
     s2 = results.get("scenario2")
     if s2:
-        out += ["", f"## 2. Streaming ({s2['chunks_per_stream']} chunks per stream, {s2['chunk_delay_ms']:g} ms apart)",
+        out += ["", f"## 2. Streaming ({s2['chunks_per_stream']} chunks per stream, {s2['chunk_delay_ms']:g} ms apart, "
+                "unless the row names another pace)",
                 "", f"Backend: {s2['backend']}. It shares the cores with the proxy and the client; the added figures "
                 "compare proxy and direct runs against the same backend. "
                 "Streams open evenly over min(2 s, streams / 500) unless the row says otherwise; the target is "

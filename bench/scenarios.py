@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .baseline import Baseline
+from .baseline import PACED_POINT, Baseline, paced_key
 from .loads import chat_body, measured_wrk, run_streams, run_wrk, write_body
 from .procs import (
     Proc,
@@ -51,6 +51,10 @@ class BenchSettings:
     stream_spread: list[tuple[int, float]] = field(default_factory=lambda: [(1000, 5.0)])
     stream_chunks: int = 200
     stream_delay_ms: float = 5.0
+    # Extra points at a model's pace (streams, events per stream, ms between events): 200
+    # events a second per stream saturates one worker at 1,000 streams; a model serving
+    # 1,000 streams sends each about 50 tokens a second.
+    stream_paced: list[tuple[int, int, float]] = field(default_factory=lambda: [PACED_POINT])
     body_sizes: list[int] = field(default_factory=lambda: [256 * 1024, 1024 * 1024, 8 * 1024 * 1024])
     litellm: bool = True
     core_concurrencies: list[int] = field(default_factory=lambda: [64, 256])
@@ -59,7 +63,7 @@ class BenchSettings:
     def quick_settings(cls) -> BenchSettings:
         """A few minutes instead of half an hour; same scenarios, fewer points."""
         return cls(quick=True, rounds=2, duration_s=2.0, concurrencies=[1, 64], stream_counts=[100],
-                   stream_spread=[], body_sizes=[1024 * 1024], core_concurrencies=[64])
+                   stream_spread=[], stream_paced=[], body_sizes=[1024 * 1024], core_concurrencies=[64])
 
 
 def _wrk_row(res: WrkResult, cpu_s: float) -> dict[str, Any]:
@@ -202,14 +206,16 @@ class Bench:
                         "raw asyncio on uvloop)")
         out: dict[str, Any] = {"chunks_per_stream": chunks, "chunk_delay_ms": delay, "backend": backend_name,
                                "by_streams": {}}
-        min_s = chunks * delay / 1000
-        points = [(str(n), n, min(2.0, n / 500)) for n in self.s.stream_counts]
-        points += [(f"{n} over {ramp:g} s", n, ramp) for n, ramp in self.s.stream_spread]
-        for key, n, ramp in points:
+        points = [(str(n), n, min(2.0, n / 500), chunks, delay) for n in self.s.stream_counts]
+        points += [(f"{n} over {ramp:g} s", n, ramp, chunks, delay) for n, ramp in self.s.stream_spread]
+        points += [(paced_key(n, d), n, min(2.0, n / 500), c, d) for n, c, d in self.s.stream_paced]
+        for key, n, ramp, chunks, delay in points:
+            min_s = chunks * delay / 1000
+            tag = f"{n}-{ramp:g}" if delay == self.s.stream_delay_ms else f"{n}-{ramp:g}-{delay:g}ms"
             backend = self.keep(start_sse_backend(self.tmp, chunks, delay))
-            proxy = self.proxy(f"proxy-s2-{n}-{ramp:g}", backend.url, max_concurrency=max(4096, 2 * n))
-            floor = self.keep(start_nginx_proxy(self.tmp, f"nginx-proxy-s2-{n}-{ramp:g}", backend))
-            before = self.baseline_proxy(f"proxy-s2-{n}-{ramp:g}", backend.url, max_concurrency=max(4096, 2 * n))
+            proxy = self.proxy(f"proxy-s2-{tag}", backend.url, max_concurrency=max(4096, 2 * n))
+            floor = self.keep(start_nginx_proxy(self.tmp, f"nginx-proxy-s2-{tag}", backend))
+            before = self.baseline_proxy(f"proxy-s2-{tag}", backend.url, max_concurrency=max(4096, 2 * n))
             timeout = min_s * 20 + 60
             vias: dict[str, tuple[Proc, str | None]] = {"proxy": (proxy, self.token), NGINX_PROXY: (floor, None)}
             if before is not None and self.baseline is not None:
@@ -262,6 +268,7 @@ class Bench:
                     entry["added_gap_p99_per_round"][self.baseline.name]).to_dict()
             entry["completed"] = {k: [r["completed"] for r in v] for k, v in rows.items()}
             entry["streams"], entry["opened_over_s"] = n, ramp
+            entry["chunks_per_stream"], entry["chunk_delay_ms"] = chunks, delay
             out["by_streams"][key] = entry
         return out
 

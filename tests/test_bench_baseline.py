@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.baseline import (
+    PACED_POINT,
     RULES,
     BaselineError,
     before_after,
@@ -21,6 +22,7 @@ from bench.baseline import (
     imported_from,
     judge,
     label,
+    paced_key,
     parse_ref,
 )
 from bench.procs import ROOT, proxy_env, start_sse_backend
@@ -183,3 +185,19 @@ def test_the_default_baseline_is_skipped_with_a_note_where_the_checkout_lacks_it
     assert "baseline" not in results and "is not a commit" in results["baseline_skipped"]
     assert "No baseline measured: baseline ref '1472c50' is not a commit" in (tmp_path / "latest.md").read_text()
     assert bench_main.main(["--scenarios", "1", "--baseline", "main", "--out", str(tmp_path)]) == 2
+
+
+def test_the_paced_stream_point_is_read_beside_the_targets_never_judged() -> None:
+    """The 1,000 streams at a model's pace (bench.scenarios' default extra point) give a
+    ratio of their own: the tail and the CPU per chunk, with no verdict."""
+    results = _results(([300.0], [350.0]), ([8000.0], [7900.0]), ([5000.0], [7000.0]))
+    results["scenario2"]["by_streams"][paced_key(PACED_POINT[0], PACED_POINT[2])] = {
+        "added_gap_p99_per_round": {BASE: [20_000.0, 19_000.0], "proxy": [17_000.0, 16_000.0]},
+        "rounds": {BASE: [{"proxy_cpu_s_per_10k_chunks": 0.38}], "proxy": [{"proxy_cpu_s_per_10k_chunks": 0.30}]}}
+    rows = {r["key"]: r for r in before_after(results)}
+    assert rows["streams_1000_added_gap_p99"]["met"] is False  # the target's own point: 7,000 against 5,000
+    paced = rows["streams_paced_added_gap_p99"]
+    assert paced["ratio"] == pytest.approx(16_500 / 19_500, abs=1e-4) and paced["met"] is None
+    assert rows["streams_paced_cpu"]["ratio"] == pytest.approx(0.30 / 0.38, abs=1e-4)
+    assert rows["streams_paced_cpu"]["met"] is None
+    assert paced_key(*PACED_POINT[::2]) == "1000 at 20 ms per event"
