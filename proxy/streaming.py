@@ -54,10 +54,10 @@ class DirectRelay:
     The sink takes a read only while the relay task waits with nothing buffered, so bytes
     keep their order. It does the work in a callback scheduled for the loop's next turn
     (``_flush``), not inside ``data_received``: writing there, the 1,000-stream gap p99
-    grew from about 12 to 21 ms (docs/performance.md), while reads that arrive before
-    the callback runs are checked and written together. While the client is slow the reads go back to the
-    task, whose writes wait for it. A refusal or a client gone ends the task's wait
-    (``interrupt``); the task acts on it."""
+    grew from about 12 to 21 ms (docs/performance.md). Reads that arrive before the
+    callback runs are checked and written together. While the client is slow the reads
+    go back to the task, whose writes wait for it. A refusal or a client gone ends the
+    task's wait (``interrupt``); the task acts on it."""
 
     __slots__ = ("checker", "transport", "chunked", "resp", "refused", "gone", "_pending", "_loop")
 
