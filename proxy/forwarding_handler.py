@@ -158,15 +158,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
                            headers={"Retry-After": "1"})
     draft.decision = DECISION_ADMITTED
     state.in_flight += 1
-    # One process: the gauge reads state.in_flight at scrape time, nothing to count here.
-    gauge = state.settings.metrics_enabled and state.metrics.in_flight_by_request
-    if gauge:
+    if state.settings.metrics_enabled:
         state.metrics.request_started()
     try:
         return await _proxy(request, state, draft, body, request.path)
     finally:
         state.in_flight -= 1
-        if gauge:
+        if state.settings.metrics_enabled:
             state.metrics.request_ended()
 
 

@@ -103,9 +103,7 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
     """The order of checks: public endpoints, the token (a request without it is not
     Case's: see proxy.auth), forward-proxy use, other providers' endpoints and
     headers, a WebSocket upgrade, then the route's own handler."""
-    raw = request.raw_path
-    # Forward-proxy use is CONNECT or a target that is not a path (absolute-form).
-    target_host = _forward_proxy_target(request) if request.method == "CONNECT" or not raw.startswith("/") else None
+    target_host = _forward_proxy_target(request)
     if target_host is None and request.path in PUBLIC_PATHS:
         draft.decision, draft.outcome, draft.reason = DECISION_ADMITTED, OUTCOME_OK, REASON_OK
         return await handler(request)
@@ -134,7 +132,7 @@ async def _dispatch(request: web.Request, state: ProxyState, draft: Draft, handl
     hdr = provider_header(request.headers.keys())
     if hdr is not None:
         return refuse(state, draft, hdr)
-    if "Upgrade" in request.headers and websocket_upgrade(request.headers):
+    if websocket_upgrade(request.headers):
         return websocket_refused(request)
     return await handler(request)
 

@@ -281,7 +281,7 @@ class HashChainWriter:
         good. A path that names another file, or none, while the open file is still
         linked and whole is a rotation in progress (PathMoved): refused, not failed;
         ``rotate`` (SIGHUP) opens a new log at the path, or the path's return clears it."""
-        if self._fd is None or self._failed or self._closed:  # not healthy (inlined: on every request)
+        if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
         try:
             size = os.lseek(self._fd, 0, os.SEEK_END)
@@ -385,7 +385,7 @@ class HashChainWriter:
     def _stage(self, data: bytes) -> str:
         """One serialized record that ends in its newline; the hash covers the line
         without it."""
-        if self._fd is None or self._failed or self._closed:  # not healthy (inlined: on every request)
+        if not self.healthy or self._fd is None:
             raise ChainError("evidence writer is not open or a previous write failed")
         self._staged.append(data)
         line = memoryview(data)[:-1]
@@ -405,7 +405,7 @@ class HashChainWriter:
             return
         staged, self._staged = self._staged, []
         data = staged[0] if len(staged) == 1 else b"".join(staged)
-        if self._fd is None or self._failed or self._closed:  # not healthy (inlined: on every request)
+        if not self.healthy or self._fd is None:
             self._failed = True
             raise ChainError("evidence writer is not open or a previous write failed")
         try:

@@ -164,18 +164,17 @@ class ProxyMetrics:
 
         # One process: the gauge reads the proxy's own count at scrape time, nothing per
         # request. Several workers: multiprocess files only see explicit updates.
-        # Read by the forwarding handler, which then skips both calls below per request.
-        self.in_flight_by_request = in_flight is None or multiprocess_dir is not None
-        if not self.in_flight_by_request:
+        self._in_flight_by_request = in_flight is None or multiprocess_dir is not None
+        if not self._in_flight_by_request:
             assert in_flight is not None
             self.in_flight.set_function(in_flight)
 
     def request_started(self) -> None:
-        if self.in_flight_by_request:
+        if self._in_flight_by_request:
             self.in_flight.inc()
 
     def request_ended(self) -> None:
-        if self.in_flight_by_request:
+        if self._in_flight_by_request:
             self.in_flight.dec()
 
     def count_request(self, endpoint: str, outcome: str) -> None:

@@ -130,8 +130,7 @@ def _count_written(m: ProxyMetrics, draft: Draft, elapsed: float, written: bool)
 def _count(m: ProxyMetrics, draft: Draft, elapsed: float, outcome: Outcome) -> None:
     """One request's metrics."""
     m.count_request(draft.endpoint, outcome)
-    # The report's definition too (proxy.fallback); only a refusal can be one.
-    if draft.decision == DECISION_REFUSED and is_fallback_refusal(draft.decision, draft.reason):
+    if is_fallback_refusal(draft.decision, draft.reason):  # the report's definition too (proxy.fallback)
         m.fallback_rejections.labels(draft.reason, draft.family or Family.OTHER).inc()
     if draft.reason == SERVED_MODEL_MISMATCH:
         m.served_model_mismatches.labels(draft.endpoint).inc()
