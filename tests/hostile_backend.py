@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from tests.proxy_support import ADMITTED
+from tests.proxy_support import ADMITTED, serve_app
 
 
 class HostileBackend:
@@ -47,11 +47,7 @@ class HostileBackend:
         app.router.add_get("/v1/models", models)
         app.router.add_post("/v1/chat/completions", generate)
         app.router.add_post("/v1/responses", generate)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve_app(app)
         self.url = f"http://127.0.0.1:{port}/v1"
 
     async def stop(self) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -157,6 +158,15 @@ async def raw_request(proxy: ProxyUnderTest, request: bytes) -> bytes:
     data = await asyncio.wait_for(reader.read(65536), 5)
     writer.close()
     return data
+
+
+async def serve_app(app: aiohttp.web.Application, **runner_kw: Any) -> tuple[aiohttp.web.AppRunner, int]:
+    """Run ``app`` (a test backend) on 127.0.0.1 at a free port: (its runner, to clean up;
+    the port)."""
+    runner = aiohttp.web.AppRunner(app, **runner_kw)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
 
 
 async def read_http_request(reader: asyncio.StreamReader, timeout_s: float | None = None) -> tuple[bytes, bytes]:

@@ -29,6 +29,7 @@ from tests.proxy_support import (  # noqa: F401 - make_proxy is a fixture
     cli,
     make_proxy,
     proxy_env,
+    serve_app,
 )
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -69,11 +70,7 @@ class EvidenceWitness:
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve_app(app)
         self.base_url = f"http://127.0.0.1:{port}/v1"
 
     async def stop(self) -> None:

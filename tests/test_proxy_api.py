@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from proxy.redact import REDACTED
-from tests.proxy_support import ADMITTED, ProxyUnderTest, make_proxy, proxy  # noqa: F401
+from tests.proxy_support import ADMITTED, ProxyUnderTest, make_proxy, proxy, serve_app  # noqa: F401
 
 TOOLS = [{
     "type": "function",
@@ -348,11 +348,7 @@ async def _backend_sending_bodies_in_parts(stall_after_first: bool) -> tuple[web
     app = web.Application()
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)  # the stalled handler is cut at cleanup
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app, shutdown_timeout=0.5)  # the stalled handler is cut at cleanup
     return runner, f"http://127.0.0.1:{port}/v1"
 
 

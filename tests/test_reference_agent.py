@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from harness.fixture_catalog import export_commit, head_commit, list_fixtures, load_fixture, materialize, run_acceptance
+from tests.proxy_support import serve_app
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-reference-agent-0123456789abcdef"
@@ -56,11 +57,8 @@ class FakeOpenAIServer:
     async def _start(self) -> int:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return self._runner.addresses[0][1]
+        self._runner, port = await serve_app(app)
+        return port
 
     def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, usage: dict | None = None) -> bytes:
         body: dict[str, Any] = {
