@@ -186,8 +186,26 @@ def paced_key(streams: int, delay_ms: float) -> str:
     return f"{streams} at {delay_ms:g} ms per event"
 
 
-def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key) is not None]
+def rounds_better(rule: Rule, baseline: list[float | None], current: list[float | None]) -> dict[str, int] | None:
+    """In how many rounds the current proxy did better than the baseline, counting only
+    rounds measured on both sides. The two ran in the same rounds, one after the other,
+    so each pair shared the machine's state: a ratio of medians past its limit with about
+    half the rounds on each side is this machine's noise, not the code. None when the
+    lists are not one value per round each (they cannot be paired)."""
+    if len(baseline) != len(current):
+        return None
+    better = paired = 0
+    for b, c in zip(baseline, current, strict=True):
+        if b is None or c is None or math.isnan(b) or math.isnan(c):
+            continue
+        paired += 1
+        better += c > b if rule.higher_is_better else c < b
+    return {"current_better": better, "paired": paired}
+
+
+def _column(rows: list[dict[str, Any]], key: str) -> list[float | None]:
+    """One figure per round, None where a round has none (so rounds stay aligned)."""
+    return [None if r.get(key) is None else float(r[key]) for r in rows]
 
 
 def before_after(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -200,23 +218,29 @@ def before_after(results: dict[str, Any]) -> list[dict[str, Any]]:
     s2 = (results.get("scenario2") or {}).get("by_streams", {})
     c1, c64, st = s1.get("1", {}), s1.get("64", {}), s2.get("1000", {})
     paced = s2.get(paced_key(PACED_POINT[0], PACED_POINT[2]), {})
-    empty: list[float] = []
+    empty: list[float | None] = []
     pairs = {
         "one_conn_added_p50": (c1.get("added_p50_per_round", {}).get(base, empty),
                                c1.get("added_p50_per_round", {}).get("proxy", empty)),
-        "c64_rps": (_values(c64.get("rounds", {}).get(base, []), "rps"),
-                    _values(c64.get("rounds", {}).get("proxy", []), "rps")),
+        "c64_rps": (_column(c64.get("rounds", {}).get(base, []), "rps"),
+                    _column(c64.get("rounds", {}).get("proxy", []), "rps")),
         "streams_1000_added_gap_p99": (st.get("added_gap_p99_per_round", {}).get(base, empty),
                                        st.get("added_gap_p99_per_round", {}).get("proxy", empty)),
-        "one_conn_cpu": (_values(c1.get("rounds", {}).get(base, []), "cpu_us_per_request"),
-                         _values(c1.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
-        "c64_cpu": (_values(c64.get("rounds", {}).get(base, []), "cpu_us_per_request"),
-                    _values(c64.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
-        "streams_1000_cpu": (_values(st.get("rounds", {}).get(base, []), "proxy_cpu_s_per_10k_chunks"),
-                             _values(st.get("rounds", {}).get("proxy", []), "proxy_cpu_s_per_10k_chunks")),
+        "one_conn_cpu": (_column(c1.get("rounds", {}).get(base, []), "cpu_us_per_request"),
+                         _column(c1.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
+        "c64_cpu": (_column(c64.get("rounds", {}).get(base, []), "cpu_us_per_request"),
+                    _column(c64.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
+        "streams_1000_cpu": (_column(st.get("rounds", {}).get(base, []), "proxy_cpu_s_per_10k_chunks"),
+                             _column(st.get("rounds", {}).get("proxy", []), "proxy_cpu_s_per_10k_chunks")),
         "streams_paced_added_gap_p99": (paced.get("added_gap_p99_per_round", {}).get(base, empty),
                                         paced.get("added_gap_p99_per_round", {}).get("proxy", empty)),
-        "streams_paced_cpu": (_values(paced.get("rounds", {}).get(base, []), "proxy_cpu_s_per_10k_chunks"),
-                              _values(paced.get("rounds", {}).get("proxy", []), "proxy_cpu_s_per_10k_chunks")),
+        "streams_paced_cpu": (_column(paced.get("rounds", {}).get(base, []), "proxy_cpu_s_per_10k_chunks"),
+                              _column(paced.get("rounds", {}).get("proxy", []), "proxy_cpu_s_per_10k_chunks")),
     }
-    return [judge(rule, summarize(pairs[rule.key][0]), summarize(pairs[rule.key][1])) for rule in RULES]
+    rows = []
+    for rule in RULES:
+        b, c = pairs[rule.key]
+        row = judge(rule, summarize(b), summarize(c))
+        row["rounds_better"] = rounds_better(rule, b, c)
+        rows.append(row)
+    return rows

@@ -251,8 +251,10 @@ def render_before_after(results: dict[str, Any]) -> list[str]:
     out = ["", f"## Before/after: {base['target']} (baseline) against this tree", "",
            f"The baseline is commit {base['commit'][:12]} (ref {base['ref']}), exported with git archive and run as "
            "one more target in the same rounds as this tree's proxy (their order swapped every other round). "
-           "Baseline and current are medians over rounds; the ratio is current / baseline.", "",
-           "| figure | baseline | current | ratio | target | met |", "|---|---|---|---|---|---|"]
+           "Baseline and current are medians over rounds; the ratio is current / baseline. \"Better in\" counts "
+           "the rounds in which this tree did better than the baseline measured just before or after it: about "
+           "half the rounds either way means the ratio is within this machine's round-to-round noise.", "",
+           "| figure | baseline | current | ratio | better in | target | met |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         kind = {"rps": "n", "s": "s"}.get(r["unit"], "us")
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"
@@ -261,8 +263,10 @@ def render_before_after(results: dict[str, Any]) -> list[str]:
         else:
             met = "not measured" if r["met"] is None else ("yes" if r["met"] else "**no**")
         note = f" ({r['note']})" if r.get("note") else ""
+        sign = r.get("rounds_better")
+        better = f"{sign['current_better']} of {sign['paired']} rounds" if sign and sign["paired"] else "-"
         out.append(f"| {r['title']} | {_cell(r['baseline'], kind)} | {_cell(r['current'], kind)} | {ratio}{note} | "
-                   f"{r['target']} | {met} |")
+                   f"{better} | {r['target']} | {met} |")
     return out
 
 

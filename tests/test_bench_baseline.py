@@ -24,6 +24,7 @@ from bench.baseline import (
     label,
     paced_key,
     parse_ref,
+    rounds_better,
 )
 from bench.procs import ROOT, proxy_env, start_sse_backend
 from bench.procs import start_proxy as start_bench_proxy
@@ -101,18 +102,37 @@ def test_before_after_rows_come_from_the_runs_paired_rounds_and_render_as_a_tabl
     assert rows["one_conn_added_p50"]["met"] is False
     assert rows["c64_rps"]["ratio"] == pytest.approx(8000 / 8100, abs=1e-4) and rows["c64_rps"]["met"] is True
     assert rows["streams_1000_added_gap_p99"]["met"] is None  # the 1,000 streams were not run
+    assert rows["one_conn_added_p50"]["rounds_better"] == {"current_better": 0, "paired": 2}
+    assert rows["c64_rps"]["rounds_better"] == {"current_better": 0, "paired": 2}
     results["before_after"] = list(rows.values())
     del results["scenario1"], results["scenario2"]  # their own sections are tested in test_bench_stats
     text = render_markdown(results)
     assert f"## Before/after: {BASE} (baseline) against this tree" in text
     assert ("| non-streaming, 1 connection: added latency p50 | 305 µs (300 µs to 310 µs) | "
-            "355 µs (350 µs to 360 µs) | 1.164 | within 10 % (current / baseline <= 1.10) | **no** |") in text
-    assert "| non-streaming, 64 connections: requests/s | 8,100 (8,000 to 8,200) | 8,000 (7,900 to 8,100) | 0.988 |" in text
-    assert "| 1,000 streams: added inter-chunk delay p99 | n/a | n/a | n/a (not measured in this run) |" in text
+            "355 µs (350 µs to 360 µs) | 1.164 | 0 of 2 rounds | within 10 % (current / baseline <= 1.10) | "
+            "**no** |") in text
+    assert ("| non-streaming, 64 connections: requests/s | 8,100 (8,000 to 8,200) | 8,000 (7,900 to 8,100) | 0.988 | "
+            "0 of 2 rounds |") in text
+    assert "| 1,000 streams: added inter-chunk delay p99 | n/a | n/a | n/a (not measured in this run) | - |" in text
     cpu = rows["c64_cpu"]  # a figure beside the targets: a ratio, never a verdict
     assert cpu["ratio"] == pytest.approx(150 / 120, abs=1e-4) and cpu["met"] is None and cpu["limit"] is None
-    assert "| non-streaming, 64 connections: proxy CPU per request | 120 µs (110 µs to 130 µs) | 150 µs " in text
     assert text.count("(no target: where the cost is) | - |") == 3
+    assert ("| non-streaming, 64 connections: proxy CPU per request | 120 µs (110 µs to 130 µs) | "
+            "150 µs (140 µs to 160 µs) | 1.250 | 0 of 2 rounds |") in text
+
+
+def test_rounds_are_paired_by_position_and_a_round_missing_on_either_side_is_left_out() -> None:
+    """The count next to a ratio says whether it is noise: each round's pair ran
+    back to back, so the pairs are taken position by position, never re-sorted."""
+    lower, higher = RULES[0], RULES[1]  # added p50: lower is better; requests/s: higher is better
+    assert not lower.higher_is_better and higher.higher_is_better
+    base, cur = [10.0, 20.0, 30.0, None, 50.0], [11.0, 19.0, 29.0, 1.0, math.nan]
+    assert rounds_better(lower, base, cur) == {"current_better": 2, "paired": 3}
+    assert rounds_better(higher, base, cur) == {"current_better": 1, "paired": 3}
+    assert rounds_better(lower, [10.0, 20.0], [10.0, 20.0]) == {"current_better": 0, "paired": 2}  # a tie is not better
+    # Sorted side by side, the current one would be lower in both; round by round it lost one.
+    assert rounds_better(lower, [1.0, 3.0], [2.0, 0.0]) == {"current_better": 1, "paired": 2}
+    assert rounds_better(lower, [1.0, 2.0], [1.0]) is None  # not one value per round each: no pairing
 
 
 def test_without_a_baseline_there_is_no_before_after() -> None:
