@@ -20,7 +20,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from proxy.evidence import utc_now_rfc3339
-from proxy.hashchain import ChainVerdict, HashChainWriter, read_chain, read_chain_bytes
+from proxy.hashchain import ChainVerdict, HashChainWriter, read_chain, read_chain_bytes, unreadable_verdict
 
 RUN_STARTED: Final = "run_started"
 PREFLIGHT_PASSED: Final = "preflight_passed"
@@ -338,13 +338,8 @@ def read_typed_events(path: Path) -> ParsedEvents:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        return ParsedEvents(verdict=_unreadable(path, exc), events=[], problems=[])
+        return ParsedEvents(verdict=unreadable_verdict(path, exc), events=[], problems=[])
     return parse_events(data)
-
-
-def _unreadable(path: Path, exc: OSError) -> ChainVerdict:
-    """The failed verdict of an events log that could not be read."""
-    return ChainVerdict(ok=False, records=0, last_sha256="", problems=[f"cannot read {path}: {exc.strerror}"])
 
 
 def read_events(path: Path) -> tuple[ChainVerdict, list[dict[str, Any]]]:
@@ -354,7 +349,7 @@ def read_events(path: Path) -> tuple[ChainVerdict, list[dict[str, Any]]]:
     try:
         verdict, raw = read_chain(path)
     except OSError as exc:
-        return _unreadable(path, exc), []
+        return unreadable_verdict(path, exc), []
     return verdict, [{k: v for k, v in r.items() if k not in CHAIN_FIELDS} for r in raw]
 
 

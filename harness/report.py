@@ -24,7 +24,7 @@ from proxy.codes import Decision, ErrorCode
 from proxy.evidence import NON_MODEL_ENDPOINTS, EvidenceRecord, records_from_bytes
 from proxy.evidence_files import EvidenceFile, lines_from_bytes, pair_forwarding
 from proxy.fallback import is_fallback_attempt, is_fallback_refusal
-from proxy.hashchain import ChainVerdict
+from proxy.hashchain import GENESIS, ChainVerdict, unreadable_verdict
 from proxy.upstream_policy import is_known_provider_host
 
 from . import events as ev
@@ -259,7 +259,7 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
     except OSError:
         raw_events = None
     if raw_events is None:
-        parsed = ev.ParsedEvents(verdict=ChainVerdict(ok=False, records=0, last_sha256="",
+        parsed = ev.ParsedEvents(verdict=ChainVerdict(ok=False, records=0, last_sha256=GENESIS,
                                                       problems=["events.jsonl is missing or unreadable"]),
                                  events=[], problems=[])
     else:
@@ -273,8 +273,7 @@ def collect_inputs(run_dir: Path, *, decision_sha256_after: str | None,
         try:
             data = evidence_path.read_bytes()
         except OSError as exc:
-            evidence_verdict = ChainVerdict(ok=False, records=0, last_sha256="",
-                                            problems=[f"cannot read {evidence_path}: {exc.strerror}"])
+            evidence_verdict = unreadable_verdict(evidence_path, exc)
         else:
             evidence_sha = _sha(data)
             evidence_verdict, evidence = records_from_bytes(data)

@@ -16,7 +16,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .codes import Decision, ErrorCode
 from .fallback import is_fallback_refusal
-from .hashchain import CHAIN_FIELDS, ChainMode, ChainVerdict, HashChainWriter, HeadCallback, read_chain_bytes
+from .hashchain import (
+    CHAIN_FIELDS,
+    ChainMode,
+    ChainVerdict,
+    HashChainWriter,
+    HeadCallback,
+    read_chain_bytes,
+    unreadable_verdict,
+)
 from .redact import Redactor
 
 # Request records on these endpoints are not model calls (model listings, lookups, side
@@ -235,7 +243,7 @@ def verify_evidence(path: Path) -> ChainVerdict:
     try:
         return _records(path)[0]
     except OSError as exc:
-        return ChainVerdict(ok=False, records=0, last_sha256="", problems=[f"cannot read {path}: {exc.strerror}"])
+        return unreadable_verdict(path, exc)
 
 
 class EvidenceSummary(BaseModel):
