@@ -149,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in results["before_after"]:
         mark = ("info" if row["limit"] is None else "not measured" if row["met"] is None
                 else "met" if row["met"] else "NOT met")
-        sign = row.get("rounds_better")
+        better = baseline_mod.rounds_better_text(row)
         log(f"  [{mark}] before/after: {row['title']}: {row['target']}"
             + ("" if row["ratio"] is None else f", ratio {row['ratio']:.3f}")
-            + (f", better in {sign['current_better']} of {sign['paired']} rounds" if sign and sign["paired"] else ""))
+            + ("" if better is None else f", better in {better}"))
     return 0
 
 

@@ -203,6 +203,16 @@ def rounds_better(rule: Rule, baseline: list[float | None], current: list[float 
     return {"current_better": better, "paired": paired}
 
 
+# A figure's values for the baseline and for this tree, one per round (None: not measured).
+Pair = tuple[list[float | None], list[float | None]]
+
+
+def rounds_better_text(row: dict[str, Any]) -> str | None:
+    """"k of n rounds" for a before/after row, None when no round could be paired."""
+    sign = row.get("rounds_better")
+    return f"{sign['current_better']} of {sign['paired']} rounds" if sign and sign["paired"] else None
+
+
 def _column(rows: list[dict[str, Any]], key: str) -> list[float | None]:
     """One figure per round, None where a round has none (so rounds stay aligned)."""
     return [None if r.get(key) is None else float(r[key]) for r in rows]
@@ -218,24 +228,26 @@ def before_after(results: dict[str, Any]) -> list[dict[str, Any]]:
     s2 = (results.get("scenario2") or {}).get("by_streams", {})
     c1, c64, st = s1.get("1", {}), s1.get("64", {}), s2.get("1000", {})
     paced = s2.get(paced_key(PACED_POINT[0], PACED_POINT[2]), {})
-    empty: list[float | None] = []
-    pairs = {
-        "one_conn_added_p50": (c1.get("added_p50_per_round", {}).get(base, empty),
-                               c1.get("added_p50_per_round", {}).get("proxy", empty)),
-        "c64_rps": (_column(c64.get("rounds", {}).get(base, []), "rps"),
-                    _column(c64.get("rounds", {}).get("proxy", []), "rps")),
-        "streams_1000_added_gap_p99": (st.get("added_gap_p99_per_round", {}).get(base, empty),
-                                       st.get("added_gap_p99_per_round", {}).get("proxy", empty)),
-        "one_conn_cpu": (_column(c1.get("rounds", {}).get(base, []), "cpu_us_per_request"),
-                         _column(c1.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
-        "c64_cpu": (_column(c64.get("rounds", {}).get(base, []), "cpu_us_per_request"),
-                    _column(c64.get("rounds", {}).get("proxy", []), "cpu_us_per_request")),
-        "streams_1000_cpu": (_column(st.get("rounds", {}).get(base, []), "proxy_cpu_s_per_10k_chunks"),
-                             _column(st.get("rounds", {}).get("proxy", []), "proxy_cpu_s_per_10k_chunks")),
-        "streams_paced_added_gap_p99": (paced.get("added_gap_p99_per_round", {}).get(base, empty),
-                                        paced.get("added_gap_p99_per_round", {}).get("proxy", empty)),
-        "streams_paced_cpu": (_column(paced.get("rounds", {}).get(base, []), "proxy_cpu_s_per_10k_chunks"),
-                              _column(paced.get("rounds", {}).get("proxy", []), "proxy_cpu_s_per_10k_chunks")),
+
+    def per_round(point: dict[str, Any], key: str) -> Pair:
+        """A figure the scenario already lists per round for each target (added latencies)."""
+        by_target = point.get(key, {})
+        return by_target.get(base, []), by_target.get("proxy", [])
+
+    def from_rounds(point: dict[str, Any], key: str) -> Pair:
+        """A figure read from each target's own round rows."""
+        rounds = point.get("rounds", {})
+        return _column(rounds.get(base, []), key), _column(rounds.get("proxy", []), key)
+
+    pairs: dict[str, Pair] = {
+        "one_conn_added_p50": per_round(c1, "added_p50_per_round"),
+        "c64_rps": from_rounds(c64, "rps"),
+        "streams_1000_added_gap_p99": per_round(st, "added_gap_p99_per_round"),
+        "one_conn_cpu": from_rounds(c1, "cpu_us_per_request"),
+        "c64_cpu": from_rounds(c64, "cpu_us_per_request"),
+        "streams_1000_cpu": from_rounds(st, "proxy_cpu_s_per_10k_chunks"),
+        "streams_paced_added_gap_p99": per_round(paced, "added_gap_p99_per_round"),
+        "streams_paced_cpu": from_rounds(paced, "proxy_cpu_s_per_10k_chunks"),
     }
     rows = []
     for rule in RULES:

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .baseline import rounds_better_text
 from .stats import OVERLOAD_STRETCH, fmt_num, fmt_us
 
 
@@ -263,8 +264,7 @@ def render_before_after(results: dict[str, Any]) -> list[str]:
         else:
             met = "not measured" if r["met"] is None else ("yes" if r["met"] else "**no**")
         note = f" ({r['note']})" if r.get("note") else ""
-        sign = r.get("rounds_better")
-        better = f"{sign['current_better']} of {sign['paired']} rounds" if sign and sign["paired"] else "-"
+        better = rounds_better_text(r) or "-"
         out.append(f"| {r['title']} | {_cell(r['baseline'], kind)} | {_cell(r['current'], kind)} | {ratio}{note} | "
                    f"{better} | {r['target']} | {met} |")
     return out
