@@ -151,6 +151,19 @@ RULES: tuple[Rule, ...] = (
          None, "(no target: a model's pace)"),
     Rule("streams_paced_cpu", "1,000 streams at 20 ms per event: proxy CPU seconds per 10,000 chunks", "s", False,
          None, "(no target: a model's pace)"),
+    # At the target's point a proxy that starts streams sooner has more of them relaying at
+    # once on its one saturated core, so a faster start shows up as a longer gap (a busy
+    # wait added to every request lowered the gap p99: docs/performance.md, sixth pass).
+    # What a user waits for is shown beside it.
+    Rule("streams_1000_ttft_p50", "1,000 streams: time to first event p50", "us", False, None,
+         "(no target: the queue a new stream waits in)"),
+    Rule("streams_1000_wall", "1,000 streams: time until the last stream ended", "s", False, None,
+         "(no target: the queue a new stream waits in)"),
+    # The same streams opened over 5 s: a load one worker carries, so the tail is the relay's.
+    Rule("streams_spread_added_gap_p99", "1,000 streams opened over 5 s: added inter-chunk delay p99", "us", False,
+         None, "(no target: a load one worker carries)"),
+    Rule("streams_spread_cpu", "1,000 streams opened over 5 s: proxy CPU seconds per 10,000 chunks", "s", False,
+         None, "(no target: a load one worker carries)"),
 )
 
 
@@ -179,11 +192,19 @@ def judge(rule: Rule, baseline: Summary, current: Summary) -> dict[str, Any]:
 # The stream point at a model's pace (streams, events per stream, ms between events)
 # that bench.scenarios measures by default and the before/after table reads.
 PACED_POINT: tuple[int, int, float] = (1000, 100, 20.0)
+# The stream point opened over a longer time (streams, seconds over which they open): a
+# load one worker carries, measured by default and read by the before/after table.
+SPREAD_POINT: tuple[int, float] = (1000, 5.0)
 
 
 def paced_key(streams: int, delay_ms: float) -> str:
     """The results key of a stream point at a model's pace."""
     return f"{streams} at {delay_ms:g} ms per event"
+
+
+def spread_key(streams: int, opened_over_s: float) -> str:
+    """The results key of a stream point opened over a longer time than the default."""
+    return f"{streams} over {opened_over_s:g} s"
 
 
 def rounds_better(rule: Rule, baseline: list[float | None], current: list[float | None]) -> dict[str, int] | None:
@@ -213,9 +234,16 @@ def rounds_better_text(row: dict[str, Any]) -> str | None:
     return f"{sign['current_better']} of {sign['paired']} rounds" if sign and sign["paired"] else None
 
 
-def _column(rows: list[dict[str, Any]], key: str) -> list[float | None]:
-    """One figure per round, None where a round has none (so rounds stay aligned)."""
-    return [None if r.get(key) is None else float(r[key]) for r in rows]
+def _column(rows: list[dict[str, Any]], key: str, quantile: str | None = None) -> list[float | None]:
+    """One figure per round (``row[key]``, or ``row[key][quantile]`` for a percentile
+    dict), None where a round has none (so rounds stay aligned)."""
+    out: list[float | None] = []
+    for r in rows:
+        v = r.get(key)
+        if quantile is not None:
+            v = v.get(quantile) if isinstance(v, dict) else None
+        out.append(None if v is None else float(v))
+    return out
 
 
 def before_after(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -228,16 +256,17 @@ def before_after(results: dict[str, Any]) -> list[dict[str, Any]]:
     s2 = (results.get("scenario2") or {}).get("by_streams", {})
     c1, c64, st = s1.get("1", {}), s1.get("64", {}), s2.get("1000", {})
     paced = s2.get(paced_key(PACED_POINT[0], PACED_POINT[2]), {})
+    spread = s2.get(spread_key(*SPREAD_POINT), {})
 
     def per_round(point: dict[str, Any], key: str) -> Pair:
         """A figure the scenario already lists per round for each target (added latencies)."""
         by_target = point.get(key, {})
         return by_target.get(base, []), by_target.get("proxy", [])
 
-    def from_rounds(point: dict[str, Any], key: str) -> Pair:
+    def from_rounds(point: dict[str, Any], key: str, quantile: str | None = None) -> Pair:
         """A figure read from each target's own round rows."""
         rounds = point.get("rounds", {})
-        return _column(rounds.get(base, []), key), _column(rounds.get("proxy", []), key)
+        return _column(rounds.get(base, []), key, quantile), _column(rounds.get("proxy", []), key, quantile)
 
     pairs: dict[str, Pair] = {
         "one_conn_added_p50": per_round(c1, "added_p50_per_round"),
@@ -248,6 +277,10 @@ def before_after(results: dict[str, Any]) -> list[dict[str, Any]]:
         "streams_1000_cpu": from_rounds(st, "proxy_cpu_s_per_10k_chunks"),
         "streams_paced_added_gap_p99": per_round(paced, "added_gap_p99_per_round"),
         "streams_paced_cpu": from_rounds(paced, "proxy_cpu_s_per_10k_chunks"),
+        "streams_1000_ttft_p50": from_rounds(st, "ttft_us", "50"),
+        "streams_1000_wall": from_rounds(st, "wall_s"),
+        "streams_spread_added_gap_p99": per_round(spread, "added_gap_p99_per_round"),
+        "streams_spread_cpu": from_rounds(spread, "proxy_cpu_s_per_10k_chunks"),
     }
     rows = []
     for rule in RULES:

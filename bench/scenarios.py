@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .baseline import PACED_POINT, Baseline, paced_key
+from .baseline import PACED_POINT, SPREAD_POINT, Baseline, paced_key, spread_key
 from .loads import chat_body, measured_wrk, run_streams, run_wrk, write_body
 from .procs import (
     Proc,
@@ -48,7 +48,7 @@ class BenchSettings:
     # Extra points (streams, seconds over which they open): the 1,000 streams of the issue
     # opened over 2 s overload one worker on these machines, so that tail measures
     # queueing; the same streams opened over 5 s are a load one worker carries.
-    stream_spread: list[tuple[int, float]] = field(default_factory=lambda: [(1000, 5.0)])
+    stream_spread: list[tuple[int, float]] = field(default_factory=lambda: [SPREAD_POINT])
     stream_chunks: int = 200
     stream_delay_ms: float = 5.0
     # Extra points at a model's pace (streams, events per stream, ms between events): 200
@@ -207,7 +207,7 @@ class Bench:
         out: dict[str, Any] = {"chunks_per_stream": chunks, "chunk_delay_ms": delay, "backend": backend_name,
                                "by_streams": {}}
         points = [(str(n), n, min(2.0, n / 500), chunks, delay) for n in self.s.stream_counts]
-        points += [(f"{n} over {ramp:g} s", n, ramp, chunks, delay) for n, ramp in self.s.stream_spread]
+        points += [(spread_key(n, ramp), n, ramp, chunks, delay) for n, ramp in self.s.stream_spread]
         points += [(paced_key(n, d), n, min(2.0, n / 500), c, d) for n, c, d in self.s.stream_paced]
         for key, n, ramp, chunks, delay in points:
             min_s = chunks * delay / 1000

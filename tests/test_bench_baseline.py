@@ -14,6 +14,7 @@ import pytest
 from bench.baseline import (
     PACED_POINT,
     RULES,
+    SPREAD_POINT,
     BaselineError,
     before_after,
     check_ref,
@@ -25,6 +26,7 @@ from bench.baseline import (
     paced_key,
     parse_ref,
     rounds_better,
+    spread_key,
 )
 from bench.procs import ROOT, proxy_env, start_sse_backend
 from bench.procs import start_proxy as start_bench_proxy
@@ -221,3 +223,54 @@ def test_the_paced_stream_point_is_read_beside_the_targets_never_judged() -> Non
     assert rows["streams_paced_cpu"]["ratio"] == pytest.approx(0.30 / 0.38, abs=1e-4)
     assert rows["streams_paced_cpu"]["met"] is None
     assert paced_key(*PACED_POINT[::2]) == "1000 at 20 ms per event"
+
+
+def test_the_wait_for_a_first_event_and_the_carried_load_are_read_beside_the_target() -> None:
+    """At the target's point a proxy that starts streams sooner relays more of them at
+    once, so its gap can grow while every stream ends sooner: the table shows the time to
+    first event, the time until the last stream ended, and the same streams opened over
+    5 s (a load one worker carries), each with a ratio and no verdict."""
+    results = _results(([300.0], [350.0]), ([8000.0], [7900.0]), ([5000.0, 5200.0], [7000.0, 6000.0]))
+    st = results["scenario2"]["by_streams"]["1000"]
+    st["rounds"] = {BASE: [{"ttft_us": {"50": 1_100_000.0}, "wall_s": 5.3}, {"ttft_us": {"50": 900_000.0}, "wall_s": 5.0}],
+                    "proxy": [{"ttft_us": {"50": 600_000.0}, "wall_s": 4.2}, {"ttft_us": {}, "wall_s": 4.4}]}
+    results["scenario2"]["by_streams"][spread_key(*SPREAD_POINT)] = {
+        "added_gap_p99_per_round": {BASE: [5_700.0, 5_600.0], "proxy": [4_500.0, 4_700.0]},
+        "rounds": {BASE: [{"proxy_cpu_s_per_10k_chunks": 0.27}] * 2, "proxy": [{"proxy_cpu_s_per_10k_chunks": 0.22}] * 2}}
+    rows = {r["key"]: r for r in before_after(results)}
+    assert rows["streams_1000_added_gap_p99"]["met"] is False  # the target's verdict is untouched
+    ttft = rows["streams_1000_ttft_p50"]
+    # A round without the percentile is left out of the median and of the pairing.
+    assert ttft["ratio"] == pytest.approx(600_000 / 1_000_000, abs=1e-4) and ttft["met"] is None
+    assert ttft["rounds_better"] == {"current_better": 1, "paired": 1}
+    wall = rows["streams_1000_wall"]
+    assert wall["ratio"] == pytest.approx(4.3 / 5.15, abs=1e-4) and wall["met"] is None
+    assert wall["rounds_better"] == {"current_better": 2, "paired": 2}
+    spread = rows["streams_spread_added_gap_p99"]
+    assert spread["ratio"] == pytest.approx(4_600 / 5_650, abs=1e-4) and spread["met"] is None
+    assert rows["streams_spread_cpu"]["ratio"] == pytest.approx(0.22 / 0.27, abs=1e-4)
+    assert spread_key(*SPREAD_POINT) == "1000 over 5 s"
+    results["before_after"] = list(rows.values())
+    del results["scenario1"], results["scenario2"]
+    text = render_markdown(results)
+    assert "| 1,000 streams: time to first event p50 | 1.00 s (900.00 ms to 1.10 s) | 600.00 ms | 0.600 | 1 of 1 rounds |" in text
+    assert "| 1,000 streams: time until the last stream ended | 5.150 s (5.000 s to 5.300 s) | 4.300 s" in text
+    assert "| 1,000 streams opened over 5 s: added inter-chunk delay p99 |" in text
+
+
+def test_asking_for_1000_streams_keeps_the_points_read_beside_the_target(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--streams 1000 still measures the 1,000 opened over 5 s and at a model's pace (the
+    before/after table reads them); a count without 1,000 drops both."""
+    import bench.__main__ as bench_main
+
+    monkeypatch.setattr(bench_main.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(bench_main, "machine_info", lambda: _results(([], []), ([], []), None)["machine"])
+    monkeypatch.setattr(bench_main, "SCENARIOS", {"1": "none_at_all"})
+    monkeypatch.setattr(bench_main.Bench, "none_at_all", lambda self: {}, raising=False)
+    for counts, spread, paced in (("1000", [list(SPREAD_POINT)], [list(PACED_POINT)]), ("100,300", [], [])):
+        out = tmp_path / counts.replace(",", "-")
+        assert bench_main.main(["--scenarios", "1", "--streams", counts, "--no-baseline", "--out", str(out)]) == 0
+        settings = json.loads((out / "latest.json").read_text())["settings"]
+        assert settings["stream_counts"] == [int(c) for c in counts.split(",")]
+        assert settings["stream_spread"] == spread and settings["stream_paced"] == paced
