@@ -146,7 +146,8 @@ RULES: tuple[Rule, ...] = (
     Rule("streams_1000_cpu", "1,000 streams: proxy CPU seconds per 10,000 chunks", "s", False, None,
          "(no target: where the cost is)"),
     # The stream target is judged at 200 events a second per stream, which
-    # saturates one worker here; at a model's pace the tail says what a user sees.
+    # saturates one worker here; the same streams at a model's pace, opened over the
+    # same 2 s, are still past one worker here (docs/performance.md, sixth pass).
     Rule("streams_paced_added_gap_p99", "1,000 streams at 20 ms per event: added inter-chunk delay p99", "us", False,
          None, "(no target: a model's pace)"),
     Rule("streams_paced_cpu", "1,000 streams at 20 ms per event: proxy CPU seconds per 10,000 chunks", "s", False,
